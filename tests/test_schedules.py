@@ -1,0 +1,183 @@
+"""Schedules: exact step counts and contents, sampling probabilities worked by hand."""
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from mtbert_utils.schedules import SCHEDULES, Schedule, get_schedule
+
+NB = {"sst": 7, "para": 11, "sts": 3}
+ALL = ("sst", "para", "sts")
+N = {"sst": 100, "para": 50, "sts": 10}
+SAMPLERS = {
+    "proportional": {},
+    "temperature": {"T": 2},
+    "annealed": {"epochs": 3},
+    "adaptive": {"reference": {"sst": 0.5, "para": 0.8, "sts": 0.8}},
+}
+
+
+def run(schedule, num_batches=NB, epoch=0, seed=0):
+    return list(schedule.steps(num_batches, epoch, random.Random(seed)))
+
+
+def test_registry_names():
+    assert set(SCHEDULES) == {"sequential", "rr_under", "rr_over", "proportional", "temperature", "annealed", "adaptive"}
+    for name, cls in SCHEDULES.items():
+        assert issubclass(cls, Schedule) and cls.name == name
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        get_schedule("round_robin")
+    for name in SCHEDULES:
+        assert name in str(e.value)
+
+
+def test_bad_params_rejected():
+    with pytest.raises(TypeError, match="rr_under"):
+        get_schedule("rr_under", sigma=3)
+    with pytest.raises(TypeError, match="annealed"):
+        get_schedule("annealed")  # epochs is required
+    with pytest.raises(ValueError):
+        get_schedule("annealed", epochs=0)
+    with pytest.raises(ValueError):
+        get_schedule("temperature", T=0)
+    with pytest.raises(ValueError):
+        get_schedule("rr_over", sigma=0)
+    with pytest.raises(ValueError):
+        get_schedule("adaptive", reference={"sst": 0.0})
+
+
+# ----------------------------------------------------------------------------- deterministic
+
+
+def test_sequential_default_order_and_counts():
+    s = get_schedule("sequential")
+    steps = run(s)
+    assert steps == [("sst",)] * 7 + [("para",)] * 11 + [("sts",)] * 3
+    assert s.num_steps(NB, 0) == len(steps) == 21
+
+
+def test_sequential_custom_order():
+    steps = run(get_schedule("sequential", order=["sts", "sst", "para"]))
+    assert steps == [("sts",)] * 3 + [("sst",)] * 7 + [("para",)] * 11
+
+
+@pytest.mark.parametrize("order", [("sst", "para"), ("sst", "para", "qqp"), ("sst", "sst", "para")])
+def test_sequential_bad_order_rejected(order):
+    with pytest.raises(ValueError, match="order"):
+        run(get_schedule("sequential", order=order))
+
+
+def test_rr_under_min_steps_all_tasks():
+    s = get_schedule("rr_under")
+    steps = run(s)
+    assert len(steps) == s.num_steps(NB, 0) == 3
+    assert all(t == ALL for t in steps)
+    assert s.examples_per_epoch(NB, batch_size=8) == 3 * 3 * 8
+
+
+def test_rr_over_default_sigma_is_max():
+    s = get_schedule("rr_over")
+    steps = run(s)
+    assert len(steps) == s.num_steps(NB, 0) == 11
+    assert all(t == ALL for t in steps)
+
+
+def test_rr_over_custom_sigma():
+    s = get_schedule("rr_over", sigma=25)
+    steps = run(s)
+    assert len(steps) == s.num_steps(NB, 0) == 25
+    assert all(t == ALL for t in steps)
+    assert s.config() == {"name": "rr_over", "sigma": 25}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def approx_dict(d, **kw):
+    return {k: pytest.approx(v, **kw) for k, v in d.items()}
+
+
+def test_proportional_probabilities():
+    assert get_schedule("proportional").probabilities(N) == approx_dict({"sst": 100 / 160, "para": 50 / 160, "sts": 10 / 160})
+
+
+def test_temperature_probabilities():
+    z = 10 + math.sqrt(50) + math.sqrt(10)
+    p = get_schedule("temperature", T=2).probabilities(N)
+    assert p == approx_dict({"sst": 10 / z, "para": math.sqrt(50) / z, "sts": math.sqrt(10) / z})
+    assert get_schedule("temperature", T=1).probabilities(N) == approx_dict(get_schedule("proportional").probabilities(N))
+    assert get_schedule("temperature", T=1e6).probabilities(N) == approx_dict({t: 1 / 3 for t in N}, abs=1e-4)
+
+
+def test_annealed_alpha_first_and_last_epoch():
+    s = get_schedule("annealed", epochs=5)
+    assert s.alpha(0) == 1.0 and s.alpha(4) == pytest.approx(0.2) and s.alpha(2) == pytest.approx(0.6)
+    assert s.probabilities(N, epoch=0) == approx_dict(get_schedule("proportional").probabilities(N))
+    z = 100**0.2 + 50**0.2 + 10**0.2
+    assert s.probabilities(N, epoch=4) == approx_dict({"sst": 100**0.2 / z, "para": 50**0.2 / z, "sts": 10**0.2 / z})
+    assert get_schedule("annealed", epochs=1).alpha(0) == 1.0
+    with pytest.raises(ValueError):
+        s.probabilities(N, epoch=5)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampler_step_count_and_one_task_per_step(name):
+    s = get_schedule(name, **SAMPLERS[name])
+    steps = run(s, N)
+    assert len(steps) == s.num_steps(N, 0) == 160
+    assert all(len(t) == 1 and t[0] in N for t in steps)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_empirical_frequencies_match_probabilities(name):
+    s = get_schedule(name, **SAMPLERS[name])
+    if name == "adaptive":
+        s.update({"sst": 0.4, "para": 0.7, "sts": 0.2})
+    big = {t: 30 * n for t, n in N.items()}  # 4800 draws
+    counts = Counter(t for (t,) in run(s, big, epoch=1 if name == "annealed" else 0, seed=123))
+    probs = s.probabilities(big, epoch=1 if name == "annealed" else 0)
+    for t in big:
+        assert counts[t] / 4800 == pytest.approx(probs[t], abs=0.025)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_deterministic_given_seed(name):
+    s = get_schedule(name, **SAMPLERS.get(name, {}))
+    assert run(s, N, seed=5) == run(s, N, seed=5)
+    if name in SAMPLERS:
+        assert run(s, N, seed=5) != run(s, N, seed=6)
+
+
+def test_adaptive_uniform_then_samples_lagging_task_more():
+    ref = {"sst": 0.5, "para": 0.8, "sts": 0.8}
+    s = get_schedule("adaptive", reference=ref)
+    assert s.probabilities(N) == approx_dict({t: 1 / 3 for t in N})
+    s.update({"sst": 0.5, "para": 0.8, "sts": 0.4, "overall": 0.6})  # sts at half its reference
+    # weights 1, 1, 2 (power 1)
+    assert s.probabilities(N) == approx_dict({"sst": 0.25, "para": 0.25, "sts": 0.5})
+    counts = Counter(t for (t,) in run(s, N, seed=1))
+    assert counts["sts"] > counts["sst"] and counts["sts"] > counts["para"]
+
+
+def test_adaptive_negative_pearson_clamped():
+    s = get_schedule("adaptive", reference={"sst": 0.5, "para": 0.8, "sts": 0.8}, eps=0.1)
+    s.update({"sst": 0.5, "para": 0.8, "sts": -0.3})
+    p = s.probabilities(N)
+    assert all(math.isfinite(v) for v in p.values())
+    assert p == approx_dict({"sst": 1 / 12, "para": 1 / 12, "sts": 10 / 12})  # ratio clamped to eps = 0.1
+
+
+def test_adaptive_state_dict_round_trip():
+    ref = {"sst": 0.5, "para": 0.8, "sts": 0.8}
+    s = get_schedule("adaptive", reference=ref, power=2)
+    s.update({"sst": 0.3, "para": 0.75, "sts": 0.6})
+    fresh = get_schedule("adaptive", reference=ref, power=2)
+    fresh.load_state_dict(s.state_dict())
+    assert fresh.probabilities(N) == s.probabilities(N)
+    assert run(fresh, N, seed=9) == run(s, N, seed=9)
+    assert get_schedule("rr_under").state_dict() == {}
