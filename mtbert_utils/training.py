@@ -305,6 +305,45 @@ def _load_model_state(model, state, path):
     model.load_state_dict(state)
 
 
+def training_step(model, optimizer, batches: dict, config: TrainConfig, *, shared: list, device,
+                  amp_dtype=None, scaler=None, class_weights=None, generator=None, reduce_fn=None) -> dict:
+    """One optimizer step on one batch per task: weighted combined loss, or PCGrad on per-task gradients.
+
+    Returns {"losses": {task: unweighted loss}, "cosines": pairwise task-gradient cosines or None}.
+    Raises NonFiniteLossError naming the task and batch when a loss is NaN or infinite.
+    """
+    with autocast_context(device, amp_dtype):
+        outs = model(batches)
+    losses, raw = {}, {}
+    for t, batch in batches.items():
+        loss = task_loss(t, outs[t], batch["labels"], config, class_weights)
+        raw[t] = loss.item()
+        if not math.isfinite(raw[t]):
+            raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r}; batch ids start {batch['ids'][:3]}")
+        if loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
+            losses[t] = config.task_weights[t] * loss
+    cosines = None
+    if len(losses) > 1 and (config.pcgrad or config.record_grad_cosines):
+        stats = pcgrad_backward(losses, shared, reduction=config.pcgrad_reduction if config.pcgrad else "sum",
+                                generator=generator, scaler=scaler, project=config.pcgrad, reduce_fn=reduce_fn)
+        cosines = stats["cosines"]
+    elif losses:
+        total = sum(losses.values())
+        (scaler.scale(total) if scaler else total).backward()
+    if losses:
+        if config.max_grad_norm:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"losses": raw, "cosines": cosines}
+
+
 # ---------------------------------------------------------------------------
 # the loop
 
@@ -329,13 +368,18 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     ckpt_path = out_dir / "checkpoints" / run_name / "last.pt"
     result_path = out_dir / f"{run_name}.json"
 
+    if resume and result_path.exists():  # finished before: a re-run after a crash redoes nothing
+        done = json.loads(result_path.read_text())
+        if done.get("status") == "finished" and done.get("fingerprint") == config.fingerprint():
+            done["result_path"] = str(result_path)
+            return done
+
     tokenizer = load_tokenizer(config.encoder)
     enc, data_info = prepare_data(config, tokenizer)
     model = build_model(config).to(device)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     schedule = get_schedule(config.schedule, **config.schedule_params)
-    weights = {t: float(w) for t, w in config.task_weights.items()}
     class_w = sst_class_weights(enc["train"]["sst"].labels).to(device) if config.class_weights else None
 
     streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
@@ -380,42 +424,19 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         t_epoch = time.time()
         for i, tasks in enumerate(schedule.steps(num_batches, epoch, sched_rng)):
             batches = {t: to_device(next(streams[t]), device) for t in tasks}
-            with autocast_context(device, amp_dtype):
-                outs = model(batches)
-            losses = {}
-            for t in tasks:
-                loss = task_loss(t, outs[t], batches[t]["labels"], config, class_w)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) for task {t!r} at epoch {epoch + 1}, step {i + 1} "
-                        f"(global step {step + 1}); batch ids start {batches[t]['ids'][:3]}. The last good "
-                        f"checkpoint ({ckpt_path}) was kept; no result was written.")
-                losses[t] = weights[t] * loss
-                loss_sum[t] += loss.item()
+            try:
+                out = training_step(model, optimizer, batches, config, shared=shared, device=device,
+                                    amp_dtype=amp_dtype, scaler=scaler, class_weights=class_w, generator=pc_gen)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {i + 1} (global step {step + 1}). "
+                                         f"The last good checkpoint ({ckpt_path}) was kept; "
+                                         f"no result was written.") from None
+            for t, v in out["losses"].items():
+                loss_sum[t] += v
                 loss_n[t] += 1
                 seen[t] += len(batches[t]["ids"])
-
-            # a task with nothing trainable this epoch (cosine STS on a frozen encoder) has no gradient
-            losses = {t: v for t, v in losses.items() if v.requires_grad}
-            if not losses:
-                pass
-            elif len(losses) > 1 and (config.pcgrad or config.record_grad_cosines):
-                stats = pcgrad_backward(losses, shared, reduction=config.pcgrad_reduction if config.pcgrad else "sum",
-                                        generator=pc_gen, scaler=scaler, project=config.pcgrad)
-                cos_log.append(stats["cosines"])
-            else:
-                total = sum(losses.values())
-                (scaler.scale(total) if scaler else total).backward()
-            if config.max_grad_norm:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if out["cosines"] is not None:
+                cos_log.append(out["cosines"])
             step += 1
             if i % trace_every == 0 or i == n_steps - 1:
                 trace.append([step, *(seen[t] for t in TASKS)])
