@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mtbert_utils.data import EncodedTask, eval_batches
@@ -40,7 +41,8 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
     order = torch.cat(index).argsort()  # back to file order
     raw = torch.cat(outs)[order]
     preds = predictions_from_outputs(task, raw, model.sts_head_kind)
-    return {"ids": list(enc.ids), "raw": raw.numpy(), "pred": preds}
+    gold = enc.labels.numpy() if enc.labels is not None else None
+    return {"ids": list(enc.ids), "raw": raw.numpy(), "pred": preds, "gold": gold}
 
 
 def score(task: str, pred: np.ndarray, enc: EncodedTask) -> float:
@@ -73,4 +75,12 @@ def write_predictions(predictions: dict, folder: str | Path, split: str) -> list
         lines = [f"id \t {TASK_SPECS[task].output_header} \n"]
         lines += [f"{i} , {v} \n" for i, v in zip(p["ids"], pred.tolist())]
         paths.append(write_text(Path(folder) / f"{names[task]}-{split}-output.csv", "".join(lines)))
+        # raw model outputs beside the submission file, for error analysis
+        raw = np.asarray(p["raw"])
+        cols = {"id": p["ids"], **({"raw": raw} if raw.ndim == 1 else {f"raw_{k}": raw[:, k] for k in range(raw.shape[1])}),
+                "pred": p["pred"]}
+        if p.get("gold") is not None:
+            cols["gold"] = p["gold"]
+        paths.append(write_text(Path(folder) / f"{names[task]}-{split}-scores.csv",
+                                pd.DataFrame(cols).to_csv(index=False)))
     return paths

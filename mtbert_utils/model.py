@@ -43,11 +43,20 @@ def tiny_config():
                       intermediate_size=128, max_position_embeddings=512)
 
 
+def _unknown_encoder(name: str, e: Exception) -> ValueError:
+    return ValueError(f"cannot load encoder {name!r}: use one of {ENCODER_NAMES}, a Hugging Face "
+                      f"model id (needs internet the first time) or a local model folder "
+                      f"({type(e).__name__}: {e})")
+
+
 def load_tokenizer(name: str = "minilm"):
     from transformers import AutoTokenizer
     # tiny shares MiniLM's (= bert-base-uncased's) vocabulary
     path = minilm_path() if name in ENCODER_NAMES else name
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # the tokenizer is loaded first, so this is where a bad name shows
+        raise _unknown_encoder(name, e) from e
 
 
 def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.Module:
@@ -61,8 +70,7 @@ def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.
     try:
         return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load encoder {name!r}: use one of {ENCODER_NAMES}, a Hugging Face "
-                         f"model id (needs internet the first time) or a local model folder ({e})") from e
+        raise _unknown_encoder(name, e) from e
 
 
 def default_pooling(encoder_name: str) -> str:

@@ -78,9 +78,11 @@ def plot_examples_seen(runs_by_label: dict[str, dict]) -> plt.Figure:
     """Cumulative training examples of each task against optimizer steps: the picture of a schedule."""
     fig, axes = plt.subplots(1, len(runs_by_label), figsize=(4.6 * len(runs_by_label), 3.4), squeeze=False)
     for ax, (label, run) in zip(axes[0], runs_by_label.items()):
-        trace = np.array([row for h in run["history"] for row in h["seen_trace"]])
+        trace = np.array([[0] * (len(TASKS) + 1)] + [row for h in run["history"] for row in h["seen_trace"]])
         for ti, task in enumerate(TASKS):
-            ax.plot(trace[:, 0], trace[:, ti + 1], color=TASK_COLORS[task], label=TASK_SPECS[task].title)
+            # distinct line styles: under round-robin the three curves lie on top of each other
+            ax.plot(trace[:, 0], trace[:, ti + 1], color=TASK_COLORS[task], ls=["-", "--", ":"][ti],
+                    lw=[3.0, 2.0, 1.5][ti], label=TASK_SPECS[task].title)
         for h in run["history"][:-1]:
             ax.axvline(h["steps"], color="gray", lw=0.5, ls=":")
         ax.set_title(label)

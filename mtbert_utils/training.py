@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtbert_utils import TASKS
-from mtbert_utils.data import TaskBatchStream, encode_task, load_tasks
+from mtbert_utils import TASKS, distributed
+from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks
 from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
 from mtbert_utils.model import ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer
 from mtbert_utils.pcgrad import pcgrad_backward
@@ -216,12 +216,28 @@ def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
 _DATA_CACHE: dict = {}
 
 
+def check_trainable(tasks: dict) -> None:
+    """Train and dev splits need a label column and at least one usable row: name the file that lacks them."""
+    from mtbert_utils.data import COLUMNS, FILES
+    for t, td in tasks.items():
+        label_col = COLUMNS[t][2]
+        for split in ("train", "dev"):
+            name = FILES[t][split] if FILES[t][split] in td.reports else FILES[t]["dev"]  # para train: carved from dev
+            rep = td.reports[name]
+            if not rep["labeled"]:
+                raise ValueError(f"{rep['path']}: no {label_col!r} column, so the {t} {split} split has no labels")
+            if not getattr(td, split):
+                raise ValueError(f"{rep['path']}: no usable {t} {split} rows; skipped {rep['skipped']} "
+                                 f"(first bad lines {rep['first_lines']})")
+
+
 def prepare_data(config: TrainConfig, tokenizer) -> dict:
     """Load, subsample and tokenize the three tasks once per process (cached by what changes them)."""
     key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
            config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased")
     if key not in _DATA_CACHE:
         tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed)
+        check_trainable(tasks)
         enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
                        for t, td in tasks.items() if getattr(td, split)}
                for split in ("train", "dev", "test")}
@@ -306,8 +322,15 @@ def _load_model_state(model, state, path):
 
 
 def training_step(model, optimizer, batches: dict, config: TrainConfig, *, shared: list, device,
-                  amp_dtype=None, scaler=None, class_weights=None, generator=None, reduce_fn=None) -> dict:
+                  amp_dtype=None, scaler=None, class_weights=None, generator=None, reduce_fn=None,
+                  averager=None, loss_scale: dict | None = None) -> dict:
     """One optimizer step on one batch per task: weighted combined loss, or PCGrad on per-task gradients.
+
+    Data parallel (mtbert_utils.distributed): for plain steps `model` is the DDP wrapper; with PCGrad
+    or gradient cosines it is the bare model and `averager` (a TaskGradientAverager) averages each
+    task's gradient over the processes before the surgery, on every step, one-task steps included.
+    loss_scale: task -> factor on its loss: this process's share of the global batch times the
+    number of processes, so that averaging the gradients gives the global-batch mean.
 
     Returns {"losses": {task: unweighted loss}, "cosines": pairwise task-gradient cosines or None}.
     Raises NonFiniteLossError naming the task and batch when a loss is NaN or infinite.
@@ -321,12 +344,16 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
         if not math.isfinite(raw[t]):
             raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r}; batch ids start {batch['ids'][:3]}")
         if loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
+            if loss_scale is not None:
+                loss = loss * loss_scale[t]
             losses[t] = config.task_weights[t] * loss
     cosines = None
-    if len(losses) > 1 and (config.pcgrad or config.record_grad_cosines):
+    if losses and (config.pcgrad or config.record_grad_cosines) and (len(losses) > 1 or averager is not None):
+        if averager is not None:  # one all-reduce per task, inside pcgrad_backward
+            reduce_fn = averager.for_tasks(losses)
         stats = pcgrad_backward(losses, shared, reduction=config.pcgrad_reduction if config.pcgrad else "sum",
                                 generator=generator, scaler=scaler, project=config.pcgrad, reduce_fn=reduce_fn)
-        cosines = stats["cosines"]
+        cosines = stats["cosines"] if len(losses) > 1 else None
     elif losses:
         total = sum(losses.values())
         (scaler.scale(total) if scaler else total).backward()
@@ -354,7 +381,13 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     resume=True continues from the run's last complete checkpoint. `max_epochs`
     stops after that many epochs in total without writing a result (used to
     simulate an interruption in tests).
+
+    Under torchrun with N > 1 processes (docs/distributed.md): data parallel with
+    config.batch_size examples per process (a global batch of N * batch_size),
+    the same task sequence on every process, PCGrad on the global task gradients;
+    rank 0 alone evaluates and writes files, under the run name suffixed `-ddpN`.
     """
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
     config.validate()
@@ -362,35 +395,54 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     random.seed(config.seed)
     np.random.seed(config.seed)
     device = pick_device(config)
+    distributed.init_from_env(device.type)  # no-op unless torchrun started more than one process
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU
     amp_dtype, use_scaler = pick_amp(config, device)
     out_dir = Path(config.out_dir)
-    run_name = config.run_name
+    run_name = config.run_name if world == 1 else f"{config.run_name}-ddp{world}"  # another global batch
     ckpt_path = out_dir / "checkpoints" / run_name / "last.pt"
     result_path = out_dir / f"{run_name}.json"
 
-    if resume and result_path.exists():  # finished before: a re-run after a crash redoes nothing
+    done = None
+    if resume and main and result_path.exists():  # finished before: a re-run after a crash redoes nothing
         done = json.loads(result_path.read_text())
         if done.get("status") == "finished" and done.get("fingerprint") == config.fingerprint():
             done["result_path"] = str(result_path)
-            return done
+        else:
+            done = None
+    if resume:
+        done = distributed.broadcast_object(done)  # rank 0 decides for every process
+    if done is not None:
+        return done
 
     tokenizer = load_tokenizer(config.encoder)
     enc, data_info = prepare_data(config, tokenizer)
     model = build_model(config).to(device)
+    if rank > 0:
+        torch.manual_seed(config.seed * 1000 + rank)  # own dropout masks on every process
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     schedule = get_schedule(config.schedule, **config.schedule_params)
     class_w = sst_class_weights(enc["train"]["sst"].labels).to(device) if config.class_weights else None
 
     streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
-                                  pair_mode=model.pair_mode(t), group_by_length=config.group_by_length)
+                                  pair_mode=model.pair_mode(t), group_by_length=config.group_by_length,
+                                  rank=rank, world_size=world)
                for i, t in enumerate(TASKS)}
     num_batches = {t: s.num_batches for t, s in streams.items()}
     sched_rng = random.Random(config.seed)
     pc_gen = torch.Generator().manual_seed(config.seed)
     history, seen, step, start_epoch, train_time = [], {t: 0 for t in TASKS}, 0, 0, 0.0
+    # Data parallel: plain steps go through DDP; PCGrad (and gradient cosines) needs each task's
+    # gradient averaged on its own before the surgery, which DDP cannot do (mtbert_utils.distributed).
+    averager = None
+    if world > 1 and (config.pcgrad or config.record_grad_cosines):
+        averager = distributed.TaskGradientAverager({t: model.module_groups()[t] for t in TASKS})
+    ddp, ddp_key = None, None
 
-    if resume and ckpt_path.exists():
+    if resume and distributed.broadcast_object(ckpt_path.exists()):  # every process loads rank 0's file
         ckpt = load_checkpoint(ckpt_path, config)
         _load_model_state(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -399,17 +451,25 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         schedule.load_state_dict(ckpt["schedule"])
         sched_rng.setstate(ckpt["sched_rng"])
         pc_gen.set_state(ckpt["pcgrad_gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        rngs = ckpt.get("torch_rng_ranks")  # data parallel: one dropout rng per process
+        torch.set_rng_state(rngs[rank] if rngs and len(rngs) == world else ckpt["torch_rng"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history, seen, step = ckpt["history"], ckpt["seen"], ckpt["step"]
         train_time, start_epoch = ckpt["train_time"], ckpt["epoch"] + 1
+    distributed.broadcast_module_(model)  # insurance: every process starts from rank 0's weights
 
     last_epoch = config.epochs if max_epochs is None else min(config.epochs, max_epochs)
     for epoch in range(start_epoch, last_epoch):
         trainable = config.encoder_trainable(epoch)
         model.set_encoder_trainable(trainable, config.freeze_word_embeddings)
         shared = [p for p in list(model.encoder.parameters()) + list(model.shared.parameters()) if p.requires_grad]
+        if world > 1 and averager is None and ddp_key != [p.requires_grad for p in model.parameters()]:
+            # DDP syncs the parameters that require grad when it wraps the model: re-wrap when they change.
+            # find_unused_parameters: a step may leave heads (and the unused pooler) out of the graph.
+            ddp, ddp_key = None, [p.requires_grad for p in model.parameters()]
+            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True, broadcast_buffers=False)
         mult = lr_multiplier(epoch, config.lr_decay, config.lr_decay_epochs)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
@@ -419,22 +479,30 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         loss_sum, loss_n = {t: 0.0 for t in TASKS}, {t: 0 for t in TASKS}
         cos_log, trace = [], []
         trace_every = max(1, n_steps // 50)
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
-                   leave=False)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not (config.progress and main), leave=False)
         t_epoch = time.time()
         for i, tasks in enumerate(schedule.steps(num_batches, epoch, sched_rng)):
-            batches = {t: to_device(next(streams[t]), device) for t in tasks}
+            batches, share = {}, {}
+            for t in tasks:
+                batch, n_global = next_global_batch(streams[t])
+                share[t] = len(batch["ids"]) / n_global  # this process's part of the global batch
+                if not batch["ids"]:  # a stand-in example, weighted 0: every process joins every collective
+                    batch = collate(streams[t].enc, [0], streams[t].pair_mode)
+                batches[t] = to_device(batch, device)
+                seen[t] += n_global
             try:
-                out = training_step(model, optimizer, batches, config, shared=shared, device=device,
-                                    amp_dtype=amp_dtype, scaler=scaler, class_weights=class_w, generator=pc_gen)
+                out = training_step(ddp if ddp is not None else model, optimizer, batches, config, shared=shared,
+                                    device=device, amp_dtype=amp_dtype, scaler=scaler, class_weights=class_w,
+                                    generator=pc_gen, averager=averager,
+                                    loss_scale={t: share[t] * world for t in tasks} if world > 1 else None)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {i + 1} (global step {step + 1}). "
                                          f"The last good checkpoint ({ckpt_path}) was kept; "
                                          f"no result was written.") from None
             for t, v in out["losses"].items():
-                loss_sum[t] += v
+                loss_sum[t] += v * share[t]
                 loss_n[t] += 1
-                seen[t] += len(batches[t]["ids"])
             if out["cosines"] is not None:
                 cos_log.append(out["cosines"])
             step += 1
@@ -446,23 +514,33 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         epoch_time = time.time() - t_epoch
         train_time += epoch_time
 
-        dev = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype)
+        if world > 1:  # the processes' shares of every step's loss add up to the global-batch loss
+            sums = distributed.all_reduce_sum_(torch.tensor([loss_sum[t] for t in TASKS], dtype=torch.float64))
+            loss_sum = dict(zip(TASKS, sums.tolist()))
+        # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere)
+        dev = distributed.broadcast_object(
+            evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype) if main else None)
         record = {"epoch": epoch + 1, "steps": step, "encoder_trainable": trainable, "lr_multiplier": mult,
                   "train_loss": {t: loss_sum[t] / loss_n[t] for t in TASKS if loss_n[t]},
                   "examples_seen": dict(seen), "seen_trace": trace, "dev": dev, "epoch_time_s": epoch_time}
         if cos_log:
             record["grad_cosines"] = summarize_cosines(cos_log)
         history.append(record)
-        if config.progress:
+        if config.progress and main:
             tqdm.write(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
-        save_torch(ckpt_path, {
-            "epoch": epoch, "step": step, "seen": seen, "history": history, "train_time": train_time,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "streams": {t: s.state_dict() for t, s in streams.items()}, "schedule": schedule.state_dict(),
-            "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else None,
-            "signature": checkpoint_signature(config), "config": config.to_dict()})
+        # update before saving: the checkpoint must hold the adaptive schedule's latest dev scores
         schedule.update({t: dev[t] for t in TASKS if t in dev})
+        # everything but the dropout rngs is the same on every process: rank 0 writes it
+        rngs = {"torch_rng_ranks": distributed.all_gather_object(torch.get_rng_state())} if world > 1 else {}
+        if main:
+            save_torch(ckpt_path, {
+                "epoch": epoch, "step": step, "seen": seen, "history": history, "train_time": train_time,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "streams": {t: s.state_dict() for t, s in streams.items()}, "schedule": schedule.state_dict(),
+                "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else None,
+                "signature": checkpoint_signature(config), "config": config.to_dict(), **rngs})
+        distributed.barrier()  # no process moves on (or returns) before the checkpoint is complete
 
     if last_epoch < config.epochs:
         return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
@@ -481,16 +559,32 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         "train_examples_per_s": total_seen / train_time if train_time else None,
         "environment": environment(),
     }
-    if config.write_predictions:
+    if world > 1:
+        result["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend(),
+                                 "batch_size_per_process": config.batch_size,
+                                 "global_batch_size": world * config.batch_size}
+    if config.write_predictions and main:
         pred_dir = out_dir / "predictions" / run_name
         for split in ("dev", "test"):
             if enc[split]:
                 out = evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True)
                 write_predictions(out["predictions"], pred_dir, split)
         result["predictions_dir"] = str(pred_dir)
-    write_json(result_path, result)
+    if main:
+        write_json(result_path, result)
+    distributed.barrier()
     result["result_path"] = str(result_path)
     return result
+
+
+def next_global_batch(stream: TaskBatchStream) -> tuple[dict, int]:
+    """(this process's chunk of the stream's next global batch, the global batch's size).
+
+    With one process the chunk is the whole batch. A chunk is empty when the last
+    global batch of a pass has fewer examples than there are processes.
+    """
+    n_global = len(stream.order[stream.position])
+    return next(stream), n_global
 
 
 def summarize_cosines(cos_log: list[dict]) -> dict:

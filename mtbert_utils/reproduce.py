@@ -1,0 +1,244 @@
+"""Re-run the numbered notebooks with papermill, passing each its parameters from a profile.
+
+    python -m mtbert_utils.reproduce --profile cpu                  # the README's main job
+    python -m mtbert_utils.reproduce --profile smoke --out /tmp/x   # what the tests run
+    python -m mtbert_utils.reproduce --profile cpu --only 06_results --set max_dev=200
+
+A profile is a JSON file (built-in ones live in mtbert_utils/profiles/, or pass a path):
+    {"description": ..., "notebooks": [names], "params": {applied to every notebook that declares them},
+     "notebook_params": {name: {params for that notebook only}}, "out_subdir": "" or a folder name}
+
+Executed copies go to `{results}/executed/`. A notebook whose last run finished with the same
+parameters and the same code (package sources + notebook) is skipped; `--force` re-runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from mtbert_utils.results import REPO_ROOT, write_json
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+PROFILE_KEYS = {"description", "notebooks", "params", "notebook_params", "out_subdir"}
+
+
+class ReproduceError(RuntimeError):
+    """A notebook failed, or the profile / overrides are invalid."""
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> dict:
+    """Read and validate a profile, naming the file and the offending key on error."""
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        path = PROFILE_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            raise ReproduceError(f"unknown profile {name_or_path!r}; built-in profiles: {available_profiles()} "
+                                 f"(or pass the path of a profile .json file)")
+    if not path.exists():
+        raise ReproduceError(f"profile file {path} does not exist")
+    try:
+        profile = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReproduceError(f"profile {path} is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(profile, dict):
+        raise ReproduceError(f"profile {path} must be a JSON object")
+    unknown = set(profile) - PROFILE_KEYS
+    if unknown:
+        raise ReproduceError(f"profile {path}: unknown keys {sorted(unknown)}; allowed: {sorted(PROFILE_KEYS)}")
+    if not isinstance(profile.get("notebooks"), list) or not profile["notebooks"]:
+        raise ReproduceError(f"profile {path}: 'notebooks' must be a non-empty list of notebook names")
+    for key in ("params", "notebook_params"):
+        if not isinstance(profile.get(key, {}), dict):
+            raise ReproduceError(f"profile {path}: {key!r} must be an object")
+    extra = set(profile.get("notebook_params", {})) - set(profile["notebooks"])
+    if extra:
+        raise ReproduceError(f"profile {path}: notebook_params for notebooks not in the list: {sorted(extra)}")
+    for nb in profile["notebooks"]:
+        notebook_path(nb)  # fails early with the list of notebooks
+    profile["_path"] = str(path)
+    profile["_name"] = path.stem
+    return profile
+
+
+def notebook_path(name: str) -> Path:
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not path.exists():
+        have = sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+        raise ReproduceError(f"no notebook {name!r}; notebooks: {have}")
+    return path
+
+
+def declared_parameters(path: Path) -> dict:
+    """Name -> {inferred_type_name, default, help} of the notebook's `parameters` cell."""
+    import papermill as pm
+    return pm.inspect_notebook(str(path))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` with a JSON value (strings may be bare): seeds=[0,1] max_dev=200 encoder=tiny."""
+    if "=" not in text:
+        raise ReproduceError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_type(nb: str, key: str, value, spec: dict) -> None:
+    want = (spec.get("inferred_type_name") or "None").split("[")[0]
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "list": lambda v: isinstance(v, list), "dict": lambda v: isinstance(v, dict)}
+    if want in checks and not checks[want](value):
+        raise ReproduceError(f"{nb}: parameter {key!r} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def notebook_params(profile: dict, name: str, overrides: dict, results_dir: Path, figures_dir: Path) -> dict:
+    declared = declared_parameters(notebook_path(name))
+    params = {k: v for k, v in profile.get("params", {}).items() if k in declared}
+    own = profile.get("notebook_params", {}).get(name, {})
+    unknown = set(own) - set(declared)
+    if unknown:
+        raise ReproduceError(f"profile {profile['_path']}: {name} has no parameters {sorted(unknown)}; "
+                             f"it takes {sorted(declared)}")
+    params.update(own)
+    params.update({k: v for k, v in overrides.items() if k in declared})
+    for key, value in params.items():
+        _check_type(name, key, value, declared[key])
+    if "results_dir" in declared:
+        params["results_dir"] = str(results_dir)
+    if "figures_dir" in declared:
+        params["figures_dir"] = str(figures_dir)
+    if "profile" in declared:
+        params["profile"] = profile["_name"]
+    return params
+
+
+def code_version(nb_path: Path) -> str:
+    """Hash of the package sources and the notebook: a change to either re-runs the notebook."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for p in sorted(pkg.rglob("*.py")) + sorted(pkg.rglob("*.json")) + [nb_path]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def manifest_path(results_dir: Path, name: str) -> Path:
+    return results_dir / "executed" / f"{name}.done.json"
+
+
+def is_complete(results_dir: Path, name: str, params: dict, version: str) -> bool:
+    path = manifest_path(results_dir, name)
+    if not path.exists():
+        return False
+    try:
+        done = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return done.get("params") == json.loads(json.dumps(params)) and done.get("code_version") == version
+
+
+def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+        out_root: str | Path | None = None, force: bool = False, kernel: str | None = None,
+        log_output: bool = False) -> list[dict]:
+    """Execute the profile's notebooks in order; stop at the first failure. Returns one record per notebook."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    profile = load_profile(profile_name)
+    overrides = overrides or {}
+    root = Path(out_root) if out_root else REPO_ROOT
+    sub = profile.get("out_subdir", "")
+    results_dir = (root / "results" / sub).resolve()
+    figures_dir = (root / "figures" / sub).resolve()
+    names = profile["notebooks"]
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ReproduceError(f"--only {missing}: not in profile {profile['_name']!r} ({names})")
+        names = [n for n in names if n in only]
+    # validate every notebook's parameters before running any of them
+    plan = [(n, notebook_params(profile, n, overrides, results_dir, figures_dir)) for n in names]
+    used = {k for _, p in plan for k in p}
+    unused = set(overrides) - used
+    if unused:
+        raise ReproduceError(f"overrides {sorted(unused)} are not parameters of any notebook in this run")
+
+    records = []
+    bar = tqdm(plan, desc=f"profile {profile['_name']}", unit="notebook")
+    for name, params in bar:
+        bar.set_postfix_str(name)
+        nb_path = notebook_path(name)
+        version = code_version(nb_path)
+        if not force and is_complete(results_dir, name, params, version):
+            tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
+            records.append({"notebook": name, "status": "skipped"})
+            continue
+        out = results_dir / "executed" / f"{name}.ipynb"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(nb_path), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                kernel_name=kernel, progress_bar=False, log_output=log_output)
+        except pm.PapermillExecutionError as e:
+            raise ReproduceError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                                 f"the executed copy with the traceback is {out}") from None
+        except Exception as e:
+            raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}); see {out}") from None
+        record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
+                  "params": params, "code_version": version, "profile": profile["_name"]}
+        write_json(manifest_path(results_dir, name), record)
+        tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
+        records.append(record)
+    write_json(results_dir / "executed" / "reproduce-log.json",
+               {"profile": profile["_name"], "notebooks": records, "overrides": overrides})
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtbert_utils.reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu", help=f"built-in {available_profiles()} or a .json path")
+    ap.add_argument("--only", action="append", default=[], help="run only these notebooks (repeat or comma-separate)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a notebook parameter (JSON value), e.g. --set seeds=[0] --set max_dev=200")
+    ap.add_argument("--out", default=None, help="folder that receives results/ and figures/ (default: the repo)")
+    ap.add_argument("--force", action="store_true", help="re-run notebooks even if complete")
+    ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    ap.add_argument("--list", action="store_true", help="list profiles and notebooks, then exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for p in available_profiles():
+            prof = load_profile(p)
+            print(f"{p:14s} {prof.get('description', '')}\n{'':14s} {', '.join(prof['notebooks'])}")
+        return 0
+    only = [n for item in args.only for n in item.split(",") if n]
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        t0 = time.time()
+        run(args.profile, only=only or None, overrides=overrides, out_root=args.out, force=args.force,
+            kernel=args.kernel, log_output=args.log_output)
+    except ReproduceError as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 1
+    print(f"profile {args.profile} finished in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

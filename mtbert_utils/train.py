@@ -1,0 +1,75 @@
+"""Command line: train one run from a JSON config, on one process or under torchrun.
+
+    python -m mtbert_utils.train --config cfg.json --set pcgrad=true --set seed=1
+    python -m mtbert_utils.train --preset baseline --set encoder=tiny --set max_train=64
+    torchrun --nproc_per_node 4 -m mtbert_utils.train --config cfg.json       # data parallel
+    torchrun --nproc_per_node 4 -m mtbert_utils.train --config cfg.json --resume
+
+The config file holds TrainConfig fields (missing ones keep their defaults).
+The result JSON goes to `{out_dir}/{run_name}.json`; the last line printed is
+{"status", "run_name", "result_path", "dev"} as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from mtbert_utils import distributed
+from mtbert_utils.training import TrainConfig, train
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` with a JSON value (strings may be bare): seed=1 pcgrad=true phases=[[1,true]] encoder=tiny."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} must look like key=value")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def build_config(config_path: str | None = None, overrides: list[str] = (), preset: str = "default") -> TrainConfig:
+    d = json.loads(Path(config_path).read_text()) if config_path else {}
+    d.update(parse_override(o) for o in overrides)
+    if preset == "baseline":
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        if set(d) - names:
+            raise ValueError(f"unknown config keys {sorted(set(d) - names)}; valid keys: {sorted(names)}")
+        return TrainConfig.baseline(**d)
+    return TrainConfig.from_dict(d)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m mtbert_utils.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="JSON file of TrainConfig fields")
+    ap.add_argument("--preset", choices=("default", "baseline"), default="default",
+                    help="defaults to start from: the tuned setup or TrainConfig.baseline()")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one field (JSON value), e.g. --set pcgrad=true --set max_train=64")
+    ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    ap.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs (no result)")
+    args = ap.parse_args(argv)
+    try:
+        config = build_config(args.config, args.set, args.preset)
+    except (ValueError, TypeError, OSError) as e:
+        ap.error(str(e))
+
+    try:
+        result = train(config, resume=args.resume, max_epochs=args.max_epochs)
+        main_process = distributed.is_main()
+    finally:
+        distributed.cleanup()
+    if main_process:
+        summary = {"status": result["status"], "run_name": result.get("run_name"),
+                   "result_path": result.get("result_path"), "checkpoint": result.get("checkpoint"),
+                   "dev": result["history"][-1]["dev"] if result.get("history") else None}
+        print(json.dumps(summary))
+    return result
+
+
+if __name__ == "__main__":
+    main()
