@@ -12,3 +12,37 @@ def data_dir():
     if not (path / "ids-sst-train.csv").is_file():
         pytest.skip(f"CS224N data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(data_dir, tmp_path_factory):
+    """The first 300 lines of every CS224N file: loads in well under a second (training tests)."""
+    out = tmp_path_factory.mktemp("cs224n-small")
+    for src in sorted(data_dir.glob("*.csv")):
+        with open(src, encoding="utf-8", newline="") as f:
+            head = [line for _, line in zip(range(300), f)]
+        (out / src.name).write_text("".join(head), encoding="utf-8", newline="")
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box run ~5x faster on one thread than oversubscribed on two."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(small_data_dir):
+    """Factory: a TrainConfig for a seconds-long CPU run of the tiny encoder (3 epochs: 1 frozen, 2 full)."""
+    from mtbert_utils.training import TrainConfig
+
+    def make(out_dir, **overrides):
+        base = dict(encoder="tiny", data_dir=str(small_data_dir), max_train=32, max_dev=32, max_length=64,
+                    batch_size=8, eval_batch_size=32, phases=[[1, False], [2, True]], lr_decay_epochs=[1, 2],
+                    progress=False, device="cpu", out_dir=str(out_dir))
+        return TrainConfig(**{**base, **overrides})
+    return make

@@ -1,0 +1,104 @@
+"""The whole notebook suite under the smoke profile, and the reproduce CLI's contract."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from mtbert_utils import reproduce
+from mtbert_utils.experiments import TABLE1_ROWS
+
+NOTEBOOKS = ["00_data", "01_sequential", "02_rr_undersampling", "03_rr_oversampling", "04_cosine_sts",
+             "05_pcgrad_ablation", "06_results", "07_error_analysis"]
+EXPECTED_RESULTS = ["data_summary.csv", "data_skipped_rows.csv", "data_padding.csv", "table1.csv", "table1.md",
+                    "table1_paired.csv", "table1_meta.json", "04_cosine_sts_cosine_vs_linear.csv",
+                    "05_pcgrad_ablation_conflicts.csv", "07_sst_confusion.csv", "07_para_confident_wrong.csv",
+                    "07_sts_worst.csv"] + [f"runs/{nb}/index.json" for nb in NOTEBOOKS[1:6]]
+EXPECTED_FIGURES = ["00_data_label_distributions.png", "00_data_token_lengths.png", "table1_bars.png",
+                    "table1_learning_curves.png", "schedules_examples_seen.png", "pcgrad_grad_cosines.png",
+                    "05_pcgrad_ablation_grad_cosines.png", "07_sst_confusion.png", "07_sts_scatter.png"] + \
+                   [f"{nb}_{kind}.png" for nb in NOTEBOOKS[1:4] for kind in ("learning_curves", "examples_seen")]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    os.environ["MTBERT_DATA_DIR"] = str(data_dir)
+    records = reproduce.run("smoke", out_root=out)
+    return out, records
+
+
+def test_smoke_profile_writes_every_result_and_figure(smoke_run):
+    out, records = smoke_run
+    assert [r["notebook"] for r in records] == NOTEBOOKS
+    results, figures = out / "results" / "smoke", out / "figures" / "smoke"
+    missing = [p for p in EXPECTED_RESULTS if not (results / p).is_file()]
+    missing += [p for p in EXPECTED_FIGURES if not (figures / p).is_file()]
+    assert not missing, f"not written: {missing}"
+    for nb in NOTEBOOKS:
+        executed = json.loads((results / "executed" / f"{nb}.ipynb").read_text())
+        assert executed["cells"], nb
+    for fig in EXPECTED_FIGURES:
+        assert (figures / fig).stat().st_size > 5_000, fig  # a real plot, not an empty canvas
+
+
+def test_table1_has_every_row(smoke_run):
+    out, _ = smoke_run
+    table = pd.read_csv(out / "results" / "smoke" / "table1.csv")
+    assert list(table["row"]) == [label for label, _, _ in TABLE1_ROWS]
+    trained = table[table["row"] != TABLE1_ROWS[0][0]]
+    assert (trained["seeds"] == 2).all()  # the smoke profile trains 2 seeds per row
+    for task in ("sst", "para", "sts"):
+        assert table[f"{task}_mean"].notna().all()
+    md = (out / "results" / "smoke" / "table1.md").read_text()
+    assert all(label in md for label, _, _ in TABLE1_ROWS)
+
+
+def test_rerun_skips_complete_notebooks(smoke_run):
+    out, _ = smoke_run
+    records = reproduce.run("smoke", out_root=out, only=["01_sequential", "06_results"])
+    assert [r["status"] for r in records] == ["skipped", "skipped"]
+
+
+def test_figures_are_redrawn_from_files_alone(smoke_run):
+    out, _ = smoke_run
+    fig = out / "figures" / "smoke" / "table1_bars.png"
+    fig.unlink()
+    records = reproduce.run("smoke", out_root=out, only=["06_results"], force=True)
+    assert records[0]["status"] == "ran" and fig.is_file()
+
+
+def test_failure_names_notebook_and_error(smoke_run, tmp_path):
+    out, _ = smoke_run
+    with pytest.raises(reproduce.ReproduceError, match=r"07_error_analysis failed in cell \d+ .*FileNotFoundError"):
+        # an empty results folder: the error analysis has no predictions to read
+        reproduce.run("smoke", out_root=tmp_path, only=["07_error_analysis"])
+
+
+def test_bad_profiles_and_overrides(tmp_path):
+    with pytest.raises(reproduce.ReproduceError, match="unknown profile 'nope'.*smoke"):
+        reproduce.load_profile("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"notebooks": ["00_data"], "paramz": {}}')
+    with pytest.raises(reproduce.ReproduceError, match=r"bad.json: unknown keys \['paramz'\]"):
+        reproduce.load_profile(str(bad))
+    bad.write_text('{"notebooks": ["99_nope"]}')
+    with pytest.raises(reproduce.ReproduceError, match="no notebook '99_nope'"):
+        reproduce.load_profile(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(reproduce.ReproduceError, match="not valid UTF-8 JSON"):
+        reproduce.load_profile(str(bad))
+    with pytest.raises(reproduce.ReproduceError, match="not parameters of any notebook"):
+        reproduce.run("smoke", out_root=tmp_path, overrides={"no_such_param": 1})
+    with pytest.raises(reproduce.ReproduceError, match="'seeds' must be list"):
+        reproduce.run("smoke", out_root=tmp_path, overrides={"seeds": 3}, only=["01_sequential"])
+    assert reproduce.parse_override("seeds=[0,1]") == ("seeds", [0, 1])
+    assert reproduce.parse_override("encoder=tiny") == ("encoder", "tiny")
+
+
+def test_cli_list_and_error_exit(capsys):
+    assert reproduce.main(["--list"]) == 0
+    assert "smoke" in capsys.readouterr().out
+    assert reproduce.main(["--profile", "nope"]) == 1
+    assert "unknown profile" in capsys.readouterr().err

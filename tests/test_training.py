@@ -1,0 +1,201 @@
+"""The training loop end to end with the tiny encoder: result files, exact resume, determinism, every schedule."""
+
+import json
+
+import pytest
+import torch
+
+from mtbert_utils.results import load_runs
+from mtbert_utils.training import LR_KEYS, TrainConfig, lr_multiplier, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def checkpoint(result_or_dir, run_name=None):
+    from pathlib import Path
+    if isinstance(result_or_dir, dict):
+        out_dir, run_name = Path(result_or_dir["result_path"]).parent, result_or_dir["run_name"]
+    else:
+        out_dir = Path(result_or_dir)
+    return torch.load(out_dir / "checkpoints" / run_name / "last.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_params(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------
+# pure pieces
+
+
+def test_lr_multiplier_by_hand():
+    got = [lr_multiplier(e, 0.7, [5, 25]) for e in range(30)]
+    assert got[:5] == [1.0] * 5
+    assert got[5:25] == [0.7] * 20
+    assert got[25:] == pytest.approx([0.49] * 5)
+    assert lr_multiplier(3, 0.5, []) == 1.0
+
+
+def test_baseline_preset():
+    c = TrainConfig.baseline(seed=3)
+    assert c.phases == [[10, True]] and c.epochs == 10
+    assert c.lr == {k: 5e-5 for k in LR_KEYS}
+    assert c.lr_decay == 1.0 and c.lr_decay_epochs == []
+    assert (c.sts_head, c.resolved_sts_loss(), c.dropout, c.batch_size, c.seed) == ("linear", "mse", 0.3, 64, 3)
+    tuned = TrainConfig()
+    assert (tuned.sts_head, tuned.resolved_sts_loss()) == ("cosine", "cosine_embedding")
+
+
+def test_encoder_trainable_per_phase():
+    c = TrainConfig()  # 5 heads only, 20 full, 5 heads only
+    assert c.epochs == 30
+    assert [c.encoder_trainable(e) for e in range(30)] == [False] * 5 + [True] * 20 + [False] * 5
+
+
+def test_run_name_changes_with_every_parameter_that_changes_numbers():
+    base = TrainConfig(encoder="tiny")
+    assert TrainConfig(encoder="tiny").run_name == base.run_name
+    for change in ({"lr": {**base.lr, "sst": 1e-3}}, {"dropout": 0.1}, {"max_train": 10}, {"seed": 1},
+                   {"pcgrad": True}, {"schedule_params": {"sigma": 3}}, {"sts_head": "linear"}):
+        assert TrainConfig(**{"encoder": "tiny", **change}).run_name != base.run_name, change
+    # display-only fields do not
+    assert TrainConfig(encoder="tiny", progress=False, out_dir="elsewhere").run_name == base.run_name
+
+
+# ---------------------------------------------------------------------------
+# a real (tiny) run
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_config, tmp_path_factory, one_thread):
+    config = tiny_config(tmp_path_factory.mktemp("run"))
+    return config, train(config)
+
+
+def test_end_to_end_result_file(finished):
+    config, result = finished
+    from pathlib import Path
+    path = Path(result["result_path"])
+    assert path == Path(config.out_dir) / f"{config.run_name}.json"
+    saved = json.loads(path.read_text())
+    for key in ("status", "config", "encoder", "device", "seed", "data", "history", "dev", "train_time_s",
+                "train_examples_per_s", "environment"):
+        assert key in saved, key
+    assert saved["status"] == "finished" and saved["seed"] == 0 and saved["device"] == "cpu"
+    assert TrainConfig.from_dict(saved["config"]).run_name == config.run_name  # the config round-trips
+    assert saved["encoder"]["name"] == "tiny" and saved["encoder"]["parameters"] > 0
+    assert set(saved["data"]) >= {"sizes", "sources", "skipped"}
+    assert saved["data"]["sizes"]["sst"]["train"] == 32 and saved["data"]["sizes"]["sts"]["dev"] == 32
+    assert len(saved["history"]) == 3
+    for epoch, rec in enumerate(saved["history"]):
+        assert rec["epoch"] == epoch + 1
+        assert set(rec["dev"]) >= {"sst", "para", "sts", "mean", "overall"}
+        assert set(rec["examples_seen"]) == {"sst", "para", "sts"}
+        assert rec["train_loss"] and all(v == v for v in rec["train_loss"].values())
+        assert rec["encoder_trainable"] == (epoch > 0)
+    # rr_over with 32 examples per task, batch 8: 4 steps per epoch, one batch of each task per step
+    assert [r["examples_seen"]["sst"] for r in saved["history"]] == [32, 64, 96]
+    assert [r["lr_multiplier"] for r in saved["history"]] == pytest.approx([1.0, 0.7, 0.49])
+    assert saved["dev"] == saved["history"][-1]["dev"]
+    assert saved["train_time_s"] > 0 and saved["train_examples_per_s"] > 0
+    assert saved["environment"]["torch"] == torch.__version__ and "git_commit" in saved["environment"]
+    assert [r["run_name"] for r in load_runs(config.out_dir)] == [config.run_name]
+
+
+def test_interrupt_and_resume_is_exact(finished, tiny_config, tmp_path):
+    config, full = finished
+    part = tiny_config(tmp_path)
+    assert part.run_name == config.run_name
+    first = train(part, max_epochs=1)
+    assert first["status"] == "interrupted" and len(first["history"]) == 1
+    assert not list(tmp_path.glob("*.json"))  # an interrupted run writes no result
+    resumed = train(part, resume=True)
+    assert resumed["status"] == "finished"
+    assert resumed["dev"] == full["dev"]
+    assert [r["dev"] for r in resumed["history"]] == [r["dev"] for r in full["history"]]
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in full["history"]]
+    assert_same_params(checkpoint(resumed)["model"], checkpoint(full)["model"])
+    # resuming a finished run redoes nothing and returns the saved result
+    again = train(part, resume=True)
+    assert again["dev"] == full["dev"] and again["train_time_s"] == resumed["train_time_s"]
+
+
+def test_same_seed_same_metrics(finished, tiny_config, tmp_path):
+    config, full = finished
+    again = train(tiny_config(tmp_path))
+    assert again["dev"] == full["dev"]
+    assert [r["train_loss"] for r in again["history"]] == [r["train_loss"] for r in full["history"]]
+    assert_same_params(checkpoint(again)["model"], checkpoint(full)["model"])
+    other_seed = train(tiny_config(tmp_path, seed=1, phases=[[1, True]]))
+    assert other_seed["run_name"] != again["run_name"]
+
+
+@pytest.mark.parametrize("pcgrad", [True, False])
+def test_grad_cosines_are_recorded(tiny_config, tmp_path, pcgrad):
+    result = train(tiny_config(tmp_path, phases=[[1, True]], pcgrad=pcgrad, record_grad_cosines=not pcgrad,
+                               sts_head="linear"))
+    cos = result["history"][0]["grad_cosines"]
+    assert len(cos) == 3  # sst-para, sst-sts, para-sts
+    for stats in cos.values():
+        assert len(stats["values"]) == 4  # one per step
+        assert -1 <= stats["mean"] <= 1 and 0 <= stats["conflict_rate"] <= 1
+
+
+def test_write_predictions_in_cs224n_format(tiny_config, tmp_path):
+    result = train(tiny_config(tmp_path, phases=[[1, True]], write_predictions=True))
+    folder = tmp_path / "predictions" / result["run_name"]
+    headers = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase", "sts": "Predicted_Similiarity"}
+    sizes = result["data"]["sizes"]
+    written = sorted(p.name for p in folder.glob("*-output.csv"))
+    expected = sorted(f"{t}-{split}-output.csv" for t in headers for split in ("dev", "test") if sizes[t][split])
+    assert written == expected and "sst-test-output.csv" in written
+    assert sorted(p.name for p in folder.glob("*-scores.csv")) == [n.replace("output", "scores") for n in expected]
+    for name in written:
+        task, split = name.split("-")[:2]
+        lines = (folder / name).read_text().splitlines()
+        assert lines[0] == f"id \t {headers[task]} "
+        assert len(lines) - 1 == sizes[task][split]
+        ident, value = lines[1].split(" , ")
+        assert ident.strip() and value.strip()
+        if task == "sts":
+            assert all(0.0 <= float(line.split(" , ")[1]) <= 5.0 for line in lines[1:])
+        if task == "sst":
+            assert {int(line.split(" , ")[1]) for line in lines[1:]} <= set(range(5))
+
+
+REFERENCE = {"sst": 0.5, "para": 0.7, "sts": 0.8}
+
+
+@pytest.mark.parametrize("schedule,params", [
+    ("sequential", {}), ("rr_under", {}), ("rr_over", {}), ("proportional", {}), ("temperature", {"T": 2.0}),
+    ("annealed", {"epochs": 2}), ("adaptive", {"reference": REFERENCE})])
+def test_every_schedule_trains(tiny_config, tmp_path, schedule, params):
+    result = train(tiny_config(tmp_path, schedule=schedule, schedule_params=params,
+                               phases=[[2, True]], max_train={"sst": 32, "para": 16, "sts": 24}))
+    assert result["status"] == "finished" and result["run_name"].startswith(schedule)
+    batches = {"sst": 4, "para": 2, "sts": 3}
+    assert result["num_batches"] == batches
+    per_epoch = {"sequential": 9, "rr_under": 2, "rr_over": 4}.get(schedule, 9)  # samplers: sum of batches
+    assert [r["steps"] for r in result["history"]] == [per_epoch, 2 * per_epoch]
+    assert all(0 <= result["dev"][t] <= 1 for t in ("sst", "para"))
+
+
+def test_adaptive_schedule_resumes_exactly(tiny_config, tmp_path):
+    # the schedule's dev scores must be in the checkpoint, or a resumed run samples differently
+    kw = dict(schedule="adaptive", schedule_params={"reference": REFERENCE}, phases=[[3, True]])
+    full = train(tiny_config(tmp_path / "full", **kw))
+    train(tiny_config(tmp_path / "part", **kw), max_epochs=1)
+    resumed = train(tiny_config(tmp_path / "part", **kw), resume=True)
+    assert resumed["dev"] == full["dev"]
+    assert [r["examples_seen"] for r in resumed["history"]] == [r["examples_seen"] for r in full["history"]]
+
+
+def test_runs_with_different_parameters_never_overwrite_each_other(tiny_config, tmp_path):
+    a = train(tiny_config(tmp_path, phases=[[1, True]], dropout=0.1))
+    b = train(tiny_config(tmp_path, phases=[[1, True]], dropout=0.2))
+    assert a["result_path"] != b["result_path"]
+    runs = {r["run_name"]: r for r in load_runs(tmp_path)}
+    assert set(runs) == {a["run_name"], b["run_name"]}
+    assert runs[a["run_name"]]["config"]["dropout"] == 0.1 and runs[b["run_name"]]["config"]["dropout"] == 0.2
