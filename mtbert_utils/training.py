@@ -469,7 +469,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
             # find_unused_parameters: a step may leave heads (and the unused pooler) out of the graph.
             ddp, ddp_key = None, [p.requires_grad for p in model.parameters()]
             ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True, broadcast_buffers=False)
+                                          find_unused_parameters=True)
         mult = lr_multiplier(epoch, config.lr_decay, config.lr_decay_epochs)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
@@ -515,7 +515,8 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         train_time += epoch_time
 
         if world > 1:  # the processes' shares of every step's loss add up to the global-batch loss
-            sums = distributed.all_reduce_sum_(torch.tensor([loss_sum[t] for t in TASKS], dtype=torch.float64))
+            sums = torch.tensor([loss_sum[t] for t in TASKS], dtype=torch.float64, device=device)  # nccl: on GPU
+            sums = distributed.all_reduce_sum_(sums)
             loss_sum = dict(zip(TASKS, sums.tolist()))
         # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere)
         dev = distributed.broadcast_object(

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 REPO = Path(__file__).resolve().parents[1]
-ATOL = 1e-6
+ATOL, RTOL = 1e-6, 1e-5  # float32 arithmetic in another order (rtol: some weights grow to ~10)
 _tiny_config, _build_optimizer = mtbert_utils.model.tiny_config, mtbert_utils.training.build_optimizer
 
 BASE = dict(encoder="tiny", dropout=0.0, phases=[[1, False], [1, True]], batch_size=4, max_dev=8,
@@ -42,7 +42,8 @@ RUNS = {
     "plain": dict(BASE, schedule="proportional"),
     # all three tasks every step: the surgery has something to project. Linear STS head: the
     # gradient of cos(u, v) at u ~ v (a tiny random encoder) is too ill-conditioned to compare
-    "pcgrad": dict(BASE, schedule="rr_over", pcgrad=True, sts_head="linear", sts_loss="mse"),
+    "pcgrad": dict(BASE, schedule="rr_over", pcgrad=True, sts_head="linear", sts_loss="mse",
+                   lr={**BASE["lr"], "sts": 0.01}),  # MSE on 0-5 scores diverges at 0.1
 }
 # the kill-and-resume runs keep the real encoder dropout, AdamW and learning rates
 RESUME = dict(BASE, schedule="rr_over", dropout=0.1, lr={k: 1e-3 for k in BASE["lr"]})
@@ -132,7 +133,8 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(name, ddp_run
     a, b = checkpoint(tmp_path, single_cfg, world=1), checkpoint(ddp_runs / name, ddp_cfg)
     initial = mtbert_utils.training.build_model(single_cfg).state_dict()
     assert max_abs_diff(a["model"], initial) > 1e-2  # the runs did move the weights ...
-    assert max_abs_diff(a["model"], b["model"]) < ATOL  # ... and both moved them alike
+    bad = [k for k in a["model"] if not torch.allclose(a["model"][k], b["model"][k], rtol=RTOL, atol=ATOL)]
+    assert not bad, f"differ: {bad[:5]}"  # ... and both moved them alike
     # the same schedule and the same examples, counted globally
     assert (single["steps"], single["examples_seen"], single["num_batches"]) == \
            (ddp["steps"], ddp["examples_seen"], ddp["num_batches"])
@@ -140,7 +142,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(name, ddp_run
                                   "global_batch_size": 8}
     for h1, h2 in zip(single["history"], ddp["history"]):
         for t in h1["train_loss"]:  # each step's loss over the global batch, not rank 0's part
-            assert h1["train_loss"][t] == pytest.approx(h2["train_loss"][t], abs=1e-6)
+            assert h1["train_loss"][t] == pytest.approx(h2["train_loss"][t], rel=1e-6, abs=1e-6)
         # (not STS: the tiny random encoder's dev cosines all lie within 1e-5 of 1, and a Pearson r of
         # such values is decided by float rounding; the parameters above are the real check)
         assert (h1["dev"]["sst"], h1["dev"]["para"]) == (h2["dev"]["sst"], h2["dev"]["para"])
