@@ -128,8 +128,6 @@ def test_same_seed_same_metrics(finished, tiny_config, tmp_path):
     assert again["dev"] == full["dev"]
     assert [r["train_loss"] for r in again["history"]] == [r["train_loss"] for r in full["history"]]
     assert_same_params(checkpoint(again)["model"], checkpoint(full)["model"])
-    other_seed = train(tiny_config(tmp_path, seed=1, phases=[[1, True]]))
-    assert other_seed["run_name"] != again["run_name"]
 
 
 @pytest.mark.parametrize("pcgrad", [True, False])
@@ -184,7 +182,7 @@ def test_every_schedule_trains(tiny_config, tmp_path, schedule, params):
 
 def test_adaptive_schedule_resumes_exactly(tiny_config, tmp_path):
     # the schedule's dev scores must be in the checkpoint, or a resumed run samples differently
-    kw = dict(schedule="adaptive", schedule_params={"reference": REFERENCE}, phases=[[3, True]])
+    kw = dict(schedule="adaptive", schedule_params={"reference": REFERENCE}, phases=[[2, True]])
     full = train(tiny_config(tmp_path / "full", **kw))
     train(tiny_config(tmp_path / "part", **kw), max_epochs=1)
     resumed = train(tiny_config(tmp_path / "part", **kw), resume=True)
