@@ -51,6 +51,7 @@ class TrainConfig:
     schedule: str = "rr_over"
     schedule_params: dict = field(default_factory=dict)
     task_weights: dict = field(default_factory=lambda: {"sst": 1.0, "para": 1.0, "sts": 1.0})
+    train_tasks: list = field(default_factory=lambda: list(TASKS))  # a subset gives single-task reference runs
     pcgrad: bool = False
     pcgrad_reduction: str = "mean"     # mean (the implementation the study used) | sum (the paper)
     record_grad_cosines: bool = False  # log task-gradient cosines even without surgery
@@ -64,6 +65,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     batch_size: int = 64
     eval_batch_size: int = 128
+    examples_budget: int | None = None  # stop once this many training examples (all tasks) were seen
     # data
     data_dir: str | None = None        # None: $MTBERT_DATA_DIR, else ./data
     max_train: int | dict | None = None  # per-task cap on training examples (seeded subsample)
@@ -119,6 +121,10 @@ class TrainConfig:
             raise ValueError(f"lr needs exactly the keys {LR_KEYS}, got {sorted(self.lr)}")
         for k, v in self.lr.items():
             positive(f"lr[{k!r}]", v)
+        if not self.train_tasks or any(t not in TASKS for t in self.train_tasks) \
+                or len(set(self.train_tasks)) != len(self.train_tasks):
+            raise ValueError(f"train_tasks must be a non-empty list of distinct tasks from {TASKS}, "
+                             f"got {self.train_tasks!r}")
         if set(self.task_weights) != set(TASKS):
             raise ValueError(f"task_weights needs the keys {TASKS}, got {sorted(self.task_weights)}")
         for k, v in self.task_weights.items():
@@ -139,6 +145,9 @@ class TrainConfig:
             raise ValueError("the linear STS head is trained with sts_loss='mse'")
         if self.pcgrad_reduction not in ("mean", "sum"):
             raise ValueError(f"pcgrad_reduction must be 'mean' or 'sum', got {self.pcgrad_reduction!r}")
+        if self.examples_budget is not None and (not isinstance(self.examples_budget, int)
+                                                 or isinstance(self.examples_budget, bool) or self.examples_budget < 1):
+            raise ValueError(f"examples_budget must be None or a positive int, got {self.examples_budget!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("max_train", "max_dev"):
@@ -430,7 +439,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
                                   pair_mode=model.pair_mode(t), group_by_length=config.group_by_length,
                                   rank=rank, world_size=world)
-               for i, t in enumerate(TASKS)}
+               for i, t in enumerate(TASKS) if t in config.train_tasks}
     num_batches = {t: s.num_batches for t, s in streams.items()}
     sched_rng = random.Random(config.seed)
     pc_gen = torch.Generator().manual_seed(config.seed)
@@ -460,7 +469,12 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     distributed.broadcast_module_(model)  # insurance: every process starts from rank 0's weights
 
     last_epoch = config.epochs if max_epochs is None else min(config.epochs, max_epochs)
+    def budget_spent() -> bool:
+        return config.examples_budget is not None and sum(seen.values()) >= config.examples_budget
+
     for epoch in range(start_epoch, last_epoch):
+        if budget_spent():  # equal-budget runs end mid-schedule, at the epoch that spent the budget
+            break
         trainable = config.encoder_trainable(epoch)
         model.set_encoder_trainable(trainable, config.freeze_word_embeddings)
         shared = [p for p in list(model.encoder.parameters()) + list(model.shared.parameters()) if p.requires_grad]
@@ -510,6 +524,9 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
                 trace.append([step, *(seen[t] for t in TASKS)])
             bar.set_postfix({t: f"{loss_sum[t] / max(loss_n[t], 1):.3f}" for t in TASKS if loss_n[t]})
             bar.update()
+            if budget_spent():
+                trace.append([step, *(seen[t] for t in TASKS)])
+                break
         bar.close()
         epoch_time = time.time() - t_epoch
         train_time += epoch_time
@@ -543,7 +560,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
                 "signature": checkpoint_signature(config), "config": config.to_dict(), **rngs})
         distributed.barrier()  # no process moves on (or returns) before the checkpoint is complete
 
-    if last_epoch < config.epochs:
+    if last_epoch < config.epochs and not budget_spent():
         return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
 
     total_seen = sum(seen.values())

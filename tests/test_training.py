@@ -197,3 +197,19 @@ def test_runs_with_different_parameters_never_overwrite_each_other(tiny_config, 
     runs = {r["run_name"]: r for r in load_runs(tmp_path)}
     assert set(runs) == {a["run_name"], b["run_name"]}
     assert runs[a["run_name"]]["config"]["dropout"] == 0.1 and runs[b["run_name"]]["config"]["dropout"] == 0.2
+
+
+def test_examples_budget_stops_mid_schedule(tiny_config, tmp_path, one_thread):
+    # sequential over 32/32/32 examples in batches of 8: 4+4+4 steps per epoch, 96 examples an epoch
+    r = train(tiny_config(tmp_path, schedule="sequential", phases=[[5, True]], examples_budget=100))
+    total = sum(r["examples_seen"].values())
+    assert total == 104  # the step that crosses the budget is the last one: 13 steps of 8
+    assert len(r["history"]) == 2 and r["steps"] == 13 and r["status"] == "finished"
+
+
+def test_single_task_reference_run_trains_one_task(tiny_config, tmp_path, one_thread):
+    r = train(tiny_config(tmp_path, train_tasks=["sts"], schedule="rr_over"))
+    assert r["examples_seen"]["sts"] > 0 and r["examples_seen"]["sst"] == r["examples_seen"]["para"] == 0
+    assert set(r["dev"]) >= {"sst", "para", "sts"}  # still evaluated on every task
+    with pytest.raises(ValueError, match="train_tasks"):
+        tiny_config(tmp_path, train_tasks=["sst", "nope"])
