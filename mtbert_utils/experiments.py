@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -169,3 +172,264 @@ def make_config(preset: str = "tuned", *, encoder: str = "minilm", data_dir: str
     common = dict(encoder=encoder, data_dir=data_dir or None, max_train=dict(max_train) if max_train else None,
                   max_dev=max_dev or None, batch_size=batch_size, progress=progress, **overrides)
     return TrainConfig.baseline(**common) if preset == "baseline" else TrainConfig(**common)
+
+
+# ---------------------------------------------------------------------------
+# extension notebooks (09-11): grids of runs, equal budgets, tidy tables, readings computed from results
+
+METRICS = (*TASKS, "mean", "overall")
+
+
+def run_grid(configs: dict, seeds, out_dir: str | Path, resume: bool = True) -> dict[str, list[dict]]:
+    """run_seeds for several configs, seed by seed: the tokenized data is cached per seed, not per config."""
+    runs = {label: [] for label in configs}
+    for seed in seeds:
+        for label, config in configs.items():
+            runs[label] += run_seeds(config, [seed], out_dir, resume)
+    return runs
+
+
+def train_sizes(config) -> dict[str, int]:
+    """Training examples per task that `config` trains on (after its max_train caps)."""
+    from mtbert_utils.model import load_tokenizer
+    from mtbert_utils.training import prepare_data
+    _, info = prepare_data(config, load_tokenizer(config.encoder))  # cached: the first run reuses it
+    return {t: int(info["sizes"][t]["train"]) for t in config.train_tasks}
+
+
+def batches_per_epoch(sizes: dict[str, int], batch_size: int) -> dict[str, int]:
+    return {t: -(-n // batch_size) for t, n in sizes.items()}  # ceil: the last batch of a pass is short
+
+
+def schedule_params_for(sampler: str, epochs: int, *, T: float = 2.0, reference: dict | None = None,
+                        power: float = 1.0) -> dict:
+    """The schedule_params each registered sampler takes in the extension notebooks."""
+    if sampler == "temperature":
+        return {"T": T}
+    if sampler == "annealed":
+        return {"epochs": int(epochs)}  # anneal over the run's scheduled epochs
+    if sampler == "adaptive":
+        if not reference:
+            raise ValueError("the adaptive sampler needs single-task reference scores")
+        return {"reference": dict(reference), "power": power}
+    return {}
+
+
+def adaptive_reference(single_task_runs: dict[str, list[dict]], floor: float = 0.05) -> dict[str, float]:
+    """Reference score per task for the adaptive sampler: the mean dev score of its single-task runs.
+
+    The sampler needs a positive reference; a score at or below `floor` (a toy encoder's STS r can be
+    negative) is raised to `floor`.
+    """
+    return {t: max(float(sum(r["dev"][t] for r in runs) / len(runs)), floor) for t, runs in single_task_runs.items()}
+
+
+def expected_examples_per_epoch(schedule, num_batches: dict[str, int], sizes: dict[str, int], batch_size: int) -> float:
+    """Training examples one epoch of `schedule` feeds the model, in expectation (a pass's last batch is short)."""
+    steps = schedule.num_steps(num_batches, 0)
+    mean_batch = {t: sizes[t] / num_batches[t] for t in num_batches}
+    if not schedule.one_task_per_step:  # round robin: one batch of every task per step
+        return steps * sum(mean_batch.values())
+    if hasattr(schedule, "probabilities"):  # sampled: one task per step, drawn with these probabilities
+        probs = schedule.probabilities(num_batches, 0)
+        return steps * sum(p * mean_batch[t] for t, p in probs.items())
+    return steps * sum(sizes.values()) / sum(num_batches.values())  # sequential: every batch once
+
+
+def epochs_for_budget(schedule, num_batches: dict[str, int], sizes: dict[str, int], batch_size: int,
+                      budget: int) -> int:
+    """Epochs to schedule so a run of `schedule` reaches `budget` training examples.
+
+    The expected count plus one spare epoch (sampled schedules draw at random); training stops
+    as soon as the budget is spent, so the spare epoch usually never starts.
+    """
+    return math.ceil(budget / expected_examples_per_epoch(schedule, num_batches, sizes, batch_size)) + 1
+
+
+def resolve_sigma(spec, num_batches: dict[str, int]) -> int:
+    """rr_over's sigma (steps per epoch) from an int, or 'min' / 'median' / 'max' of the tasks' batch
+    counts with an optional factor in front ('2max', '0.5*max')."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"sigma must be >= 1, got {spec}")
+        return spec
+    m = re.fullmatch(r"\s*(\d*\.?\d*)\s*\*?\s*(min|median|max)\s*", str(spec))
+    if not m:
+        raise ValueError(f"sigma {spec!r}: use an int or min/median/max with an optional factor, e.g. '2max'")
+    counts = sorted(num_batches.values())
+    base = {"min": counts[0], "max": counts[-1], "median": float(np.median(counts))}[m.group(2)]
+    return max(1, round(float(m.group(1) or 1) * base))
+
+
+def runs_frame(runs: list[dict], **labels) -> pd.DataFrame:
+    """Tidy table, one row per run: the given labels, seed, dev metrics, examples seen, steps, time."""
+    rows = []
+    for r in runs:
+        seen = r.get("examples_seen", {})
+        rows.append({**labels, "seed": r["seed"], "run_name": r.get("run_name"),
+                     **{m: r["dev"].get(m) for m in METRICS},
+                     "examples_seen": sum(seen.values()), **{f"seen_{t}": seen.get(t, 0) for t in TASKS},
+                     "steps": r.get("steps"), "epochs_run": len(r.get("history", [])),
+                     "examples_budget": r["config"].get("examples_budget"),
+                     "train_time_s": r.get("train_time_s"), "result_file": Path(r["result_path"]).name
+                     if r.get("result_path") else None})
+    return pd.DataFrame(rows)
+
+
+def summarize_frame(df: pd.DataFrame, by: list[str], metrics=METRICS) -> pd.DataFrame:
+    """Mean and 95% CI half-width over seeds of each metric, per group of a tidy runs table (group order kept)."""
+    rows = []
+    for key, g in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = {**dict(zip(by, key)), "seeds": len(g)}
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_ci95"] = mean_ci(g[m].to_numpy(dtype=float))
+        for col in ("examples_seen", "steps", "train_time_s"):
+            if col in g:
+                row[col] = float(g[col].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict(mean_diff: float, ci95: float) -> str:
+    """'holds' if the 95% CI of a - b lies above 0, 'reversed' if below, else 'not resolved'."""
+    if ci95 != ci95:  # nan: a single seed has no interval
+        return "not resolved"
+    if mean_diff - ci95 > 0:
+        return "holds"
+    if mean_diff + ci95 < 0:
+        return "reversed"
+    return "not resolved"
+
+
+def claim_sentence(row, what: str | None = None) -> str:
+    """One line of a computed reading from a paired_table row."""
+    what = what or f"{row['a']} > {row['b']}"
+    return (f"{what} ({row['metric']}): **{verdict(row['mean_diff'], row['ci95'])}**, difference "
+            f"{row['mean_diff']:+.3f} ± {row['ci95']:.3f} (95% CI), p = {row['p_value']:.2g}, "
+            f"d_z = {row['cohens_dz']:.2f}, {row['n']} paired seeds")
+
+
+def grad_conflicts(runs: list[dict], **labels) -> pd.DataFrame:
+    """Per run and task pair, from the per-step gradient cosines (measured before any projection):
+    mean cosine, conflict rate (cos < 0), mean cosine of the conflicting steps, and the surgery size
+    mean(max(0, -cos)): the fraction of a task gradient's norm PCGrad removes per step for that pair."""
+    rows = []
+    for r in runs:
+        values: dict[str, list] = {}
+        for h in r["history"]:
+            for pair, c in h.get("grad_cosines", {}).items():
+                values.setdefault(pair, []).extend(c["values"])
+        for pair, vals in values.items():
+            v = np.asarray(vals, dtype=float)
+            rows.append({**labels, "seed": r["seed"], "pair": pair, "steps": len(v), "mean_cos": float(v.mean()),
+                         "conflict_rate": float((v < 0).mean()),
+                         "conflict_cos": float(v[v < 0].mean()) if (v < 0).any() else float("nan"),
+                         "surgery": float(np.clip(-v, 0, None).mean())})
+    return pd.DataFrame(rows)
+
+
+def weighting_label(weights: dict) -> str:
+    """'equal' or e.g. 'sst:3 para:1 sts:1' for a task-weight dict."""
+    vals = [float(weights[t]) for t in TASKS]
+    return "equal" if len(set(vals)) == 1 else " ".join(f"{t}:{float(weights[t]):g}" for t in TASKS)
+
+
+def _diff_text(row) -> str:
+    return (f"{verdict(row['mean_diff'], row['ci95'])} ({row['mean_diff']:+.3f} ± {row['ci95']:.3f}, "
+            f"p = {row['p_value']:.2g}, d_z = {row['cohens_dz']:.2f})")
+
+
+def _survival(v_epochs: str, v_budget: str) -> str:
+    if v_epochs == v_budget:
+        return {"holds": "survives an equal budget", "reversed": "reversed in both comparisons",
+                "not resolved": "not resolved at this scale in either comparison"}[v_epochs]
+    if v_budget == "not resolved":
+        return f"{v_epochs} at equal epochs only: it does not survive an equal number of examples"
+    if v_epochs == "not resolved":
+        return f"{v_budget} only at an equal number of examples"
+    return f"{v_epochs} at equal epochs but {v_budget} at an equal number of examples"
+
+
+def sampler_reading(summary: pd.DataFrame, paired: pd.DataFrame, claims: list[tuple[str, str]],
+                    modes: tuple[str, str] = ("equal epochs", "equal examples"), metric: str = "mean",
+                    header: str = "") -> str:
+    """Markdown reading of notebook 09, generated from its tables: each claimed ordering in both
+    comparison modes, whether it survives an equal budget, the best sampler and who beats sequential."""
+    lines = [header] if header else []
+    lines.append(f"Verdicts use the 95% CI of the paired (same seeds) difference of the {metric} dev score: "
+                 "**holds** if it lies above 0, **reversed** if below, **not resolved** otherwise.\n")
+    p = paired[paired["metric"] == metric]
+    for a, b in claims:
+        rows = {m: p[(p["a"] == a) & (p["b"] == b) & (p["budget_mode"] == m)] for m in modes}
+        if any(r.empty for r in rows.values()):
+            continue
+        r0, r1 = rows[modes[0]].iloc[0], rows[modes[1]].iloc[0]
+        lines.append(f"- **{a} > {b}**: {modes[0]}: {_diff_text(r0)}; {modes[1]}: {_diff_text(r1)}. "
+                     f"Conclusion: {_survival(verdict(r0['mean_diff'], r0['ci95']), verdict(r1['mean_diff'], r1['ci95']))}.")
+    for mode in modes:
+        s = summary[summary["budget_mode"] == mode].sort_values(f"{metric}_mean", ascending=False)
+        if s.empty:
+            continue
+        ranking = ", ".join(f"{r['sampler']} {format_cell(r[f'{metric}_mean'], r[f'{metric}_ci95'])}"
+                            for _, r in s.iterrows())
+        beat = p[(p["budget_mode"] == mode) & (p["b"] == "sequential") & (p["a"] != "sequential")]
+        winners = [r["a"] for _, r in beat.iterrows() if verdict(r["mean_diff"], r["ci95"]) == "holds"]
+        lines.append(f"- {mode}, ranked by {metric} (± 95% CI): {ranking}. Resolved better than sequential: "
+                     f"{', '.join(winners) if winners else 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def position_effect(positions: pd.DataFrame) -> pd.DataFrame:
+    """Per task: paired (same seed) difference of its score when trained last vs first in a sequential order.
+    `positions` has columns task, position (1 = first), seed, score (one row per run and task)."""
+    rows = []
+    last = positions["position"].max()
+    for task, g in positions.groupby("task", sort=False):
+        by = g.groupby(["seed", "position"])["score"].mean().unstack()
+        if 1 not in by or last not in by:
+            continue
+        by = by.dropna(subset=[1, last])
+        if len(by) < 2:
+            continue
+        c = paired_comparison(by[last].to_numpy(), by[1].to_numpy())
+        rows.append({"task": task, "a": "last", "b": "first", **c, "verdict": verdict(c["mean_diff"], c["ci95"])})
+    return pd.DataFrame(rows)
+
+
+WEAK_SURGERY = 0.05  # PCGrad removing under 5% of a task gradient's norm per pair and step counts as weak
+
+
+def pcgrad_reading(conflicts: pd.DataFrame, paired: pd.DataFrame, metric: str = "mean") -> str:
+    """Markdown reading of notebook 11 from its tables: per weighting, how much the task gradients
+    conflict (plain arm, before any projection) and what PCGrad changed; then whether weak conflict
+    explains the (lack of) effect. `conflicts`: summarize_frame over (weighting, pair) with
+    conflict_rate, conflict_cos and surgery; `paired`: paired_table rows with a weighting column."""
+    lines, effects, surgery = [], {}, {}
+    for w, g in conflicts.groupby("weighting", sort=False):
+        pr = paired[(paired["weighting"] == w) & (paired["metric"] == metric)]
+        if pr.empty:
+            continue
+        r = pr.iloc[0]
+        effects[w], surgery[w] = verdict(r["mean_diff"], r["ci95"]), float(g["surgery_mean"].max())
+        lines.append(f"- **{w}**: task gradients conflict in {g['conflict_rate_mean'].min():.0%}–"
+                     f"{g['conflict_rate_mean'].max():.0%} of steps (by pair), mean cosine when in conflict "
+                     f"{np.nanmean(g['conflict_cos_mean']):.3f}; PCGrad removes at most {surgery[w]:.1%} of a "
+                     f"gradient's norm per pair and step. PCGrad - plain ({metric}): {_diff_text(r)}.")
+    if not effects:
+        return "No weighting has both arms with two or more seeds: nothing to read.\n"
+    changed = [w for w, v in effects.items() if v != "not resolved"]
+    weak = [w for w, s in surgery.items() if s < WEAK_SURGERY]
+    if not changed and len(weak) == len(effects):
+        end = (f"PCGrad changes nothing resolvable under any weighting, and in every weighting the conflicts are weak "
+               f"(surgery under {WEAK_SURGERY:.0%}): consistent with the study's explanation that there is too "
+               "little gradient conflict for surgery to matter.")
+    elif not changed:
+        strong = [w for w in effects if w not in weak]
+        end = (f"PCGrad changes nothing resolvable, although conflicts are not weak under {'; '.join(strong)} "
+               f"(surgery of {WEAK_SURGERY:.0%} or more): weak conflict alone does not explain the null result.")
+    else:
+        end = (f"PCGrad's effect is resolved under {'; '.join(changed)} and not under the others; "
+               f"most surgery: {max(surgery, key=surgery.get)}. The study's 'no change' does not hold everywhere.")
+    top = max(surgery, key=surgery.get)
+    return "\n".join(lines) + f"\n\n{end} (Most conflict: {top}; {len(effects)} weightings.)\n"

@@ -172,3 +172,123 @@ def plot_sts_scatter(pred, gold, title: str = "STS dev: predicted vs gold") -> p
     ax.set_title(f"{title} (r = {pearson(pred, gold):.3f})")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------
+# extension notebooks (09-11): figures from their tidy summary tables (columns `{metric}_mean`, `{metric}_ci95`)
+
+SUMMARY_LABELS = {"mean": "mean of the three (the study's summary)", "overall": "CS224N overall score"}
+MODE_COLORS = ["#4C72B0", "#C44E52", "#8172B2", "#937860"]
+
+
+def _key_label(key: str) -> str:
+    return _metric_label(key) if key in TASK_SPECS else SUMMARY_LABELS.get(key, key)
+
+
+def _mean_ci(table, key):
+    return table[f"{key}_mean"].to_numpy(dtype=float), np.nan_to_num(table[f"{key}_ci95"].to_numpy(dtype=float))
+
+
+def plot_sampler_comparison(summary, keys=(*TASKS, "mean", "overall"), row_col: str = "sampler",
+                            mode_col: str = "budget_mode", single_task: dict | None = None) -> plt.Figure:
+    """Every sampler, mean and 95% CI per metric; one bar per comparison mode side by side.
+    single_task: task -> single-task reference score, drawn as a dashed line in that task's panel."""
+    rows = list(dict.fromkeys(summary[row_col]))
+    modes = list(dict.fromkeys(summary[mode_col]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 0.4 * len(rows) * len(modes) + 1.6),
+                             sharey=True)
+    h = 0.8 / len(modes)
+    y = np.arange(len(rows))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        for mi, mode in enumerate(modes):
+            sub = summary[summary[mode_col] == mode].set_index(row_col).reindex(rows)
+            mean, ci = _mean_ci(sub, key)
+            ax.barh(y + mi * h, mean, h, xerr=ci, color=MODE_COLORS[mi % len(MODE_COLORS)], alpha=0.85,
+                    capsize=2, label=mode)
+        if single_task and key in single_task:
+            ax.axvline(single_task[key], color="k", ls="--", lw=1, label="single-task reference")
+        ax.set_title(_key_label(key), fontsize=9)
+        ax.set_yticks(y + h * (len(modes) - 1) / 2, rows)
+    np.atleast_1d(axes)[0].invert_yaxis()
+    handles, names = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), frameon=False, fontsize=8,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("samplers: mean and 95% CI over seeds", fontsize=10, y=1.05)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sigma_sweep(summary, keys=(*TASKS, "mean"), sigma_col: str = "sigma") -> plt.Figure:
+    """Dev metrics (mean, 95% CI) against rr_over's sigma, and against the examples those runs saw."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    table = summary.sort_values(sigma_col)
+    for ki, key in enumerate(keys):
+        mean, ci = _mean_ci(table, key)
+        color = TASK_COLORS.get(key, "k")
+        for ax, x in zip(axes, [table[sigma_col], table["examples_seen"]]):
+            ax.errorbar(x, mean, yerr=ci, marker="o", ms=4, capsize=3, color=color,
+                        ls="-" if key in TASKS else "--", label=_key_label(key))
+    axes[0].set_xlabel("sigma (optimizer steps per epoch)")
+    axes[1].set_xlabel("training examples seen (all tasks)")
+    axes[0].set_ylabel("dev score")
+    axes[0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_task_orders(order_summary, position_summary, order_col: str = "order") -> plt.Figure:
+    """Left: each task's dev score per sequential order (mean, 95% CI); the bar of the order's last task
+    is outlined. Right: each task's score by its position in the order."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    orders = list(order_summary[order_col])
+    x = np.arange(len(orders))
+    w = 0.8 / len(TASKS)
+    for ti, task in enumerate(TASKS):
+        mean, ci = _mean_ci(order_summary, task)
+        last = [o.split("-")[-1] == task for o in orders]
+        axes[0].bar(x + ti * w, mean, w, yerr=ci, capsize=2, color=TASK_COLORS[task], alpha=0.85,
+                    edgecolor=["k" if lst else "none" for lst in last], linewidth=[2 if lst else 0 for lst in last],
+                    label=TASK_SPECS[task].title)
+        sub = position_summary[position_summary["task"] == task].sort_values("position")
+        pm, pci = _mean_ci(sub, "score")
+        axes[1].errorbar(sub["position"], pm, yerr=pci, marker="o", capsize=3, color=TASK_COLORS[task],
+                         label=TASK_SPECS[task].title)
+    axes[0].set_xticks(x + w, orders, fontsize=8)
+    axes[0].set_ylabel("dev score")
+    axes[0].set_title("each order (outlined: the task trained last)", fontsize=9)
+    axes[0].legend(frameon=False, fontsize=8)
+    axes[1].set_xticks([1, 2, 3], ["first", "second", "last"])
+    axes[1].set_title("a task's score by its position in the order", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pcgrad_weightings(conflicts, diffs, weighting_col: str = "weighting") -> plt.Figure:
+    """Left: conflict rate per task pair and weighting (mean, 95% CI over seeds), the surgery size
+    (mean fraction of a gradient's norm PCGrad removes) as dots. Right: PCGrad - plain per metric."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    weightings = list(dict.fromkeys(conflicts[weighting_col]))
+    pairs = list(dict.fromkeys(conflicts["pair"]))
+    x = np.arange(len(weightings))
+    w = 0.8 / max(len(pairs), 1)
+    for pi, pair in enumerate(pairs):
+        sub = conflicts[conflicts["pair"] == pair].set_index(weighting_col).reindex(weightings)
+        mean, ci = _mean_ci(sub, "conflict_rate")
+        axes[0].bar(x + pi * w, mean, w, yerr=ci, capsize=2, color=plt.cm.Set2(pi), label=f"{pair}: conflict rate")
+        axes[0].scatter(x + pi * w, sub["surgery_mean"], color="k", marker="D", s=14, zorder=3,
+                        label="surgery size" if pi == 0 else None)
+    axes[0].set_xticks(x + w * (len(pairs) - 1) / 2, weightings, fontsize=8)
+    axes[0].set_ylabel("fraction of steps with cos < 0")
+    axes[0].legend(frameon=False, fontsize=7)
+    keys = list(dict.fromkeys(diffs["metric"]))
+    wk = 0.8 / max(len(keys), 1)
+    for ki, key in enumerate(keys):
+        sub = diffs[diffs["metric"] == key].set_index(weighting_col).reindex(weightings)
+        axes[1].bar(x + ki * wk, sub["mean_diff"], wk, yerr=np.nan_to_num(sub["ci95"].to_numpy(dtype=float)),
+                    capsize=2, color=TASK_COLORS.get(key, "gray"), label=_key_label(key))
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_xticks(x + wk * (len(keys) - 1) / 2, weightings, fontsize=8)
+    axes[1].set_ylabel("PCGrad - plain (paired, 95% CI)")
+    axes[1].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,163 @@
+"""The extension notebooks (09-11) under the smoke-extended profile: files, samplers, equal budgets."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from mtbert_utils import reproduce
+from mtbert_utils.schedules import SCHEDULES
+
+NOTEBOOKS = ["09_samplers", "10_sigma_and_order", "11_pcgrad_weights"]
+EXPECTED_RESULTS = [f"runs/{nb}/index.json" for nb in NOTEBOOKS] + [
+    "09_samplers_runs.csv", "09_samplers_summary.csv", "09_samplers_paired.csv", "09_samplers_single_task.csv",
+    "09_samplers_reading.md",
+    "10_sigma_and_order_sigma_runs.csv", "10_sigma_and_order_sigma_summary.csv", "10_sigma_and_order_order_runs.csv",
+    "10_sigma_and_order_order_summary.csv", "10_sigma_and_order_position_summary.csv",
+    "10_sigma_and_order_last_vs_first.csv", "10_sigma_and_order_reading.md",
+    "11_pcgrad_weights_runs.csv", "11_pcgrad_weights_summary.csv", "11_pcgrad_weights_paired.csv",
+    "11_pcgrad_weights_conflicts.csv", "11_pcgrad_weights_conflict_summary.csv", "11_pcgrad_weights_reading.md"]
+EXPECTED_FIGURES = ["09_samplers_comparison.png", "10_sigma_and_order_sigma.png", "10_sigma_and_order_orders.png",
+                    "11_pcgrad_weights_conflicts_and_effect.png"]
+MODES = {"equal epochs", "equal examples"}
+
+
+@pytest.fixture(scope="module")
+def extended_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("smoke-extended")
+    saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
+    os.environ["MTBERT_DATA_DIR"] = str(data_dir)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the notebook kernels: tiny models on a shared 2-core box run faster on one thread
+    try:
+        records = reproduce.run("smoke-extended", out_root=out)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out / "results" / "smoke-extended", out / "figures" / "smoke-extended", records
+
+
+def test_every_result_and_figure_is_written(extended_run):
+    results, figures, records = extended_run
+    assert [r["notebook"] for r in records] == NOTEBOOKS
+    missing = [p for p in EXPECTED_RESULTS if not (results / p).is_file()]
+    missing += [p for p in EXPECTED_FIGURES if not (figures / p).is_file()]
+    assert not missing, f"not written: {missing}"
+    for fig in EXPECTED_FIGURES:
+        assert (figures / fig).stat().st_size > 5_000, fig  # a real plot, not an empty canvas
+    for nb in NOTEBOOKS:
+        assert "**" in (results / f"{nb}_reading.md").read_text()  # a generated reading with verdicts
+
+
+def test_every_sampler_in_both_budget_modes(extended_run):
+    results, _, _ = extended_run
+    runs = pd.read_csv(results / "09_samplers_runs.csv")
+    assert set(runs["sampler"]) == set(SCHEDULES)
+    counts = runs.groupby(["sampler", "budget_mode"]).size()
+    assert set(counts.index) == {(s, m) for s in SCHEDULES for m in MODES}
+    assert (counts == 2).all()  # two seeds each
+    summary = pd.read_csv(results / "09_samplers_summary.csv")
+    assert len(summary) == len(SCHEDULES) * len(MODES) and summary["mean_mean"].notna().all()
+    paired = pd.read_csv(results / "09_samplers_paired.csv")
+    claims = set(zip(paired["a"], paired["b"], paired["budget_mode"]))
+    for mode in MODES:
+        assert {("rr_over", "sequential", mode), ("sequential", "rr_under", mode)} <= claims
+
+
+def test_equal_budget_runs_saw_the_same_number_of_examples(extended_run):
+    results, _, _ = extended_run
+    runs = pd.read_csv(results / "09_samplers_runs.csv")
+    profile = reproduce.load_profile("smoke-extended")["params"]
+    batch = profile["batch_size"]
+    budget_runs = runs[runs["budget_mode"] == "equal examples"]
+    budget = sum(profile["max_train"].values()) * 2  # sequential's examples in the notebook's 2 epochs
+    trained = budget_runs[budget_runs["examples_budget"].notna()]
+    assert set(trained["sampler"]) >= {"rr_under", "rr_over"} and (trained["examples_budget"] == budget).all()
+    for _, r in budget_runs.iterrows():
+        step = batch * (3 if r["sampler"].startswith("rr_") else 1)  # one optimizer step's worth of examples
+        assert budget <= r["examples_seen"] < budget + step, (r["sampler"], r["seed"], r["examples_seen"])
+    epochs = runs[runs["budget_mode"] == "equal epochs"].set_index(["sampler", "seed"])["examples_seen"]
+    assert epochs["rr_over"].min() > epochs["sequential"].max() > epochs["rr_under"].max()  # why budgets matter
+
+
+def test_sigma_sweep_order_and_pcgrad_tables(extended_run):
+    results, _, _ = extended_run
+    orders = pd.read_csv(results / "10_sigma_and_order_order_summary.csv")
+    assert len(orders) == 6 and orders["order"].nunique() == 6
+    sigma = pd.read_csv(results / "10_sigma_and_order_sigma_summary.csv")
+    assert sigma["sigma"].is_monotonic_increasing or len(sigma) > 1
+    assert sigma.sort_values("sigma")["examples_seen"].is_monotonic_increasing  # more steps, more examples
+    conflicts = pd.read_csv(results / "11_pcgrad_weights_conflict_summary.csv")
+    assert set(conflicts["arm"]) == {"plain", "pcgrad"} and conflicts["weighting"].nunique() == 3
+    assert conflicts["conflict_rate_mean"].between(0, 1).all()
+    paired = pd.read_csv(results / "11_pcgrad_weights_paired.csv")
+    assert set(paired["weighting"]) == set(conflicts["weighting"])
+    index = json.loads((results / "runs" / "11_pcgrad_weights" / "index.json").read_text())
+    assert len(index["runs"]) == 6  # 3 weightings x (plain, PCGrad)
+
+
+# --- the helpers behind the notebooks, on numbers worked by hand (no data, no training) ---
+
+from mtbert_utils import experiments  # noqa: E402
+from mtbert_utils.schedules import get_schedule  # noqa: E402
+
+SIZES = {"sst": 40, "para": 88, "sts": 28}   # batch 16: 3, 6, 2 batches; last batches of 8, 8, 12
+NB = {"sst": 3, "para": 6, "sts": 2}
+
+
+def test_batches_and_expected_examples_per_epoch():
+    assert experiments.batches_per_epoch(SIZES, 16) == NB
+    per_epoch = lambda name, **kw: experiments.expected_examples_per_epoch(get_schedule(name, **kw), NB, SIZES, 16)  # noqa: E731
+    assert per_epoch("sequential") == pytest.approx(156)                       # every example once
+    assert per_epoch("rr_under") == pytest.approx(2 * (40 / 3 + 88 / 6 + 28 / 2))  # 2 steps of one batch per task
+    assert per_epoch("rr_over", sigma=4) == pytest.approx(4 * (40 / 3 + 88 / 6 + 28 / 2))
+    assert per_epoch("proportional") == pytest.approx(156)  # p_t ∝ batches: the sequential count in expectation
+    assert per_epoch("temperature", T=1e9) == pytest.approx(11 * (40 / 3 + 88 / 6 + 28 / 2) / 3)  # uniform
+
+
+def test_epochs_for_budget_reaches_the_budget_with_one_spare():
+    seq = get_schedule("sequential")
+    assert experiments.epochs_for_budget(seq, NB, SIZES, 16, 312) == 3   # 2 epochs exactly, plus the spare
+    assert experiments.epochs_for_budget(seq, NB, SIZES, 16, 313) == 4
+    under = get_schedule("rr_under")  # ~84 examples per epoch
+    assert experiments.epochs_for_budget(under, NB, SIZES, 16, 312) == 5
+
+
+def test_resolve_sigma():
+    assert [experiments.resolve_sigma(s, NB) for s in ("min", "median", "max", "2max", "0.5*max", 7)] == [2, 3, 6, 12, 3, 7]
+    with pytest.raises(ValueError, match="sigma"):
+        experiments.resolve_sigma("biggest", NB)
+    with pytest.raises(ValueError, match=">= 1"):
+        experiments.resolve_sigma(0, NB)
+
+
+def test_verdict_from_the_paired_interval():
+    assert experiments.verdict(0.05, 0.02) == "holds"
+    assert experiments.verdict(-0.05, 0.02) == "reversed"
+    assert experiments.verdict(0.01, 0.02) == "not resolved"
+    assert experiments.verdict(0.0, 0.0) == "not resolved"
+    assert experiments.verdict(0.3, float("nan")) == "not resolved"  # one seed: no interval
+
+
+def test_adaptive_reference_floors_non_positive_scores():
+    runs = {"sst": [{"dev": {"sst": 0.4}}, {"dev": {"sst": 0.5}}], "sts": [{"dev": {"sts": -0.2}}]}
+    assert experiments.adaptive_reference(runs) == {"sst": pytest.approx(0.45), "sts": 0.05}
+
+
+def test_grad_conflicts_statistics():
+    run = {"seed": 0, "history": [{"grad_cosines": {"sst|para": {"values": [0.5, -0.2]}}},
+                                  {"grad_cosines": {"sst|para": {"values": [-0.4, 0.1]}}}]}
+    row = experiments.grad_conflicts([run], arm="plain").iloc[0]
+    assert row["steps"] == 4 and row["conflict_rate"] == 0.5
+    assert row["mean_cos"] == pytest.approx(0.0) and row["conflict_cos"] == pytest.approx(-0.3)
+    assert row["surgery"] == pytest.approx((0.2 + 0.4) / 4)
+
+
+def test_position_effect_is_paired_by_seed():
+    rows = [{"task": "sst", "seed": s, "position": p, "score": base + (gain if p == 3 else 0.0)}
+            for s, base, gain in [(0, 0.3, 0.1), (1, 0.4, 0.12), (2, 0.35, 0.08)] for p in (1, 2, 3)]
+    eff = experiments.position_effect(pd.DataFrame(rows)).iloc[0]
+    assert eff["task"] == "sst" and eff["mean_diff"] == pytest.approx(0.1) and eff["verdict"] == "holds"
