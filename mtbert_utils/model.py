@@ -73,6 +73,20 @@ def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.
         raise _unknown_encoder(name, e) from e
 
 
+def set_encoder_dropout(encoder: nn.Module, p: float) -> None:
+    """Set every dropout inside the encoder (hidden and attention) to p.
+
+    On CPU the dropout masks cost about a tenth of a MiniLM training step (the RNG
+    runs at a few ns per element), and attention dropout keeps SDPA on its slow path.
+    """
+    for m in encoder.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p  # BERT's attention reads self.dropout.p at call time, so this covers it too
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(encoder.config, key):
+            setattr(encoder.config, key, p)
+
+
 def default_pooling(encoder_name: str) -> str:
     return DEFAULT_POOLING.get(encoder_name, "pooler")
 
