@@ -86,14 +86,11 @@ def declared_parameters(path: Path) -> dict:
 
 def parse_override(text: str) -> tuple[str, object]:
     """`key=value` with a JSON value (strings may be bare): seeds=[0,1] max_dev=200 encoder=tiny."""
-    if "=" not in text:
-        raise ReproduceError(f"override {text!r} must look like key=value")
-    key, raw = text.split("=", 1)
+    from mtbert_utils.train import parse_override as parse
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        return parse(text)
+    except ValueError as e:
+        raise ReproduceError(str(e)) from None
 
 
 def _check_type(nb: str, key: str, value, spec: dict) -> None:
