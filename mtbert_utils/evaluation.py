@@ -32,17 +32,36 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
     was_training = model.training
     model.eval()
     task = enc.task
-    outs, index = [], []
-    for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task), sort_by_length=sort_by_length):
-        index.append(batch["index"])
+    if sort_by_length and model.pair_mode(task) == "separate":
+        # embed every sentence on its own, sorted by its own length (the two sides of a pair
+        # often differ a lot in length, so padding them together wastes compute), then the head
+        n = len(enc)
+        emb = _embed_sentences(model, enc.a + enc.b, enc.pad_id, batch_size, device, amp_dtype)
         with autocast_context(device, amp_dtype):
-            outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
+            raw = model.pair_output(task, emb[:n], emb[n:]).float().cpu()
+    else:
+        outs, index = [], []
+        for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task), sort_by_length=sort_by_length):
+            index.append(batch["index"])
+            with autocast_context(device, amp_dtype):
+                outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
+        raw = torch.cat(outs)[torch.cat(index).argsort()]  # back to file order
     model.train(was_training)
-    order = torch.cat(index).argsort()  # back to file order
-    raw = torch.cat(outs)[order]
     preds = predictions_from_outputs(task, raw, model.sts_head_kind)
     gold = enc.labels.numpy() if enc.labels is not None else None
     return {"ids": list(enc.ids), "raw": raw.numpy(), "pred": preds, "gold": gold}
+
+
+def _embed_sentences(model, seqs: list, pad_id: int, batch_size: int, device, amp_dtype) -> torch.Tensor:
+    """Pooled embeddings of tokenized single sentences, in length-sorted batches; returned in input order."""
+    single = EncodedTask("sentences", ids=list(range(len(seqs))), labels=None, single=seqs, pad_id=pad_id)
+    embs, index = [], []
+    for batch in eval_batches(single, batch_size):
+        index.append(batch["index"])
+        b = to_device(batch, device)
+        with autocast_context(device, amp_dtype):
+            embs.append(model.embed(b["input_ids"], b["attention_mask"]))
+    return torch.cat(embs)[torch.cat(index).argsort().to(embs[0].device)]
 
 
 def score(task: str, pred: np.ndarray, enc: EncodedTask) -> float:

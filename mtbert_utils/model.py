@@ -144,14 +144,17 @@ class MultitaskBert(nn.Module):
             if self.para_input == "joint":
                 emb = self.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
                 return self.para_head(self.shared(emb)).squeeze(-1)
-            u, v = self.embed_pair(batch)
-            return self.para_head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
+            return self.pair_output(task, *self.embed_pair(batch))
         if task == "sts":
-            u, v = self.embed_pair(batch)
-            if self.sts_head is None:
-                return F.cosine_similarity(u.float(), v.float(), dim=-1)
-            return self.sts_head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
+            return self.pair_output(task, *self.embed_pair(batch))
         raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+    def pair_output(self, task: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The head of a pair task embedded sentence by sentence (sts; para with para_input='separate')."""
+        if task == "sts" and self.sts_head is None:
+            return F.cosine_similarity(u.float(), v.float(), dim=-1)
+        head = self.sts_head if task == "sts" else self.para_head
+        return head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
 
     def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
         """One call for all the tasks of a step (one forward per step keeps DDP simple)."""

@@ -100,6 +100,19 @@ def pairwise_cosines(grads: list[Tensor], names: list[str]) -> dict[str, float]:
     return _cosines_from_gram(flat @ flat.T, list(names))
 
 
+def _graph_nodes(loss: Tensor) -> set:
+    """The autograd nodes behind `loss`, without the parameters' AccumulateGrad leaves
+    (every task reaches those; sharing them needs no retained activations)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen or type(fn).__name__ == "AccumulateGrad":
+            continue
+        seen.add(fn)  # the node objects stay alive in the set, so identity is reliable
+        stack.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
 def pcgrad_backward(
     task_losses: dict[str, Tensor],
     shared_params: list[torch.nn.Parameter],
@@ -116,8 +129,10 @@ def pcgrad_backward(
 
     Head parameters (anything not in `shared_params`) accumulate their task's
     gradient normally and are not projected. The shared gradients of each task
-    are kept in one float32 [T, P] buffer, so the extra memory is one flat copy
-    of the shared gradients per task.
+    are kept in one float32 [T, P] buffer, so the extra memory is at most one flat
+    copy of the shared gradients per task. For float32 parameters, backward writes
+    into that buffer directly and the final .grad are views of it, so the extra over
+    a plain step (which holds one P-sized .grad anyway) is (T - 1) x P floats.
 
     reduction: "mean" over tasks (Tseng's Pytorch-PCGrad, used by the study) or
         "sum" (the paper).
@@ -147,6 +162,10 @@ def pcgrad_backward(
     sizes = [p.numel() for p in shared]
     T, P = len(names), sum(sizes)
     flat = torch.zeros(T, P, dtype=torch.float32, device=shared[0].device)
+    # float32 parameters get .grad = a view of their slice of flat[t]: autograd then adds
+    # the task's gradient straight into the buffer (no copy, no zeroing, no extra P-sized .grad)
+    as_views = all(p.dtype == torch.float32 and p.device == flat.device and p.layout == torch.strided
+                   for p in shared)
 
     # Gradients already in .grad (accumulation) are kept aside and added back at the end.
     prior = None
@@ -154,16 +173,28 @@ def pcgrad_backward(
         prior = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in shared])
         for p in shared:
             if p.grad is not None:
-                p.grad.zero_()
+                p.grad = None if as_views else p.grad.zero_()
 
+    nodes = [_graph_nodes(task_losses[n]) for n in names]
+    later = [set().union(*nodes[t + 1:]) for t in range(T)]
     for t, name in enumerate(names):
+        rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
+        if as_views:
+            for p, row in zip(shared, rows):
+                p.grad = row
         loss = task_losses[name]
         if scaler is not None:
             loss = scaler.scale(loss)
-        loss.backward(retain_graph=t < T - 1)  # graphs may share the encoder's activations
-        for p, row in zip(shared, flat[t].split(sizes)):
-            if p.grad is not None:  # None: this task does not reach p -> zeros
-                row.copy_(p.grad.reshape(-1))
+        # keep a task's graph only if a later task's graph runs through it (shared activations);
+        # otherwise free it now, as a plain backward would
+        loss.backward(retain_graph=bool(nodes[t] & later[t]))
+        for p, row in zip(shared, rows):
+            if p.grad is None or p.grad is row:  # None: this task does not reach p -> zeros
+                continue
+            row.copy_(p.grad)  # a .grad that autograd (or a hook) replaced instead of accumulating into
+            if as_views:
+                p.grad = None
+            else:
                 p.grad.zero_()
         if reduce_fn is not None:
             row = flat[t]
@@ -175,16 +206,21 @@ def pcgrad_backward(
     cosines = _cosines_from_gram(gram, names)
     conflicts = int((gram.triu(diagonal=1) < 0).sum())
 
-    # combined = sum_i w_i (g_i - sum_k C[i,k] g_k) = (w (I - C)) @ flat: one vector-matrix product
+    # combined = sum_i w_i (g_i - sum_k C[i,k] g_k) = (w (I - C)) @ flat, accumulated in place in flat[0]
     w = torch.full((T,), 1.0 / T if reduction == "mean" else 1.0, dtype=torch.float64)
     if project:
         w = w @ (torch.eye(T, dtype=torch.float64) - _projection_coefficients(gram, _orders(T, shuffle, generator)))
-    combined = w.to(flat) @ flat
+    w = w.tolist()
+    combined = flat[0].mul_(w[0])
+    for t in range(1, T):
+        combined.add_(flat[t], alpha=w[t])
     if prior is not None:
         combined += prior
 
     for p, g in zip(shared, combined.split(sizes)):
-        if p.grad is None:
+        if as_views:
+            p.grad = g.view_as(p)  # keeps flat alive until the optimizer's zero_grad(set_to_none=True)
+        elif p.grad is None:
             p.grad = g.view_as(p).to(p.dtype).clone()
         else:
             p.grad.copy_(g.view_as(p))
