@@ -134,10 +134,8 @@ class Sequential(Schedule):
         return {"name": self.name, "order": list(self.order)}
 
 
-@register("rr_under")
-class RoundRobinUndersampling(Schedule):
-    """Round-robin undersampling: each step holds one batch of every task,
-    for as many steps as the smallest task has batches."""
+class _RoundRobin(Schedule):
+    """Every step holds one batch of every task; subclasses decide how many steps."""
 
     one_task_per_step = False
 
@@ -145,6 +143,12 @@ class RoundRobinUndersampling(Schedule):
         tasks = tuple(_check_num_batches(num_batches))
         for _ in range(self.num_steps(num_batches, epoch)):
             yield tasks
+
+
+@register("rr_under")
+class RoundRobinUndersampling(_RoundRobin):
+    """Round-robin undersampling: each step holds one batch of every task,
+    for as many steps as the smallest task has batches."""
 
     def num_steps(self, num_batches, epoch=0):
         _check_num_batches(num_batches)
@@ -152,22 +156,15 @@ class RoundRobinUndersampling(Schedule):
 
 
 @register("rr_over")
-class RoundRobinOversampling(Schedule):
+class RoundRobinOversampling(_RoundRobin):
     """Round-robin oversampling: each step holds one batch of every task, for
     `sigma` steps (default: the largest task's batch count); smaller tasks
     restart their (reshuffled) iterator when exhausted."""
-
-    one_task_per_step = False
 
     def __init__(self, sigma: int | None = None):
         if sigma is not None and (not isinstance(sigma, int) or isinstance(sigma, bool) or sigma < 1):
             raise ValueError(f"sigma must be a positive int or None, got {sigma!r}")
         self.sigma = sigma
-
-    def steps(self, num_batches, epoch, rng):
-        tasks = tuple(_check_num_batches(num_batches))
-        for _ in range(self.num_steps(num_batches, epoch)):
-            yield tasks
 
     def num_steps(self, num_batches, epoch=0):
         _check_num_batches(num_batches)
