@@ -198,7 +198,17 @@ WRITE_LOOP = textwrap.dedent('''
     """Overwrite one path with ever newer versions of a big object, forever; print each finished version."""
     import sys
     from mtbert_utils.results import save_torch, write_json
+    import os, time
     kind, path = sys.argv[1], sys.argv[2]
+    stall_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0  # on this version, stop inside the write (temp written,
+    if stall_at:                                              # not yet renamed) and wait to be killed
+        real_replace = os.replace
+        def replace(src, dst):
+            if i == stall_at:
+                print("stalled", flush=True)
+                time.sleep(600)
+            real_replace(src, dst)
+        os.replace = replace
     i = 0
     while True:
         i += 1
@@ -219,14 +229,24 @@ def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path, kind, children)
     target = folder / ("result.json" if kind == "json" else "last.pt")
     rng = random.Random(FAULT_SEED + (kind == "torch"))
     interrupted_writes = 0
-    for attempt in range(3 if kind == "json" else 2):
-        child = Child(script, [kind, target])
+    attempts = 3 if kind == "json" else 2
+    for attempt in range(attempts):
+        # the last attempt stalls inside its third write, so at least one kill surely lands mid-write;
+        # the others are killed at a random moment (seeded by MTBERT_FAULT_SEED, printed on failure)
+        stall = attempt == attempts - 1
+        child = Child(script, [kind, target, 3 if stall else 0])
         children.append(child)
         done_before = int(child.wait_for(lambda s: True))  # at least one version is complete
-        time.sleep(rng.uniform(0.0, 0.4))
+        if stall:
+            while (line := child.wait_for(lambda s: True)) != "stalled":
+                done_before = int(line)
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
         child.kill()
         for line in iter(lambda: child.lines.get(timeout=30), None):  # what it reported before dying
             done_before = int(line)
+        if stall:
+            assert done_before == 2
         # the target is whole: the last version reported finished, or (killed between rename and print) the next
         if kind == "json":
             obj = json.loads(target.read_text())
