@@ -668,8 +668,13 @@ def bench_accuracy(sizes: Sizes, sst_enc, sst_dev_enc, steps: int) -> dict:
     return out
 
 
-def bench_cuda_bert_base(steps: int = 20, batch_size: int = 32, seq_len: int = 128) -> dict:
-    """bert-base-sized random weights (no download): training examples/s and fraction of bf16 peak."""
+def bench_cuda_bert_base(steps: int = 20, batch_size: int = 32, seq_len: int = 128, precision: str = "bf16") -> dict:
+    """bert-base-sized random weights (no download): training examples/s and fraction of bf16 peak.
+
+    precision: 'bf16' (autocast) or 'fp32' (full precision, for the autocast speedup).
+    """
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     from transformers import BertConfig, BertModel
     dev = torch.device("cuda")
     peak = matmul_peak_gflops(torch.bfloat16, 8192, dev)
@@ -681,7 +686,7 @@ def bench_cuda_bert_base(steps: int = 20, batch_size: int = 32, seq_len: int = 1
     labels = torch.randint(0, 5, (batch_size,), device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             h = enc(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
             loss = F.cross_entropy(head(h).float(), labels)
         loss.backward()
@@ -697,7 +702,8 @@ def bench_cuda_bert_base(steps: int = 20, batch_size: int = 32, seq_len: int = 1
     dt = time.perf_counter() - t0
     flops = steps * train_flops(enc, mask)
     return {"device": torch.cuda.get_device_name(0), "encoder": "bert-base (random weights)",
-            "batch_size": batch_size, "seq_len": seq_len, "precision": "bf16 autocast",
+            "batch_size": batch_size, "seq_len": seq_len,
+            "precision": "bf16 autocast" if precision == "bf16" else "fp32",
             "examples_per_s": steps * batch_size / dt, "bf16_matmul_peak_gflops": peak,
             "fraction_of_bf16_peak": flops / dt / (peak * 1e9)}
 

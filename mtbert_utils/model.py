@@ -4,6 +4,8 @@
         sst : shared(emb)                       -> linear -> 5 logits
         para: shared(emb of [CLS] a [SEP] b)    -> linear -> 1 logit   (para_input="joint")
               [shared(u); shared(v)]            -> linear -> 1 logit   (para_input="separate")
+              [u; v; |u - v|; u * v]            -> linear -> 1 logit   (para_input="sbert", Reimers &
+                                                                         Gurevych 2019's classifier)
         sts : [shared(u); shared(v)]            -> linear -> score     (sts_head="linear")
               cos(u, v) of the pooled embeddings                     (sts_head="cosine")
 """
@@ -91,14 +93,17 @@ def default_pooling(encoder_name: str) -> str:
     return DEFAULT_POOLING.get(encoder_name, "pooler")
 
 
+PARA_INPUTS = ("joint", "separate", "sbert")
+
+
 class MultitaskBert(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str = "mean", dropout: float = 0.3,
                  para_input: str = "joint", sts_head: str = "cosine"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-        if para_input not in ("joint", "separate"):
-            raise ValueError(f"unknown para_input {para_input!r}; choose 'joint' or 'separate'")
+        if para_input not in PARA_INPUTS:
+            raise ValueError(f"unknown para_input {para_input!r}; choose one of {PARA_INPUTS}")
         if sts_head not in ("linear", "cosine"):
             raise ValueError(f"unknown sts_head {sts_head!r}; choose 'linear' or 'cosine'")
         if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
@@ -109,7 +114,7 @@ class MultitaskBert(nn.Module):
         h = encoder.config.hidden_size
         self.shared = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(dropout))
         self.sst_head = nn.Linear(h, 5)
-        self.para_head = nn.Linear(h if para_input == "joint" else 2 * h, 1)
+        self.para_head = nn.Linear({"joint": h, "separate": 2 * h, "sbert": 4 * h}[para_input], 1)
         self.sts_head = nn.Linear(2 * h, 1) if sts_head == "linear" else None
 
     # -- encoder ---------------------------------------------------------------------
@@ -153,6 +158,8 @@ class MultitaskBert(nn.Module):
         """The head of a pair task embedded sentence by sentence (sts; para with para_input='separate')."""
         if task == "sts" and self.sts_head is None:
             return F.cosine_similarity(u.float(), v.float(), dim=-1)
+        if task == "para" and self.para_input == "sbert":
+            return self.para_head(torch.cat([u, v, (u - v).abs(), u * v], -1)).squeeze(-1)
         head = self.sts_head if task == "sts" else self.para_head
         return head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
 

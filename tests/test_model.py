@@ -120,7 +120,8 @@ def tiny_model(**kw):
 
 
 @pytest.mark.parametrize("pooling,para_input,sts_head",
-                         list(itertools.product(("mean", "cls", "pooler"), ("joint", "separate"), ("linear", "cosine"))))
+                         list(itertools.product(("mean", "cls", "pooler"), ("joint", "separate", "sbert"),
+                                                           ("linear", "cosine"))))
 def test_output_shapes(tokenizer, pooling, para_input, sts_head):
     model = tiny_model(pooling=pooling, para_input=para_input, sts_head=sts_head)
     sst = tokenizer(A, padding=True, return_tensors="pt")
@@ -132,7 +133,8 @@ def test_output_shapes(tokenizer, pooling, para_input, sts_head):
     assert out["sst"].shape == (3, 5)
     assert out["para"].shape == (3,)
     assert out["sts"].shape == (3,)
-    assert model.pair_mode("para") == para_input and model.pair_mode("sts") == "separate"
+    assert model.pair_mode("para") == ("joint" if para_input == "joint" else "separate")
+    assert model.pair_mode("sts") == "separate"
     if sts_head == "cosine":
         assert out["sts"].abs().max() <= 1 + 1e-6
 
@@ -165,7 +167,7 @@ def test_frozen_encoder_gets_no_grads(tokenizer):
     assert model.encoder.encoder.layer[0].attention.self.query.weight.requires_grad
 
 
-@pytest.mark.parametrize("para_input,sts_head", [("joint", "cosine"), ("separate", "linear")])
+@pytest.mark.parametrize("para_input,sts_head", [("joint", "cosine"), ("separate", "linear"), ("sbert", "cosine")])
 def test_module_groups_cover_every_parameter_once(para_input, sts_head):
     model = tiny_model(para_input=para_input, sts_head=sts_head)
     groups = model.module_groups()
@@ -210,3 +212,16 @@ def test_real_minilm_loads_offline_and_embeds_meaning(monkeypatch):
     unrelated = F.cosine_similarity(emb[0], emb[2], dim=0).item()
     assert paraphrase > unrelated + 0.3, (paraphrase, unrelated)
     assert math.isfinite(paraphrase)
+
+
+def test_sbert_para_head_reads_u_v_absdiff_and_product():
+    model = tiny_model(para_input="sbert")
+    h = model.encoder.config.hidden_size
+    u, v = torch.randn(4, h), torch.randn(4, h)
+    w, b = model.para_head.weight[0], model.para_head.bias[0]
+    expected = (u @ w[:h]) + (v @ w[h:2 * h]) + ((u - v).abs() @ w[2 * h:3 * h]) + ((u * v) @ w[3 * h:]) + b
+    with torch.no_grad():
+        assert torch.allclose(model.pair_output("para", u, v), expected, atol=1e-5)
+        # symmetric features only: swapping the sentences changes the logit only through the u and v blocks
+        model.para_head.weight[0, :2 * h] = 0
+        assert torch.allclose(model.pair_output("para", u, v), model.pair_output("para", v, u), atol=1e-6)
