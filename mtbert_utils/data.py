@@ -257,11 +257,15 @@ def _hash_unit(s):
     return int(hashlib.sha256(s.encode("utf-8")).hexdigest()[:16], 16) / 2**64
 
 
-def split_by_hash(examples, train_fraction=0.8):
-    """Split by the hash of Example.id: independent of file order and of any seed."""
+def split_by_hash(examples, train_fraction=0.8, salt=""):
+    """Split by the hash of Example.id: independent of file order and of any seed.
+
+    `salt` gives an independent split of the same ids (the validation split carved
+    from a train split that was itself a hash split of quora-dev uses salt 'val:').
+    """
     train, dev = [], []
     for ex in examples:
-        (train if _hash_unit(ex.id) < train_fraction else dev).append(ex)
+        (train if _hash_unit(salt + ex.id) < train_fraction else dev).append(ex)
     return train, dev
 
 

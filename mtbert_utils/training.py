@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mtbert_utils import TASKS, distributed
-from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks
+from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
 from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
 from mtbert_utils.model import ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer
 from mtbert_utils.pcgrad import pcgrad_backward
@@ -41,7 +41,7 @@ class TrainConfig:
     encoder: str = "minilm"            # 'minilm' (offline default), 'tiny' (tests), or a HF id / local path
     pooling: str | None = None         # mean | cls | pooler; None = the encoder's default
     dropout: float = 0.3
-    para_input: str = "joint"          # joint: [CLS] a [SEP] b [SEP]; separate: two embeddings concatenated
+    para_input: str = "joint"          # joint: [CLS] a [SEP] b [SEP]; separate: [u; v]; sbert: [u; v; |u-v|; u*v]
     sts_head: str = "cosine"           # cosine (the study's extension) | linear (its baseline)
     sts_loss: str | None = None        # mse | cosine_embedding | sbert_mse; None = mse (linear) / cosine_embedding (cosine)
     sts_threshold: float = 2.5         # cosine-embedding loss: gold score >= threshold counts as a similar pair
@@ -71,6 +71,9 @@ class TrainConfig:
     max_train: int | dict | None = None  # per-task cap on training examples (seeded subsample)
     max_dev: int | dict | None = None
     max_length: int = 128
+    val_fraction: float = 0.0          # > 0: carve this share of each train split (by id hash) as validation;
+                                       # epochs are scored on it, the best epoch's weights are kept and dev is
+                                       # scored once, at the end, with them (honest model selection)
     # speed levers (each one alone is measured by mtbert_utils.bench)
     precision: str = "auto"            # auto: bf16 on CUDA if supported (else fp16 + GradScaler), fp32 on CPU
     group_by_length: bool = True       # batches of similar length: less padding
@@ -148,6 +151,9 @@ class TrainConfig:
         if self.examples_budget is not None and (not isinstance(self.examples_budget, int)
                                                  or isinstance(self.examples_budget, bool) or self.examples_budget < 1):
             raise ValueError(f"examples_budget must be None or a positive int, got {self.examples_budget!r}")
+        if not isinstance(self.val_fraction, (int, float)) or isinstance(self.val_fraction, bool) \
+                or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("max_train", "max_dev"):
@@ -181,12 +187,18 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes the numbers (not the seed, paths or display)."""
         skip = {"seed", "name", "out_dir", "progress", "data_dir", "write_predictions"}
-        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property
     def run_name(self) -> str:
         return f"{self.name or self.schedule}-{self.fingerprint()}-seed{self.seed}"
+
+
+# knobs added after results were committed: at their default they stay out of the fingerprint,
+# so the run names (and skip-if-complete) of earlier results do not change
+ADDED_LATER = {"val_fraction": 0.0}
 
 
 def lr_multiplier(epoch: int, decay: float, milestones) -> float:
@@ -243,14 +255,24 @@ def check_trainable(tasks: dict) -> None:
 def prepare_data(config: TrainConfig, tokenizer) -> dict:
     """Load, subsample and tokenize the three tasks once per process (cached by what changes them)."""
     key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
-           config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased")
+           config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased", config.val_fraction)
     if key not in _DATA_CACHE:
         tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed)
         check_trainable(tasks)
+        val = {}
+        if config.val_fraction:
+            for t, td in tasks.items():
+                td.train, val[t] = split_by_hash(td.train, 1 - config.val_fraction, salt="val:")
+                td.sources["val"] = f"{td.sources['train']} (hash split, {config.val_fraction:.0%})"
+                td.sources["train"] += f" (hash split, {1 - config.val_fraction:.0%})"
+                if not td.train or not val[t]:
+                    raise ValueError(f"val_fraction={config.val_fraction} leaves {t} with {len(td.train)} train "
+                                     f"and {len(val[t])} validation examples; use more data or another fraction")
         enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
                        for t, td in tasks.items() if getattr(td, split)}
                for split in ("train", "dev", "test")}
-        info = {"sizes": {t: td.sizes for t, td in tasks.items()},
+        enc["val"] = {t: encode_task(v, tokenizer, t, config.max_length) for t, v in val.items()}
+        info = {"sizes": {t: {**td.sizes, **({"val": len(val[t])} if val else {})} for t, td in tasks.items()},
                 "sources": {t: td.sources for t, td in tasks.items()},
                 "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()}}
         _DATA_CACHE.clear()  # keep one data set in memory at a time
@@ -444,6 +466,8 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     sched_rng = random.Random(config.seed)
     pc_gen = torch.Generator().manual_seed(config.seed)
     history, seen, step, start_epoch, train_time = [], {t: 0 for t in TASKS}, 0, 0, 0.0
+    select = bool(config.val_fraction)  # score epochs on validation, keep the best epoch's weights
+    best = {"epoch": None, "score": -math.inf, "model": None}
     # Data parallel: plain steps go through DDP; PCGrad (and gradient cosines) needs each task's
     # gradient averaged on its own before the surgery, which DDP cannot do (mtbert_utils.distributed).
     averager = None
@@ -465,6 +489,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history, seen, step = ckpt["history"], ckpt["seen"], ckpt["step"]
+        best = ckpt.get("best") or best
         train_time, start_epoch = ckpt["train_time"], ckpt["epoch"] + 1
     distributed.broadcast_module_(model)  # insurance: every process starts from rank 0's weights
 
@@ -535,17 +560,22 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
             sums = torch.tensor([loss_sum[t] for t in TASKS], dtype=torch.float64, device=device)  # nccl: on GPU
             sums = distributed.all_reduce_sum_(sums)
             loss_sum = dict(zip(TASKS, sums.tolist()))
-        # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere)
+        # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere);
+        # with a validation split, epochs are scored on it and dev stays unseen until the end
+        split = "val" if select else "dev"
         dev = distributed.broadcast_object(
-            evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype) if main else None)
+            evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype) if main else None)
         record = {"epoch": epoch + 1, "steps": step, "encoder_trainable": trainable, "lr_multiplier": mult,
                   "train_loss": {t: loss_sum[t] / loss_n[t] for t in TASKS if loss_n[t]},
-                  "examples_seen": dict(seen), "seen_trace": trace, "dev": dev, "epoch_time_s": epoch_time}
+                  "examples_seen": dict(seen), "seen_trace": trace, split: dev, "epoch_time_s": epoch_time}
+        if select and main and dev["mean"] > best["score"]:
+            best = {"epoch": epoch + 1, "score": dev["mean"],
+                    "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
         if cos_log:
             record["grad_cosines"] = summarize_cosines(cos_log)
         history.append(record)
         if config.progress and main:
-            tqdm.write(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
+            tqdm.write(f"epoch {epoch + 1} {split}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
         # update before saving: the checkpoint must hold the adaptive schedule's latest dev scores
         schedule.update({t: dev[t] for t in TASKS if t in dev})
         # everything but the dropout rngs is the same on every process: rank 0 writes it
@@ -557,13 +587,25 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
                 "streams": {t: s.state_dict() for t, s in streams.items()}, "schedule": schedule.state_dict(),
                 "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else None,
-                "signature": checkpoint_signature(config), "config": config.to_dict(), **rngs})
+                "signature": checkpoint_signature(config), "config": config.to_dict(), **rngs,
+                **({"best": best} if select else {})})
         distributed.barrier()  # no process moves on (or returns) before the checkpoint is complete
 
     if last_epoch < config.epochs and not budget_spent():
         return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
 
     total_seen = sum(seen.values())
+    selection = None
+    if select:  # the best epoch on validation, scored on dev once
+        if main:
+            _load_model_state(model, best["model"], ckpt_path)
+        distributed.broadcast_module_(model)
+        final_dev = distributed.broadcast_object(
+            evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype) if main else None)
+        selection = {"split": "val", "metric": "mean", "epoch": best["epoch"],
+                     "val": history[best["epoch"] - 1]["val"], "val_fraction": config.val_fraction}
+    else:
+        final_dev = history[-1]["dev"]
     result = {
         "status": "finished", "run_name": run_name, "config": config.to_dict(),
         "fingerprint": config.fingerprint(), "seed": config.seed,
@@ -572,7 +614,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "data": data_info, "num_batches": num_batches, "history": history,
-        "dev": history[-1]["dev"], "steps": step, "examples_seen": seen,
+        "dev": final_dev, **({"selection": selection} if selection else {}), "steps": step, "examples_seen": seen,
         "train_time_s": train_time, "wall_time_s": time.time() - t_start,
         "train_examples_per_s": total_seen / train_time if train_time else None,
         "environment": environment(),

@@ -1,6 +1,7 @@
 """The training loop end to end with the tiny encoder: result files, exact resume, determinism, every schedule."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_run_name_changes_with_every_parameter_that_changes_numbers():
     for change in ({"lr": {**base.lr, "sst": 1e-3}}, {"dropout": 0.1}, {"max_train": 10}, {"seed": 1},
                    {"pcgrad": True}, {"schedule_params": {"sigma": 3}}, {"sts_head": "linear"}):
         assert TrainConfig(**{"encoder": "tiny", **change}).run_name != base.run_name, change
+    assert TrainConfig(encoder="tiny", val_fraction=0.1).run_name != base.run_name
+    # a knob added after results were committed, at its default, leaves earlier run names as they were
+    from mtbert_utils.training import ADDED_LATER
+    assert TrainConfig(encoder="tiny", **ADDED_LATER).run_name == base.run_name
     # display-only fields do not
     assert TrainConfig(encoder="tiny", progress=False, out_dir="elsewhere").run_name == base.run_name
 
@@ -213,3 +218,54 @@ def test_single_task_reference_run_trains_one_task(tiny_config, tmp_path, one_th
     assert set(r["dev"]) >= {"sst", "para", "sts"}  # still evaluated on every task
     with pytest.raises(ValueError, match="train_tasks"):
         tiny_config(tmp_path, train_tasks=["sst", "nope"])
+
+
+# ---------------------------------------------------------------------------
+# model selection on a validation split carved from train
+
+
+def test_validation_split_is_carved_from_train_by_hash(tiny_config, tmp_path):
+    from mtbert_utils.data import load_tasks
+    from mtbert_utils.training import prepare_data
+    from mtbert_utils.model import load_tokenizer
+    config = tiny_config(tmp_path, val_fraction=0.25, max_train=None, max_dev=16)
+    enc, info = prepare_data(config, load_tokenizer("tiny"))
+    full = load_tasks(config.data_dir, max_dev=16)
+    for t in ("sst", "para", "sts"):
+        n_train, n_val = info["sizes"][t]["train"], info["sizes"][t]["val"]
+        assert n_train + n_val == len(full[t].train) and len(enc["val"][t]) == n_val
+        assert 0.1 < n_val / len(full[t].train) < 0.4, (t, n_val)  # about a quarter
+        assert "hash split, 25%" in info["sources"][t]["val"]
+    train_ids = set(enc["train"]["sst"].ids)
+    assert not train_ids & set(enc["val"]["sst"].ids)  # disjoint
+    with pytest.raises(ValueError, match="val_fraction"):
+        tiny_config(tmp_path, val_fraction=1.0)
+
+
+def test_validation_selects_the_best_epoch_and_scores_dev_once(tiny_config, tmp_path, one_thread):
+    config = tiny_config(tmp_path, val_fraction=0.3, max_train=48, write_predictions=True)
+    result = train(config)
+    history = result["history"]
+    assert all("val" in r and "dev" not in r for r in history)  # dev is not looked at during training
+    scores = [r["val"]["mean"] for r in history]
+    sel = result["selection"]
+    assert sel["epoch"] == 1 + scores.index(max(scores)) and sel["val"] == history[sel["epoch"] - 1]["val"]
+    # the result's dev scores are those of the selected epoch's weights: rebuild them from the checkpoint
+    from mtbert_utils.evaluation import evaluate
+    from mtbert_utils.model import load_tokenizer
+    from mtbert_utils.training import build_model, prepare_data
+    ckpt = checkpoint(result)
+    assert ckpt["best"]["epoch"] == sel["epoch"]
+    model = build_model(config)
+    model.load_state_dict(ckpt["best"]["model"])
+    enc, _ = prepare_data(config, load_tokenizer("tiny"))
+    assert evaluate(model, enc["dev"], config.eval_batch_size) == result["dev"]
+    assert (Path(result["predictions_dir"]) / "sst-test-output.csv").exists()
+
+
+def test_validation_run_resumes_exactly(tiny_config, tmp_path, one_thread):
+    full = train(tiny_config(tmp_path / "a", val_fraction=0.3, max_train=48))
+    part = tiny_config(tmp_path / "b", val_fraction=0.3, max_train=48)
+    assert train(part, max_epochs=2)["status"] == "interrupted"
+    resumed = train(part, resume=True)
+    assert resumed["dev"] == full["dev"] and resumed["selection"] == full["selection"]
