@@ -53,8 +53,9 @@ def plot_length_histograms(lengths: dict[str, list[int]]) -> plt.Figure:
     return fig
 
 
-def plot_learning_curves(runs_by_label: dict[str, list[dict]]) -> plt.Figure:
-    """Dev metric per task against epoch: mean over seeds, shaded min-max."""
+def plot_learning_curves(runs_by_label: dict[str, list[dict]], split: str = "dev") -> plt.Figure:
+    """Metric per task on `split` ('dev', or 'val' for runs with a validation split) against epoch:
+    mean over seeds, shaded min-max."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for li, (label, runs) in enumerate(runs_by_label.items()):
         color = plt.cm.tab10(li)
@@ -62,13 +63,13 @@ def plot_learning_curves(runs_by_label: dict[str, list[dict]]) -> plt.Figure:
             if key == "loss":
                 curves = np.array([[np.mean(list(h["train_loss"].values())) for h in r["history"]] for r in runs])
             else:
-                curves = np.array([[h["dev"][key] for h in r["history"]] for r in runs])
+                curves = np.array([[h[split][key] for h in r["history"]] for r in runs])
             x = np.arange(1, curves.shape[1] + 1)
             ax.plot(x, curves.mean(0), marker="o", ms=3, color=color, label=label)
             if len(runs) > 1:
                 ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15)
             ax.set_xlabel("epoch")
-            ax.set_title(_metric_label(key) if key != "loss" else "mean train loss per task")
+            ax.set_title(f"{_metric_label(key)} ({split})" if key != "loss" else "mean train loss per task")
     axes[0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
@@ -290,5 +291,24 @@ def plot_pcgrad_weightings(conflicts, diffs, weighting_col: str = "weighting") -
     axes[1].set_xticks(x + wk * (len(keys) - 1) / 2, weightings, fontsize=8)
     axes[1].set_ylabel("PCGrad - plain (paired, 95% CI)")
     axes[1].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_best_comparison(table, ours_row: int = 0) -> plt.Figure:
+    """Per task: our dev score beside the reference rows of experiments.best_summary's table."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2), sharey=True)
+    sources = list(table["source"])
+    y = np.arange(len(sources))
+    for ax, task in zip(axes, TASKS):
+        vals = table[task].to_numpy(dtype=float)
+        colors = [TASK_COLORS[task] if i == ours_row else "0.75" for i in range(len(sources))]
+        ax.barh(y, vals, color=colors)
+        for yi, v in zip(y, vals):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.08)
+        ax.set_title(_metric_label(task) + " (dev)")
+        ax.set_yticks(y, sources)
+        ax.invert_yaxis()
     fig.tight_layout()
     return fig

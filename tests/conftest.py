@@ -46,3 +46,23 @@ def tiny_config(small_data_dir):
                     progress=False, device="cpu", out_dir=str(out_dir))
         return TrainConfig(**{**base, **overrides})
     return make
+
+
+@pytest.fixture(scope="session")
+def run_profile(data_dir):
+    """Factory: run a built-in reproduce profile into `out` with the test data, one thread per kernel
+    (tiny models on a shared 2-core box run faster on one); the environment is restored afterwards."""
+    from mtbert_utils import reproduce
+
+    def run(name: str, out: Path) -> list[dict]:
+        saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
+        os.environ.update(MTBERT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
+        try:
+            return reproduce.run(name, out_root=out)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run

@@ -1,7 +1,6 @@
 """The extension notebooks (09-11) under the smoke-extended profile: files, samplers, equal budgets."""
 
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -24,19 +23,9 @@ MODES = {"equal epochs", "equal examples"}
 
 
 @pytest.fixture(scope="module")
-def extended_run(tmp_path_factory, data_dir):
+def extended_run(tmp_path_factory, run_profile):
     out = tmp_path_factory.mktemp("smoke-extended")
-    saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
-    os.environ["MTBERT_DATA_DIR"] = str(data_dir)
-    os.environ["OMP_NUM_THREADS"] = "1"  # the notebook kernels: tiny models on a shared 2-core box run faster on one thread
-    try:
-        records = reproduce.run("smoke-extended", out_root=out)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    records = run_profile("smoke-extended", out)
     return out / "results" / "smoke-extended", out / "figures" / "smoke-extended", records
 
 

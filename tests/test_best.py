@@ -1,0 +1,88 @@
+"""Notebook 08 (the best profile) under the smoke-best profile, and the pieces it is built from."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mtbert_utils import experiments
+from mtbert_utils.tasks import TASK_SPECS
+from mtbert_utils.training import TrainConfig
+
+NB = "08_best_model"
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory, run_profile):
+    out = tmp_path_factory.mktemp("smoke-best")
+    records = run_profile("smoke-best", out)
+    return out / "results" / "smoke-best", out / "figures" / "smoke-best", records
+
+
+def test_notebook_writes_results_figures_and_predictions(best_run):
+    results, figures, records = best_run
+    assert [r["notebook"] for r in records] == [NB]
+    for name in (f"{NB}.json", f"{NB}_summary.csv", f"{NB}_summary.md", f"{NB}_validation.csv",
+                 f"runs/{NB}/index.json"):
+        assert (results / name).is_file(), name
+    for name in (f"{NB}_learning_curves.png", f"{NB}_vs_study.png"):
+        assert (figures / name).stat().st_size > 5_000, name
+    runs = experiments.load_index(results, NB)["best"]
+    assert len(runs) == 2
+    for run in runs:
+        pred = Path(run["predictions_dir"])
+        assert pred.is_relative_to(results)
+        # CS224N test-student submission files (the local mirror has no quora-test-student.csv)
+        for task in ("sst", "sts"):
+            lines = (pred / f"{task}-test-output.csv").read_text().splitlines()
+            header = TASK_SPECS[task].output_header
+            assert lines[0].split("\t")[0].strip() == "id" and header in lines[0]
+            assert len(lines) > 100 and all(" , " in l for l in lines[1:])
+
+
+def test_selection_used_validation_only_and_dev_once(best_run):
+    results, _, _ = best_run
+    runs = experiments.load_index(results, NB)["best"]
+    val = pd.read_csv(results / f"{NB}_validation.csv")
+    for run in runs:
+        assert all("dev" not in h for h in run["history"])
+        v = val[val["seed"] == run["seed"]]
+        assert int(v.loc[v["mean"].idxmax(), "epoch"]) == run["selection"]["epoch"]
+        assert v["selected"].sum() == 1
+    saved = json.loads((results / f"{NB}.json").read_text())
+    verdict = saved["verdict"]
+    for t in ("sst", "para", "sts"):
+        assert verdict["dev"][t] == pytest.approx(sum(r["dev"][t] for r in runs) / len(runs))
+        assert verdict["met"][t] == (verdict["dev"][t] >= verdict["targets"][t])
+    assert saved["config"]["val_fraction"] == 0.1 and saved["config"]["name"] == "best"
+
+
+def test_best_summary_by_hand():
+    runs = [{"dev": {"sst": 0.52, "para": 0.80, "sts": 0.90}, "wall_time_s": 1800.0, "seed": 0, "run_name": "a",
+             "device": "cpu", "selection": {"epoch": 3}},
+            {"dev": {"sst": 0.48, "para": 0.90, "sts": 0.86}, "wall_time_s": 3900.0, "seed": 1, "run_name": "b",
+             "device": "cpu", "selection": {"epoch": 4}}]
+    table, v = experiments.best_summary(runs)
+    assert v["dev"] == pytest.approx({"sst": 0.50, "para": 0.85, "sts": 0.88})
+    assert v["met"] == {"sst": True, "para": False, "sts": True}
+    assert v["gap"]["para"] == pytest.approx(0.85 - 0.865)
+    assert v["vs_study_best"]["sst"] == pytest.approx(0.50 - 0.497)
+    assert v["training_minutes"] == pytest.approx(65.0) and not v["training_within_target"]
+    assert v["selected_epochs"] == [3, 4]
+    assert list(table["source"])[0].startswith("ours") and len(table) == 1 + len(experiments.BEST_REFERENCES)
+    with pytest.raises(ValueError, match="no best-profile runs"):
+        experiments.best_summary([])
+
+
+def test_best_config():
+    c = experiments.best_config(epochs=3, data_dir="")
+    assert isinstance(c, TrainConfig) and c.epochs == 3 and c.val_fraction == 0.1 and c.data_dir is None
+    assert c.max_train is None and c.max_dev is None and c.write_predictions
+    with pytest.raises(ValueError, match="epochs"):
+        experiments.best_config(epochs=0)
+
+
+def test_frame_markdown_by_hand():
+    df = pd.DataFrame([{"source": "ours", "sst": 0.51234, "seeds": 3}])
+    assert experiments.frame_markdown(df) == "| source | sst | seeds |\n|---|---|---|\n| ours | 0.512 | 3 |\n"
