@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks
 from mtbert_utils.evaluation import predict, score
-from mtbert_utils.model import load_tokenizer, minilm_path, set_encoder_dropout, tiny_config
+from mtbert_utils.model import load_tokenizer, minilm_path, tiny_config
 from mtbert_utils.results import environment, write_json
 from mtbert_utils.tasks import predictions_from_outputs
 from mtbert_utils.training import (TrainConfig, build_model, build_optimizer, pick_amp,
@@ -58,9 +58,8 @@ REFERENCE = dict(group_by_length=False, precision="fp32", freeze_word_embeddings
 # ... and the speed config of (b): the levers that measured faster here and held dev accuracy.
 # No bf16: this CPU has no native bf16 matmul (see matmul_peak_gflops_bf16 in the output).
 SPEED = dict(REFERENCE, group_by_length=True, freeze_word_embeddings=True, optimizer="fused")
-# levers TrainConfig does not have: the AdamW implementation (build_optimizer picks foreach on CPU)
-# and the encoder's own dropout (kept at the checkpoint's 0.1 unless set); see make_trainer
-NOT_IN_CONFIG = ("optimizer", "encoder_dropout", "batch_size")
+# batch_size is the Sizes' unless a lever set names it
+NOT_IN_CONFIG = ("batch_size",)
 
 
 @dataclass
@@ -73,6 +72,7 @@ class Sizes:
     pcgrad_rounds: int = 4        # timed steps of each kind, interleaved, after one warm-up each
     eval_batch_size: int = 32     # predict(), like the plain eval loop (on CPU 128 measured slower)
     max_dev: dict = field(default_factory=lambda: {"para": 1000})  # quora dev (hash split) is 4k pairs
+    eval_chunk_batches: int = 16  # evaluation: the two loops alternate every this many batches
     lever_steps: int = 6
     lever_rounds: int = 3
     accuracy_steps: int = 120
@@ -291,8 +291,7 @@ def make_config(sizes: "Sizes", levers: dict, seed: int = 0, **overrides) -> Tra
 
 
 def make_trainer(sizes: "Sizes", levers: dict, source=None, seed: int = 0, **kw) -> "Trainer":
-    return Trainer(make_config(sizes, levers, seed), source, optimizer=levers["optimizer"],
-                   encoder_dropout=levers["encoder_dropout"], **kw)
+    return Trainer(make_config(sizes, levers, seed), source, **kw)
 
 
 def work_trainer(sizes: "Sizes", levers: dict, enc, work: list[list[int]]) -> "Trainer":
@@ -304,17 +303,6 @@ def work_trainer(sizes: "Sizes", levers: dict, enc, work: list[list[int]]) -> "T
         idx = sorted((i for b in work for i in b), key=lambda i: len(enc.single[i]))
         source = WorkBatches(enc, [idx[i:i + bs] for i in range(0, n, bs)], True, bs)
     return make_trainer(sizes, levers, source, batches_per_round=math.ceil(n / bs))
-
-
-def build_optimizer_kind(model, config: TrainConfig, kind: str) -> torch.optim.Optimizer:
-    """build_optimizer's groups with the AdamW implementation `kind`: foreach (the repo's CPU default),
-    fused (one C++ kernel) or forloop (a Python loop over tensors)."""
-    opt = build_optimizer(model, config, torch.device("cpu"))
-    if kind == "foreach":
-        return opt
-    groups = [{k: v for k, v in g.items() if k in ("params", "lr", "base_lr", "name")} for g in opt.param_groups]
-    kw = {"fused": True} if kind == "fused" else {"foreach": False}
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, **kw)
 
 
 def grouped_work(enc, batch_size: int, n_batches: int, seed: int = 0) -> list[list[int]]:
@@ -351,15 +339,12 @@ class WorkBatches:
 class Trainer:
     """This repository's path: build_model, build_optimizer and training_step on SST batches from `source`."""
 
-    def __init__(self, config: TrainConfig, source=None, batches_per_round: int = 1,
-                 optimizer: str = "foreach", encoder_dropout: float | None = None):
+    def __init__(self, config: TrainConfig, source=None, batches_per_round: int = 1):
         self.config, self.device = config, torch.device("cpu")
-        self.model = build_model(config)
-        if encoder_dropout is not None:
-            set_encoder_dropout(self.model.encoder, encoder_dropout)
+        self.model = build_model(config)  # applies config.encoder_dropout
         self.model.set_encoder_trainable(True, config.freeze_word_embeddings)
         self.model.train()
-        self.opt = build_optimizer_kind(self.model, config, optimizer)
+        self.opt = build_optimizer(self.model, config, self.device)  # config.optimizer
         self.amp_dtype, _ = pick_amp(config, self.device)
         self.shared = [p for p in list(self.model.encoder.parameters()) + list(self.model.shared.parameters())
                        if p.requires_grad]
@@ -514,14 +499,14 @@ def plain_predict(model, tokenizer, task: str, examples: list, batch_size: int) 
 def bench_eval(sizes: Sizes, tokenizer, dev: dict) -> dict:
     """Plain loop vs evaluation.predict over the three dev sets.
 
-    Each dev set is cut into chunks of 8 batches, and the two loops take turns chunk by
-    chunk (alternating which goes first), so a burst of load from other processes hits both.
-    predict() sorts within a chunk, which with 8 batches a chunk loses little against sorting
-    the whole set. Tokenization for predict() happens before the clock starts (the trainer
+    Each dev set is cut into chunks of `sizes.eval_chunk_batches` batches, and the two loops take
+    turns chunk by chunk (alternating which goes first), so a burst of load from other processes
+    hits both. predict() sorts within a chunk (real evaluation sorts the whole set, which pads
+    a little less). Tokenization for predict() happens before the clock starts (the trainer
     tokenizes once per run); the plain loop tokenizes every batch inside its loop.
     """
     model = build_model(make_config(sizes, SPEED))
-    chunk = 8 * sizes.batch_size
+    chunk = sizes.eval_chunk_batches * sizes.batch_size
     parts = [(t, exs[i:i + chunk]) for t, exs in dev.items() for i in range(0, len(exs), chunk)]
     encoded = [encode_task(exs, tokenizer, t) for t, exs in parts]
     for t, exs in dev.items():  # warm up both paths

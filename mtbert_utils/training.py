@@ -24,7 +24,8 @@ import torch
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
 from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
-from mtbert_utils.model import ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer
+from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
+                                set_encoder_dropout)
 from mtbert_utils.pcgrad import pcgrad_backward
 from mtbert_utils.results import environment, save_torch, write_json
 from mtbert_utils.schedules import SCHEDULES, get_schedule
@@ -80,6 +81,9 @@ class TrainConfig:
     freeze_word_embeddings: bool = False
     compile: bool = False              # torch.compile the encoder
     attn_implementation: str = "sdpa"  # sdpa | eager
+    optimizer: str = "auto"            # AdamW implementation: auto (fused on CUDA, foreach on CPU) | foreach |
+                                       # fused | forloop
+    encoder_dropout: float | None = None  # dropout inside the encoder; None: the checkpoint's own (0.1)
     # run
     seed: int = 0
     name: str | None = None            # prefix of the run name; default: the schedule
@@ -154,6 +158,11 @@ class TrainConfig:
         if not isinstance(self.val_fraction, (int, float)) or isinstance(self.val_fraction, bool) \
                 or not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.encoder_dropout is not None and (isinstance(self.encoder_dropout, bool) or not isinstance(
+                self.encoder_dropout, (int, float)) or not 0 <= self.encoder_dropout < 1):
+            raise ValueError(f"encoder_dropout must be None or in [0, 1), got {self.encoder_dropout!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("max_train", "max_dev"):
@@ -198,7 +207,8 @@ class TrainConfig:
 
 # knobs added after results were committed: at their default they stay out of the fingerprint,
 # so the run names (and skip-if-complete) of earlier results do not change
-ADDED_LATER = {"val_fraction": 0.0}
+ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None}
+OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
 
 
 def lr_multiplier(epoch: int, decay: float, milestones) -> float:
@@ -285,6 +295,8 @@ def build_model(config: TrainConfig) -> MultitaskBert:
     encoder = load_encoder(config.encoder, attn_implementation=config.attn_implementation)
     model = MultitaskBert(encoder, pooling=config.pooling or default_pooling(config.encoder),
                           dropout=config.dropout, para_input=config.para_input, sts_head=config.sts_head)
+    if config.encoder_dropout is not None:
+        set_encoder_dropout(model.encoder, config.encoder_dropout)
     if config.compile:
         model.encoder = torch.compile(model.encoder, dynamic=True)
     return model
@@ -293,8 +305,9 @@ def build_model(config: TrainConfig) -> MultitaskBert:
 def build_optimizer(model: MultitaskBert, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = [{"params": ps, "lr": config.lr[name], "base_lr": config.lr[name], "name": name}
               for name, ps in model.module_groups().items() if ps]
-    # foreach on CPU, fused on CUDA: one kernel over all tensors instead of a Python loop
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # auto: foreach on CPU, fused on CUDA (one kernel over all tensors instead of a Python loop)
+    kind = config.optimizer if config.optimizer != "auto" else ("fused" if device.type == "cuda" else "foreach")
+    kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False}}[kind]
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, **kw)
 
 

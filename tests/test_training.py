@@ -269,3 +269,22 @@ def test_validation_run_resumes_exactly(tiny_config, tmp_path, one_thread):
     assert train(part, max_epochs=2)["status"] == "interrupted"
     resumed = train(part, resume=True)
     assert resumed["dev"] == full["dev"] and resumed["selection"] == full["selection"]
+
+
+def test_optimizer_and_encoder_dropout_switches(tiny_config, tmp_path):
+    from mtbert_utils.training import build_model, build_optimizer
+    for kind, flags in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("forloop", {"foreach": False})):
+        c = tiny_config(tmp_path, optimizer=kind)
+        opt = build_optimizer(build_model(c), c, torch.device("cpu"))
+        assert all(opt.defaults[k] == v for k, v in flags.items()), kind
+    auto = tiny_config(tmp_path)
+    assert build_optimizer(build_model(auto), auto, torch.device("cpu")).defaults["foreach"] is True
+    model = build_model(tiny_config(tmp_path, encoder_dropout=0.0))
+    assert all(m.p == 0.0 for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.shared[2].p == tiny_config(tmp_path).dropout  # the head dropout is its own knob
+    default = build_model(tiny_config(tmp_path))
+    assert any(m.p > 0 for m in default.encoder.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*fused"):
+        tiny_config(tmp_path, optimizer="adam")
+    with pytest.raises(ValueError, match="encoder_dropout"):
+        tiny_config(tmp_path, encoder_dropout=1.5)
