@@ -129,10 +129,11 @@ def pcgrad_backward(
 
     Head parameters (anything not in `shared_params`) accumulate their task's
     gradient normally and are not projected. The shared gradients of each task
-    are kept in one float32 [T, P] buffer, so the extra memory is at most one flat
-    copy of the shared gradients per task. For float32 parameters, backward writes
-    into that buffer directly and the final .grad are views of it, so the extra over
-    a plain step (which holds one P-sized .grad anyway) is (T - 1) x P floats.
+    are kept in one float32 P-sized buffer per task, so the extra memory is at most
+    one flat copy of the shared gradients per task. A task's buffer is allocated
+    when its own backward starts, so at the step's peak (every task's activations
+    alive, first backward) only one exists. For float32 parameters, backward writes
+    into the buffer directly and the final .grad are views of the first buffer.
 
     reduction: "mean" over tasks (Tseng's Pytorch-PCGrad, used by the study) or
         "sum" (the paper).
@@ -161,10 +162,11 @@ def pcgrad_backward(
         raise ValueError("no shared parameter requires grad")
     sizes = [p.numel() for p in shared]
     T, P = len(names), sum(sizes)
-    flat = torch.zeros(T, P, dtype=torch.float32, device=shared[0].device)
+    device = shared[0].device
+    flat: list[Tensor] = []  # flat[t]: task t's shared gradient, allocated when its backward starts
     # float32 parameters get .grad = a view of their slice of flat[t]: autograd then adds
     # the task's gradient straight into the buffer (no copy, no zeroing, no extra P-sized .grad)
-    as_views = all(p.dtype == torch.float32 and p.device == flat.device and p.layout == torch.strided
+    as_views = all(p.dtype == torch.float32 and p.device == device and p.layout == torch.strided
                    for p in shared)
 
     # Gradients already in .grad (accumulation) are kept aside and added back at the end.
@@ -178,6 +180,7 @@ def pcgrad_backward(
     nodes = [_graph_nodes(task_losses[n]) for n in names]
     later = [set().union(*nodes[t + 1:]) for t in range(T)]
     for t, name in enumerate(names):
+        flat.append(torch.zeros(P, dtype=torch.float32, device=device))
         rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
         if as_views:
             for p, row in zip(shared, rows):
@@ -202,11 +205,14 @@ def pcgrad_backward(
             if reduced is not None and reduced is not row:
                 row.copy_(reduced)
 
-    gram = flat @ flat.T
+    gram = torch.empty(T, T, dtype=torch.float64)  # T x T dot products; no [T, P] stack
+    for i in range(T):
+        for j in range(i, T):
+            gram[i, j] = gram[j, i] = float(flat[i] @ flat[j])
     cosines = _cosines_from_gram(gram, names)
     conflicts = int((gram.triu(diagonal=1) < 0).sum())
 
-    # combined = sum_i w_i (g_i - sum_k C[i,k] g_k) = (w (I - C)) @ flat, accumulated in place in flat[0]
+    # combined = sum_i w_i (g_i - sum_k C[i,k] g_k) = sum_t (w (I - C))_t flat[t], accumulated in flat[0]
     w = torch.full((T,), 1.0 / T if reduction == "mean" else 1.0, dtype=torch.float64)
     if project:
         w = w @ (torch.eye(T, dtype=torch.float64) - _projection_coefficients(gram, _orders(T, shuffle, generator)))
