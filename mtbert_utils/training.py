@@ -608,13 +608,13 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
 
     total_seen = sum(seen.values())
-    selection = None
-    if select:  # the best epoch on validation, scored on dev once
+    selection, dev_eval = None, None
+    if select:  # the best epoch on validation, scored on dev once (predictions kept for the files below)
         if main:
             _load_model_state(model, best["model"], ckpt_path)
+            dev_eval = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype, return_predictions=True)
         distributed.broadcast_module_(model)
-        final_dev = distributed.broadcast_object(
-            evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype) if main else None)
+        final_dev = distributed.broadcast_object(dev_eval["metrics"] if main else None)
         selection = {"split": "val", "metric": "mean", "epoch": best["epoch"],
                      "val": history[best["epoch"] - 1]["val"], "val_fraction": config.val_fraction}
     else:
@@ -640,7 +640,8 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         pred_dir = out_dir / "predictions" / run_name
         for split in ("dev", "test"):
             if enc[split]:
-                out = evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True)
+                out = dev_eval if split == "dev" and dev_eval is not None else \
+                    evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True)
                 write_predictions(out["predictions"], pred_dir, split)
         result["predictions_dir"] = str(pred_dir)
     if main:
