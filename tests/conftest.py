@@ -49,16 +49,19 @@ def tiny_config(small_data_dir):
 
 
 @pytest.fixture(scope="session")
-def run_profile(data_dir):
-    """Factory: run a built-in reproduce profile into `out` with the test data, one thread per kernel
-    (tiny models on a shared 2-core box run faster on one); the environment is restored afterwards."""
+def run_profile(data_dir, tmp_path_factory):
+    """Factory: run a built-in reproduce profile into a fresh folder with the test data, one thread per
+    kernel (tiny models on a shared 2-core box run faster on one); the environment is restored afterwards.
+    Returns (results folder, figures folder, reproduce records) of the profile."""
     from mtbert_utils import reproduce
 
-    def run(name: str, out: Path) -> list[dict]:
+    def run(name: str) -> tuple[Path, Path, list[dict]]:
+        out = tmp_path_factory.mktemp(name)
         saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
         os.environ.update(MTBERT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
         try:
-            return reproduce.run(name, out_root=out)
+            records = reproduce.run(name, out_root=out)
+            return out / "results" / name, out / "figures" / name, records
         finally:
             for k, v in saved.items():
                 if v is None:

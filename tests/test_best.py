@@ -14,10 +14,8 @@ NB = "08_best_model"
 
 
 @pytest.fixture(scope="module")
-def best_run(tmp_path_factory, run_profile):
-    out = tmp_path_factory.mktemp("smoke-best")
-    records = run_profile("smoke-best", out)
-    return out / "results" / "smoke-best", out / "figures" / "smoke-best", records
+def best_run(run_profile):
+    return run_profile("smoke-best")
 
 
 def test_notebook_writes_results_figures_and_predictions(best_run):

@@ -23,10 +23,8 @@ MODES = {"equal epochs", "equal examples"}
 
 
 @pytest.fixture(scope="module")
-def extended_run(tmp_path_factory, run_profile):
-    out = tmp_path_factory.mktemp("smoke-extended")
-    records = run_profile("smoke-extended", out)
-    return out / "results" / "smoke-extended", out / "figures" / "smoke-extended", records
+def extended_run(run_profile):
+    return run_profile("smoke-extended")
 
 
 def test_every_result_and_figure_is_written(extended_run):
