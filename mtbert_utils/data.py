@@ -359,6 +359,14 @@ class EncodedTask:
     def __len__(self):
         return len(self.ids)
 
+    def swapped_joint(self, i):
+        """Example i as [CLS] b [SEP] a [SEP] (token types 0 for b, 1 for a), or None where the
+        joint encoding was truncated (then the two orders do not hold the same tokens)."""
+        a, b = self.a[i], self.b[i]
+        if len(a) + len(b) - 1 != len(self.joint[i]):
+            return None
+        return b + a[1:], [0] * len(b) + [1] * (len(a) - 1)
+
     def lengths(self, pair_mode="joint"):
         """Per-example token cost, for length grouping."""
         if self.single is not None:
@@ -407,18 +415,27 @@ def _pad(seqs, value):
     return out, mask
 
 
-def collate(enc, indices, pair_mode="joint"):
-    """Batch of enc at indices, padded to the batch's longest sequence."""
+def collate(enc, indices, pair_mode="joint", swap=None):
+    """Batch of enc at indices, padded to the batch's longest sequence.
+
+    swap: optional booleans, one per index: those pairs go into the joint input as
+    [CLS] b [SEP] a [SEP] (pair-order augmentation / symmetric inference).
+    """
     if pair_mode not in PAIR_MODES:
         raise ValueError(f"unknown pair_mode {pair_mode!r}; valid: {PAIR_MODES}")
     indices = [int(i) for i in indices]
+    if swap is not None and len(swap) != len(indices):
+        raise ValueError(f"swap has {len(swap)} flags for {len(indices)} examples")
     batch = {}
     if enc.single is not None:
         batch["input_ids"], batch["attention_mask"] = _pad([enc.single[i] for i in indices], enc.pad_id)
     else:
         if pair_mode in ("joint", "both"):
-            batch["input_ids"], batch["attention_mask"] = _pad([enc.joint[i] for i in indices], enc.pad_id)
-            batch["token_type_ids"], _ = _pad([enc.joint_types[i] for i in indices], 0)
+            joint = [(enc.joint[i], enc.joint_types[i]) for i in indices]
+            if swap is not None:
+                joint = [(enc.swapped_joint(i) or j) if s else j for i, j, s in zip(indices, joint, swap)]
+            batch["input_ids"], batch["attention_mask"] = _pad([j[0] for j in joint], enc.pad_id)
+            batch["token_type_ids"], _ = _pad([j[1] for j in joint], 0)
         if pair_mode in ("separate", "both"):
             batch["input_ids_a"], batch["attention_mask_a"] = _pad([enc.a[i] for i in indices], enc.pad_id)
             batch["input_ids_b"], batch["attention_mask_b"] = _pad([enc.b[i] for i in indices], enc.pad_id)
@@ -468,7 +485,7 @@ class TaskBatchStream:
     """
 
     def __init__(self, enc, batch_size, seed, pair_mode="joint", group_by_length=False,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, swap_pairs=False):
         if len(enc) == 0:
             raise ValueError(f"task {enc.task!r} has no examples to batch")
         if not 0 <= rank < world_size:
@@ -476,6 +493,9 @@ class TaskBatchStream:
         self.enc, self.batch_size, self.seed = enc, batch_size, seed
         self.pair_mode, self.group_by_length = pair_mode, group_by_length
         self.rank, self.world_size = rank, world_size
+        # pair-order augmentation: each joint pair is fed as (b, a) with probability 1/2, drawn from
+        # (seed, pass, position) so that a resumed stream swaps exactly as the uninterrupted one
+        self.swap_pairs = bool(swap_pairs) and enc.single is None and pair_mode == "joint"
         self.lengths = enc.lengths(pair_mode) if group_by_length else None
         self.num_batches = math.ceil(len(enc) / (batch_size * world_size))
         self.rng = random.Random(seed)
@@ -492,12 +512,17 @@ class TaskBatchStream:
         return self
 
     def __next__(self):
-        chunk = np.array_split(np.asarray(self.order[self.position]), self.world_size)[self.rank]
+        batch = self.order[self.position]
+        chunk = np.array_split(np.asarray(batch), self.world_size)[self.rank]
+        swap = None
+        if self.swap_pairs:  # drawn for the global batch, so every rank agrees
+            flips = np.random.default_rng([self.seed, self.passes, self.position]).random(len(batch)) < 0.5
+            swap = np.array_split(flips, self.world_size)[self.rank].tolist()
         self.position += 1
         if self.position == len(self.order):  # pass done: reshuffle now so state_dict is simple
             self.passes += 1
             self._new_pass()
-        return collate(self.enc, chunk.tolist(), self.pair_mode)
+        return collate(self.enc, chunk.tolist(), self.pair_mode, swap)
 
     def state_dict(self):
         return {"rng_state": self.rng.getstate(), "order": [list(b) for b in self.order],
@@ -515,11 +540,12 @@ class TaskBatchStream:
         self.position, self.passes = state["position"], state["passes"]
 
 
-def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True) -> Iterator[dict]:
-    """Every example once, sorted by length for speed; batch["index"] restores file order."""
+def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True, swap=False) -> Iterator[dict]:
+    """Every example once, sorted by length for speed; batch["index"] restores file order.
+    swap=True: every joint pair as (b, a)."""
     lengths = enc.lengths(pair_mode) if sort_by_length else None
     for idx in batch_indices(len(enc), batch_size, None, lengths, sort_by_length):
-        yield collate(enc, idx, pair_mode)
+        yield collate(enc, idx, pair_mode, [True] * len(idx) if swap else None)
 
 
 # -----------------------------------------------------------------------------

@@ -27,8 +27,12 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dtype=None,
-            sort_by_length: bool = True) -> dict:
-    """Run one task's examples through the model. Returns ids, raw outputs and predictions, in file order."""
+            sort_by_length: bool = True, symmetric: bool = False) -> dict:
+    """Run one task's examples through the model. Returns ids, raw outputs and predictions, in file order.
+
+    symmetric=True: a pair fed jointly ([CLS] a [SEP] b [SEP]) is also fed as (b, a) and the two raw
+    outputs are averaged (paraphrase is symmetric; the joint encoder is not). Other tasks are unchanged.
+    """
     was_training = model.training
     model.eval()
     task = enc.task
@@ -40,12 +44,17 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
         with autocast_context(device, amp_dtype):
             raw = model.pair_output(task, emb[:n], emb[n:]).float().cpu()
     else:
-        outs, index = [], []
-        for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task), sort_by_length=sort_by_length):
-            index.append(batch["index"])
-            with autocast_context(device, amp_dtype):
-                outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
-        raw = torch.cat(outs)[torch.cat(index).argsort()]  # back to file order
+        orders = (False, True) if symmetric and enc.single is None and model.pair_mode(task) == "joint" else (False,)
+        raws = []
+        for swap in orders:
+            outs, index = [], []
+            for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task),
+                                      sort_by_length=sort_by_length, swap=swap):
+                index.append(batch["index"])
+                with autocast_context(device, amp_dtype):
+                    outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
+            raws.append(torch.cat(outs)[torch.cat(index).argsort()])  # back to file order
+        raw = torch.stack(raws).mean(0)
     model.train(was_training)
     preds = predictions_from_outputs(task, raw, model.sts_head_kind)
     gold = enc.labels.numpy() if enc.labels is not None else None
@@ -69,11 +78,11 @@ def score(task: str, pred: np.ndarray, enc: EncodedTask) -> float:
 
 
 def evaluate(model, encoded: dict[str, EncodedTask], batch_size: int = 128, device="cpu",
-             amp_dtype=None, return_predictions: bool = False) -> dict:
+             amp_dtype=None, return_predictions: bool = False, symmetric: bool = False) -> dict:
     """Dev metrics for every task, plus the study's mean and the CS224N overall score."""
     metrics, predictions = {}, {}
     for task, enc in encoded.items():
-        p = predict(model, enc, batch_size, device, amp_dtype)
+        p = predict(model, enc, batch_size, device, amp_dtype, symmetric=symmetric)
         predictions[task] = p
         if enc.labels is not None:
             metrics[task] = score(task, p["pred"], enc)
@@ -103,3 +112,50 @@ def write_predictions(predictions: dict, folder: str | Path, split: str) -> list
         paths.append(write_text(Path(folder) / f"{names[task]}-{split}-scores.csv",
                                 pd.DataFrame(cols).to_csv(index=False)))
     return paths
+
+
+# ---------------------------------------------------------------------------
+# ensembles: several models' (or one run's epoch snapshots') outputs averaged
+
+def combine_outputs(task: str, raws: list) -> np.ndarray:
+    """Average ensemble members' raw outputs: sst class probabilities (returned as log-probabilities),
+    para probabilities (returned as a logit, so 0 stays the decision threshold), sts scores as they are."""
+    if not raws:
+        raise ValueError("an ensemble needs at least one member")
+    x = torch.as_tensor(np.stack([np.asarray(r, dtype=np.float32) for r in raws]))
+    if task == "sst":
+        return torch.log(torch.softmax(x, -1).mean(0)).numpy()
+    if task == "para":
+        return torch.logit(torch.sigmoid(x).mean(0).clamp(1e-7, 1 - 1e-7)).numpy()
+    return x.mean(0).numpy()
+
+
+def ensemble_prediction(task: str, members: list[dict], sts_head: str = "cosine") -> dict:
+    """One prediction dict (as predict returns) from members' predictions of the same examples."""
+    ids = members[0]["ids"]
+    if any(list(m["ids"]) != list(ids) for m in members[1:]):
+        raise ValueError(f"{task}: ensemble members predicted different examples")
+    raw = combine_outputs(task, [m["raw"] for m in members])
+    return {**members[0], "raw": raw, "pred": predictions_from_outputs(task, torch.as_tensor(raw), sts_head)}
+
+
+def select_members(task: str, candidates: dict, gold: np.ndarray, sts_head: str = "cosine",
+                   max_members: int | None = None) -> dict:
+    """Choose an ensemble on validation: rank the candidates (name -> raw outputs) by their own score,
+    then keep the top k, k = 1 .. max_members, whichever k scores best (the smallest on a tie).
+
+    Returns {"members": names, "val": the ensemble's score, "val_by_k": [score of the top k],
+    "single": {name: score}}.
+    """
+    if not candidates:
+        raise ValueError(f"{task}: no candidates to choose an ensemble from")
+    metric = TASK_SPECS[task].metric
+    def val_score(names):
+        raw = combine_outputs(task, [candidates[n] for n in names])
+        return float(metric(predictions_from_outputs(task, torch.as_tensor(raw), sts_head), gold))
+    single = {n: val_score([n]) for n in candidates}
+    ranked = sorted(candidates, key=lambda n: -single[n])  # stable: the earlier candidate wins a tie
+    k_max = len(ranked) if max_members is None else max(1, min(max_members, len(ranked)))
+    by_k = [val_score(ranked[:k]) for k in range(1, k_max + 1)]
+    k = int(np.argmax(by_k)) + 1
+    return {"members": ranked[:k], "val": by_k[k - 1], "val_by_k": by_k, "single": single}

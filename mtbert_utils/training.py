@@ -23,13 +23,15 @@ import torch
 
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
-from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
+from mtbert_utils.evaluation import (autocast_context, ensemble_prediction, evaluate, score, select_members,
+                                     to_device, write_predictions)
 from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
 from mtbert_utils.pcgrad import pcgrad_backward
 from mtbert_utils.results import environment, save_torch, write_json
 from mtbert_utils.schedules import SCHEDULES, get_schedule
-from mtbert_utils.tasks import STS_LOSSES, para_loss, sst_loss, sts_cosine_embedding_loss
+from mtbert_utils.tasks import (STS_LOSSES, cs224n_overall, para_loss, sst_loss, study_mean,
+                                sts_cosine_embedding_loss)
 
 LR_KEYS = ("encoder", "shared", "sst", "para", "sts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -75,6 +77,11 @@ class TrainConfig:
     val_fraction: float = 0.0          # > 0: carve this share of each train split (by id hash) as validation;
                                        # epochs are scored on it, the best epoch's weights are kept and dev is
                                        # scored once, at the end, with them (honest model selection)
+    snapshot_ensemble: int = 0         # > 0 (needs val_fraction): keep every epoch's weights; per task, average
+                                       # the outputs of the top-k epochs on validation, k <= this, chosen on
+                                       # validation too; dev and test are predicted by that ensemble
+    para_swap: bool = False            # joint paraphrase pairs: train on both orders (a, b) / (b, a) at random,
+                                       # predict with the average of both orders
     # speed levers (each one alone is measured by mtbert_utils.bench)
     precision: str = "auto"            # auto: bf16 on CUDA if supported (else fp16 + GradScaler), fp32 on CPU
     group_by_length: bool = True       # batches of similar length: less padding
@@ -158,6 +165,13 @@ class TrainConfig:
         if not isinstance(self.val_fraction, (int, float)) or isinstance(self.val_fraction, bool) \
                 or not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if isinstance(self.snapshot_ensemble, bool) or not isinstance(self.snapshot_ensemble, int) \
+                or self.snapshot_ensemble < 0:
+            raise ValueError(f"snapshot_ensemble must be an int >= 0, got {self.snapshot_ensemble!r}")
+        if self.snapshot_ensemble and not self.val_fraction:
+            raise ValueError("snapshot_ensemble chooses its members on validation: set val_fraction > 0")
+        if not isinstance(self.para_swap, bool):
+            raise ValueError(f"para_swap must be True or False, got {self.para_swap!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.encoder_dropout is not None and (isinstance(self.encoder_dropout, bool) or not isinstance(
@@ -207,7 +221,8 @@ class TrainConfig:
 
 # knobs added after results were committed: at their default they stay out of the fingerprint,
 # so the run names (and skip-if-complete) of earlier results do not change
-ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None}
+ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
+               "para_swap": False}
 OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
 
 
@@ -473,7 +488,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
 
     streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
                                   pair_mode=model.pair_mode(t), group_by_length=config.group_by_length,
-                                  rank=rank, world_size=world)
+                                  rank=rank, world_size=world, swap_pairs=config.para_swap and t == "para")
                for i, t in enumerate(TASKS) if t in config.train_tasks}
     num_batches = {t: s.num_batches for t, s in streams.items()}
     sched_rng = random.Random(config.seed)
@@ -481,6 +496,9 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     history, seen, step, start_epoch, train_time = [], {t: 0 for t in TASKS}, 0, 0, 0.0
     select = bool(config.val_fraction)  # score epochs on validation, keep the best epoch's weights
     best = {"epoch": None, "score": -math.inf, "model": None}
+    snap_val = {}  # snapshot ensembles: epoch -> task -> raw validation outputs
+    snap_dir = ckpt_path.parent
+    sym = config.para_swap  # symmetric paraphrase inference
     # Data parallel: plain steps go through DDP; PCGrad (and gradient cosines) needs each task's
     # gradient averaged on its own before the surgery, which DDP cannot do (mtbert_utils.distributed).
     averager = None
@@ -503,6 +521,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
             scaler.load_state_dict(ckpt["scaler"])
         history, seen, step = ckpt["history"], ckpt["seen"], ckpt["step"]
         best = ckpt.get("best") or best
+        snap_val = {int(k): v for k, v in (ckpt.get("snapshot_val") or {}).items()}
         train_time, start_epoch = ckpt["train_time"], ckpt["epoch"] + 1
     distributed.broadcast_module_(model)  # insurance: every process starts from rank 0's weights
 
@@ -576,8 +595,14 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere);
         # with a validation split, epochs are scored on it and dev stays unseen until the end
         split = "val" if select else "dev"
-        dev = distributed.broadcast_object(
-            evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype) if main else None)
+        ev = None
+        if main:
+            ev = evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype,
+                          return_predictions=True, symmetric=sym)
+            if config.snapshot_ensemble:  # this epoch's weights are a candidate member
+                snap_val[epoch + 1] = {t: p["raw"].tolist() for t, p in ev["predictions"].items()}
+                save_torch(snap_dir / f"epoch{epoch + 1}.pt", model.state_dict())
+        dev = distributed.broadcast_object(ev["metrics"] if main else None)
         record = {"epoch": epoch + 1, "steps": step, "encoder_trainable": trainable, "lr_multiplier": mult,
                   "train_loss": {t: loss_sum[t] / loss_n[t] for t in TASKS if loss_n[t]},
                   "examples_seen": dict(seen), "seen_trace": trace, split: dev, "epoch_time_s": epoch_time}
@@ -601,22 +626,31 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
                 "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else None,
                 "signature": checkpoint_signature(config), "config": config.to_dict(), **rngs,
-                **({"best": best} if select else {})})
+                **({"best": best} if select else {}),
+                **({"snapshot_val": snap_val} if config.snapshot_ensemble else {})})
         distributed.barrier()  # no process moves on (or returns) before the checkpoint is complete
 
     if last_epoch < config.epochs and not budget_spent():
         return {"status": "interrupted", "history": history, "checkpoint": str(ckpt_path)}
 
     total_seen = sum(seen.values())
-    selection, dev_eval = None, None
-    if select:  # the best epoch on validation, scored on dev once (predictions kept for the files below)
+    selection, dev_eval, test_eval, ensemble = None, None, None, None
+    if select and config.snapshot_ensemble:  # per task, an ensemble of epochs chosen on validation
+        if main:
+            ensemble, dev_eval, test_eval = snapshot_ensemble(model, enc, snap_val, snap_dir, config, device,
+                                                              amp_dtype)
+        final_dev = distributed.broadcast_object(dev_eval["metrics"] if main else None)
+    elif select:  # the best epoch on validation, scored on dev once (predictions kept for the files below)
         if main:
             _load_model_state(model, best["model"], ckpt_path)
-            dev_eval = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype, return_predictions=True)
+            dev_eval = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype,
+                                return_predictions=True, symmetric=sym)
         distributed.broadcast_module_(model)
         final_dev = distributed.broadcast_object(dev_eval["metrics"] if main else None)
+    if select:
         selection = {"split": "val", "metric": "mean", "epoch": best["epoch"],
-                     "val": history[best["epoch"] - 1]["val"], "val_fraction": config.val_fraction}
+                     "val": history[best["epoch"] - 1]["val"], "val_fraction": config.val_fraction,
+                     **({"snapshot_ensemble": ensemble} if ensemble is not None else {})}
     else:
         final_dev = history[-1]["dev"]
     result = {
@@ -638,10 +672,12 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
                                  "global_batch_size": world * config.batch_size}
     if config.write_predictions and main:
         pred_dir = out_dir / "predictions" / run_name
+        kept = {"dev": dev_eval, "test": test_eval}
         for split in ("dev", "test"):
             if enc[split]:
-                out = dev_eval if split == "dev" and dev_eval is not None else \
-                    evaluate(model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True)
+                out = kept[split] if kept[split] is not None else evaluate(
+                    model, enc[split], config.eval_batch_size, device, amp_dtype, return_predictions=True,
+                    symmetric=sym)
                 write_predictions(out["predictions"], pred_dir, split)
         result["predictions_dir"] = str(pred_dir)
     if main:
@@ -649,6 +685,41 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     distributed.barrier()
     result["result_path"] = str(result_path)
     return result
+
+
+def snapshot_ensemble(model, enc: dict, snap_val: dict, snap_dir: Path, config: TrainConfig, device,
+                      amp_dtype=None) -> tuple[dict, dict, dict]:
+    """The end of a run with config.snapshot_ensemble: per task, choose epochs on validation
+    (evaluation.select_members), then predict dev and test with each chosen epoch's weights and
+    average. Returns (what was chosen, with each member's own dev scores; dev {"metrics",
+    "predictions"}; test {"predictions"} or None)."""
+    tasks = [t for t in TASKS if t in enc["val"]]
+    chosen = {t: select_members(t, {e: np.asarray(snap_val[e][t]) for e in sorted(snap_val)},
+                                enc["val"][t].labels.numpy(), model.sts_head_kind, config.snapshot_ensemble)
+              for t in tasks}
+    epochs = sorted({e for c in chosen.values() for e in c["members"]})
+    preds = {"dev": {}, "test": {}}
+    for e in epochs:
+        path = snap_dir / f"epoch{e}.pt"
+        _load_model_state(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        for split in preds:
+            need = {t: enc[split][t] for t in tasks if t in enc[split] and e in chosen[t]["members"]}
+            if need:
+                preds[split][e] = evaluate(model, need, config.eval_batch_size, device, amp_dtype,
+                                           return_predictions=True, symmetric=config.para_swap)["predictions"]
+    out = {}
+    for split in preds:
+        out[split] = {t: ensemble_prediction(t, [preds[split][e][t] for e in chosen[t]["members"]],
+                                             model.sts_head_kind)
+                      for t in tasks if t in enc[split]}
+    metrics = {t: score(t, p["pred"], enc["dev"][t]) for t, p in out["dev"].items()}
+    if all(t in metrics for t in TASKS):
+        metrics["mean"], metrics["overall"] = study_mean(metrics), cs224n_overall(metrics)
+    info = {t: {"epochs": c["members"], "val": c["val"], "val_by_k": c["val_by_k"],
+                "val_single": {str(e): v for e, v in c["single"].items()},
+                "dev_single": {str(e): score(t, preds["dev"][e][t]["pred"], enc["dev"][t]) for e in c["members"]}}
+            for t, c in chosen.items()}
+    return info, {"metrics": metrics, "predictions": out["dev"]}, ({"predictions": out["test"]} if out["test"] else None)
 
 
 def next_global_batch(stream: TaskBatchStream) -> tuple[dict, int]:
