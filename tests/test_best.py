@@ -77,6 +77,7 @@ def test_best_config():
     c = experiments.best_config(epochs=3, data_dir="")
     assert isinstance(c, TrainConfig) and c.epochs == 3 and c.val_fraction == 0.1 and c.data_dir is None
     assert c.max_train is None and c.max_dev is None and c.write_predictions
+    assert c.snapshot_ensemble == 3 and experiments.best_config().epochs == 5
     with pytest.raises(ValueError, match="epochs"):
         experiments.best_config(epochs=0)
 
@@ -84,3 +85,42 @@ def test_best_config():
 def test_frame_markdown_by_hand():
     df = pd.DataFrame([{"source": "ours", "sst": 0.51234, "seeds": 3}])
     assert experiments.frame_markdown(df) == "| source | sst | seeds |\n|---|---|---|\n| ours | 0.512 | 3 |\n"
+
+
+def test_ensemble_table_from_the_smoke_runs(best_run):
+    results, _, _ = best_run
+    runs = experiments.load_index(results, NB)["best"]
+    table = pd.read_csv(results / f"{NB}_ensemble.csv")
+    assert len(table) == 3 * len(runs)
+    for run in runs:
+        for t in ("sst", "para", "sts"):
+            row = table[(table["seed"] == run["seed"]) & (table["task"] == t)].iloc[0]
+            chosen = run["selection"]["snapshot_ensemble"][t]
+            assert row["dev ensemble"] == pytest.approx(run["dev"][t]) and row["k"] == len(chosen["epochs"])
+            assert row["val top-1"] == pytest.approx(max(chosen["val_single"].values()))
+            assert row["val ensemble"] >= row["val top-1"]  # k = 1 is always a candidate
+    with pytest.raises(ValueError, match="no snapshot ensemble"):
+        experiments.ensemble_table([{**runs[0], "selection": {"epoch": 1}}])
+
+
+def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, one_thread):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "best_ablation.py"
+    spec = importlib.util.spec_from_file_location("best_ablation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--encoder", "tiny", "--data-dir", str(small_data_dir), "--max-train", "40", "--max-dev", "16",
+            "--epochs", "2", "--out", str(tmp_path)]
+    mod.main(["--change", "para_swap", *args])
+    summary = json.loads((tmp_path / "ablation.json").read_text())["variants"]
+    assert set(summary) == {"profile", "para_swap"}
+    profile = experiments.best_config(encoder="tiny", max_train=40, max_dev=16, epochs=2)
+    assert summary["profile"]["run_name"] == profile.run_name  # the profile's own run, reused by notebook 08
+    assert summary["para_swap"]["run_name"] != profile.run_name and summary["para_swap"]["change"] == {"para_swap": True}
+    for v in summary.values():
+        run = json.loads((tmp_path / "runs" / f"{v['run_name']}.json").read_text())
+        assert v["dev"] == {t: run["dev"][t] for t in ("sst", "para", "sts")}
+        assert v["val_mean"] == pytest.approx(sum(v["val"].values()) / 3)
+    stamp = (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns
+    mod.main(["--change", "para_swap", *args])  # finished runs are reused, not retrained
+    assert (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns == stamp

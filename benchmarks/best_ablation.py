@@ -1,0 +1,70 @@
+"""One-change variants of the `best` profile, trained on 2 CPU cores like the profile itself.
+
+    python benchmarks/best_ablation.py --change para_swap --data-dir ../shared/data/cs224n
+
+Each variant is experiments.best_config() with one change, trained with seed 0 into results/best/runs
+(the same folder as the profile's own run, so a finished run is reused, never retrained). The summary,
+results/best/ablation.json, puts every variant beside the profile's configuration with its validation
+scores (what a choice between them may use) and its dev scores (reported, not used to choose).
+
+Run it alone on the machine: the training minutes are part of what is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtbert_utils import TASKS, experiments  # noqa: E402
+from mtbert_utils.results import write_json  # noqa: E402
+
+# name -> overrides of experiments.best_config()
+CHANGES = {
+    "profile": {},
+    "para_swap": {"para_swap": True},            # both pair orders in training, their average at inference
+}
+
+
+def summarize(name: str, run: dict) -> dict:
+    """What a comparison of variants needs from one run: validation (ensemble and top-1 epoch per task), dev,
+    minutes."""
+    ens = run["selection"].get("snapshot_ensemble")
+    val = {t: ens[t]["val"] for t in TASKS} if ens else {t: run["selection"]["val"][t] for t in TASKS}
+    top1 = {t: max(ens[t]["val_single"].values()) for t in TASKS} if ens else val
+    return {"change": CHANGES[name], "run_name": run["run_name"], "val": val, "val_mean": sum(val.values()) / 3,
+            "val_top1_epoch": top1, "dev": {t: run["dev"][t] for t in TASKS},
+            "ensemble_epochs": {t: ens[t]["epochs"] for t in TASKS} if ens else None,
+            "selected_epoch": run["selection"]["epoch"],
+            "training_minutes": run["wall_time_s"] / 60, "train_examples_per_s": run["train_examples_per_s"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--change", action="append", choices=sorted(CHANGES), required=True,
+                    help="variant(s) to train (repeat); 'profile' is the profile's own configuration")
+    ap.add_argument("--data-dir", default="", help="CS224N data folder (default: $MTBERT_DATA_DIR)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the best profile's")
+    ap.add_argument("--encoder", default="minilm", help="default: minilm (the profile's); tiny for tests")
+    ap.add_argument("--max-train", type=int, default=None, help="training examples per task (default: all)")
+    ap.add_argument("--max-dev", type=int, default=None, help="dev examples per task (default: all)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "best"), help="results folder of the best profile")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    summary_path = out / "ablation.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"variants": {}}
+    for name in dict.fromkeys(["profile", *args.change]):  # the profile's run first: the reference
+        kw = {} if args.epochs is None else {"epochs": args.epochs}
+        config = experiments.best_config(encoder=args.encoder, data_dir=args.data_dir, max_train=args.max_train,
+                                         max_dev=args.max_dev, **kw, **CHANGES[name])
+        run = experiments.run_seeds(config, [0], out / "runs")[0]
+        summary["variants"][name] = summarize(name, run)
+        write_json(summary_path, summary)  # after every variant: nothing lost if a later one is interrupted
+        print(name, json.dumps(summary["variants"][name]["val"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
