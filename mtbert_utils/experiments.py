@@ -251,6 +251,19 @@ def ensemble_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ablation_table(summary: dict) -> pd.DataFrame:
+    """The variants of benchmarks/best_ablation.py (its results/best/ablation.json) side by side: validation
+    (what a choice may use), dev (reported once per variant, not used to choose) and training minutes."""
+    variants = summary.get("variants") if isinstance(summary, dict) else None
+    if not variants:
+        raise ValueError("no variants in this ablation summary")
+    rows = [{"variant": name, "change": json.dumps(v["change"], sort_keys=True),
+             **{f"val {t}": v["val"][t] for t in TASKS}, "val mean": v["val_mean"],
+             **{f"dev {t}": v["dev"][t] for t in TASKS}, "minutes": v["training_minutes"]}
+            for name, v in variants.items()]
+    return pd.DataFrame(rows).sort_values("val mean", ascending=False, ignore_index=True)
+
+
 def frame_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a Markdown table, floats rounded (no tabulate needed)."""
     fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)

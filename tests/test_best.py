@@ -124,3 +124,14 @@ def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, o
     stamp = (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns
     mod.main(["--change", "para_swap", *args])  # finished runs are reused, not retrained
     assert (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns == stamp
+
+
+def test_ablation_table_by_hand():
+    v = lambda val, dev: {"change": {}, "val": dict(zip(("sst", "para", "sts"), val)), "val_mean": sum(val) / 3,
+                          "dev": dict(zip(("sst", "para", "sts"), dev)), "training_minutes": 40.0}
+    table = experiments.ablation_table({"variants": {"a": v((0.5, 0.8, 0.8), (0.4, 0.8, 0.8)),
+                                                     "b": v((0.5, 0.9, 0.8), (0.4, 0.7, 0.8))}})
+    assert list(table["variant"]) == ["b", "a"]  # ranked on validation, not on dev
+    assert table.loc[0, "dev para"] == 0.7 and table.loc[0, "val mean"] == pytest.approx(2.2 / 3)
+    with pytest.raises(ValueError, match="no variants"):
+        experiments.ablation_table({"variants": {}})
