@@ -21,24 +21,40 @@ sys.path.insert(0, str(ROOT))
 
 from mtbert_utils import TASKS, experiments  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
+from mtbert_utils.training import ADDED_LATER  # noqa: E402
 
-# name -> overrides of experiments.best_config()
+# name -> overrides of experiments.best_config(); the summary says how each run differs from the profile as it
+# is now, so a variant that has become the profile shows no difference (and is listed once, as the profile)
 CHANGES = {
     "profile": {},
     "para_swap": {"para_swap": True},            # both pair orders in training, their average at inference
+    "no_para_swap": {"para_swap": False},
+    "encoder_dropout_0.1": {"encoder_dropout": None},  # the checkpoint's own dropout inside the encoder
     # the first `best` profile (commit cb5a20d): 4 epochs, encoder dropout 0.1, foreach AdamW, one epoch for all
     # tasks chosen by the validation mean; its run is committed, so this reuses it
-    "first_profile": {"epochs": 4, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0},
+    "first_profile": {"epochs": 4, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
+                      "para_swap": False},
 }
 
 
-def summarize(name: str, run: dict) -> dict:
-    """What a comparison of variants needs from one run: validation (ensemble and top-1 epoch per task), dev,
-    minutes."""
+# config keys that do not change the numbers
+NOT_COMPARED = ("seed", "name", "out_dir", "data_dir", "progress", "write_predictions")
+
+
+def differences(config: dict, profile: dict) -> dict:
+    """The settings of `config` that differ from the profile's (as {key: value in config}). A run recorded
+    before a knob existed ran with that knob's default (training.ADDED_LATER)."""
+    config = {**ADDED_LATER, **config}
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED and profile.get(k) != v}
+
+
+def summarize(name: str, run: dict, profile: dict) -> dict:
+    """What a comparison of variants needs from one run: how it differs from the profile, validation
+    (ensemble and top-1 epoch per task), dev, minutes."""
     ens = run["selection"].get("snapshot_ensemble")
     val = {t: ens[t]["val"] for t in TASKS} if ens else {t: run["selection"]["val"][t] for t in TASKS}
     top1 = {t: max(ens[t]["val_single"].values()) for t in TASKS} if ens else val
-    return {"change": CHANGES[name], "run_name": run["run_name"], "val": val, "val_mean": sum(val.values()) / 3,
+    return {"change": differences(run["config"], profile), "run_name": run["run_name"], "val": val, "val_mean": sum(val.values()) / 3,
             "val_top1_epoch": top1, "dev": {t: run["dev"][t] for t in TASKS},
             "ensemble_epochs": {t: ens[t]["epochs"] for t in TASKS} if ens else None,
             "selected_epoch": run["selection"]["epoch"],
@@ -59,12 +75,19 @@ def main(argv=None) -> None:
     out = Path(args.out)
     summary_path = out / "ablation.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"variants": {}}
-    for name in dict.fromkeys(["profile", *args.change]):  # the profile's run first: the reference
+    def config_of(name):
         kw = {**({} if args.epochs is None else {"epochs": args.epochs}), **CHANGES[name]}
-        config = experiments.best_config(encoder=args.encoder, data_dir=args.data_dir, max_train=args.max_train,
-                                         max_dev=args.max_dev, **kw)
+        return experiments.best_config(encoder=args.encoder, data_dir=args.data_dir, max_train=args.max_train,
+                                       max_dev=args.max_dev, **kw)
+    profile = config_of("profile")
+    for name in dict.fromkeys(["profile", *args.change]):  # the profile's run first: the reference
+        config = config_of(name)
+        if name != "profile" and config.run_name == profile.run_name:
+            print(f"{name}: this is the profile's configuration now; listed as 'profile'", flush=True)
+            summary["variants"].pop(name, None)
+            continue
         run = experiments.run_seeds(config, [0], out / "runs")[0]
-        summary["variants"][name] = summarize(name, run)
+        summary["variants"][name] = summarize(name, run, profile.to_dict())
         write_json(summary_path, summary)  # after every variant: nothing lost if a later one is interrupted
         print(name, json.dumps(summary["variants"][name]["val"]), flush=True)
 

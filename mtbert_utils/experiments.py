@@ -195,7 +195,10 @@ BEST = dict(pooling="mean", dropout=0.1, para_input="joint", sts_head="cosine", 
             # they buy the fifth epoch within the 60 minutes
             optimizer="fused", encoder_dropout=0.0,
             # per task, the outputs of the top-k epochs on validation averaged (k <= 3, chosen on validation)
-            snapshot_ensemble=3)
+            snapshot_ensemble=3,
+            # paraphrase pairs in both orders in training, both orders averaged at inference
+            # (chosen on validation: benchmarks/best_ablation.py, results/best/ablation.json)
+            para_swap=True)
 
 
 # what the `best` profile is measured against (dev): the study's best row (bert-base, GPU), the issue's

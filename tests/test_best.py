@@ -111,19 +111,23 @@ def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, o
     spec.loader.exec_module(mod)
     args = ["--encoder", "tiny", "--data-dir", str(small_data_dir), "--max-train", "40", "--max-dev", "16",
             "--epochs", "2", "--out", str(tmp_path)]
-    mod.main(["--change", "para_swap", *args])
+    mod.main(["--change", "no_para_swap", *args])
     summary = json.loads((tmp_path / "ablation.json").read_text())["variants"]
-    assert set(summary) == {"profile", "para_swap"}
+    assert set(summary) == {"profile", "no_para_swap"}
     profile = experiments.best_config(encoder="tiny", max_train=40, max_dev=16, epochs=2)
     assert summary["profile"]["run_name"] == profile.run_name  # the profile's own run, reused by notebook 08
-    assert summary["para_swap"]["run_name"] != profile.run_name and summary["para_swap"]["change"] == {"para_swap": True}
+    assert summary["no_para_swap"]["run_name"] != profile.run_name and summary["no_para_swap"]["change"] == {"para_swap": False}
+    assert summary["profile"]["change"] == {}
     for v in summary.values():
         run = json.loads((tmp_path / "runs" / f"{v['run_name']}.json").read_text())
         assert v["dev"] == {t: run["dev"][t] for t in ("sst", "para", "sts")}
         assert v["val_mean"] == pytest.approx(sum(v["val"].values()) / 3)
-    stamp = (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns
-    mod.main(["--change", "para_swap", *args])  # finished runs are reused, not retrained
-    assert (tmp_path / "runs" / f"{summary['para_swap']['run_name']}.json").stat().st_mtime_ns == stamp
+    stamp = (tmp_path / "runs" / f"{summary['no_para_swap']['run_name']}.json").stat().st_mtime_ns
+    mod.main(["--change", "no_para_swap", *args])  # finished runs are reused, not retrained
+    assert (tmp_path / "runs" / f"{summary['no_para_swap']['run_name']}.json").stat().st_mtime_ns == stamp
+    # a variant whose settings are the profile's is not trained twice
+    mod.main(["--change", "para_swap", *args])
+    assert "para_swap" not in json.loads((tmp_path / "ablation.json").read_text())["variants"]
 
 
 def test_ablation_table_by_hand():
