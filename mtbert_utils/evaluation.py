@@ -86,10 +86,16 @@ def evaluate(model, encoded: dict[str, EncodedTask], batch_size: int = 128, devi
         predictions[task] = p
         if enc.labels is not None:
             metrics[task] = score(task, p["pred"], enc)
+    add_summary_metrics(metrics)
+    return {"metrics": metrics, "predictions": predictions} if return_predictions else metrics
+
+
+def add_summary_metrics(metrics: dict) -> dict:
+    """Add the study's mean and the CS224N overall score once all three task metrics are there."""
     if all(t in metrics for t in ("sst", "para", "sts")):
         metrics["mean"] = study_mean(metrics)
         metrics["overall"] = cs224n_overall(metrics)
-    return {"metrics": metrics, "predictions": predictions} if return_predictions else metrics
+    return metrics
 
 
 def write_predictions(predictions: dict, folder: str | Path, split: str) -> list[Path]:

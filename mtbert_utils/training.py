@@ -23,15 +23,14 @@ import torch
 
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
-from mtbert_utils.evaluation import (autocast_context, ensemble_prediction, evaluate, score, select_members,
-                                     to_device, write_predictions)
+from mtbert_utils.evaluation import (add_summary_metrics, autocast_context, ensemble_prediction, evaluate, score,
+                                     select_members, to_device, write_predictions)
 from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
 from mtbert_utils.pcgrad import pcgrad_backward
 from mtbert_utils.results import environment, save_torch, write_json
 from mtbert_utils.schedules import SCHEDULES, get_schedule
-from mtbert_utils.tasks import (STS_LOSSES, cs224n_overall, para_loss, sst_loss, study_mean,
-                                sts_cosine_embedding_loss)
+from mtbert_utils.tasks import STS_LOSSES, para_loss, sst_loss, sts_cosine_embedding_loss
 
 LR_KEYS = ("encoder", "shared", "sst", "para", "sts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -712,9 +711,7 @@ def snapshot_ensemble(model, enc: dict, snap_val: dict, snap_dir: Path, config: 
         out[split] = {t: ensemble_prediction(t, [preds[split][e][t] for e in chosen[t]["members"]],
                                              model.sts_head_kind)
                       for t in tasks if t in enc[split]}
-    metrics = {t: score(t, p["pred"], enc["dev"][t]) for t, p in out["dev"].items()}
-    if all(t in metrics for t in TASKS):
-        metrics["mean"], metrics["overall"] = study_mean(metrics), cs224n_overall(metrics)
+    metrics = add_summary_metrics({t: score(t, p["pred"], enc["dev"][t]) for t, p in out["dev"].items()})
     info = {t: {"epochs": c["members"], "val": c["val"], "val_by_k": c["val_by_k"],
                 "val_single": {str(e): v for e, v in c["single"].items()},
                 "dev_single": {str(e): score(t, preds["dev"][e][t]["pred"], enc["dev"][t]) for e in c["members"]}}
