@@ -14,6 +14,9 @@ from mtbert_utils import bench
 REQUIRED = ("train_plain_examples_per_s", "train_examples_per_s", "train_speedup", "mfu", "matmul_peak_gflops",
             "pcgrad_step_ratio", "pcgrad_extra_bytes", "eval_plain_examples_per_s", "eval_examples_per_s",
             "eval_speedup", "peak_rss_bytes")
+# a difference of two sampled heap peaks (PCGrad step minus plain step): with the tiny encoder the PCGrad
+# buffer (about 1 MB) is below what a 2 ms sampler resolves, so its sign is noise (CI once measured -132 kB)
+DIFFERENCES = ("pcgrad_extra_bytes",)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,12 @@ def test_report_has_every_key_and_positive_finite_values(report):
     result, saved = report
     for key in REQUIRED:
         assert key in saved, key
-        assert isinstance(saved[key], (int, float)) and math.isfinite(saved[key]) and saved[key] > 0, (key, saved[key])
+        assert isinstance(saved[key], (int, float)) and math.isfinite(saved[key]), (key, saved[key])
+        assert key in DIFFERENCES or saved[key] > 0, (key, saved[key])
+    peaks = saved["pcgrad_detail"]["step_peak_bytes"]
+    if bench._HEAP is not None:  # glibc: the heap is sampled, and the extra bytes are the measured difference
+        assert peaks["plain"] > 0 and peaks["pcgrad"] > 0
+        assert saved["pcgrad_extra_bytes"] == peaks["pcgrad"] - peaks["plain"]
     assert saved["train_speedup"] == pytest.approx(saved["train_examples_per_s"] / saved["train_plain_examples_per_s"])
     assert 0 < saved["mfu"] < 1
     assert saved["quick"] is True and saved["encoder"] == "tiny"
