@@ -14,12 +14,14 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
@@ -63,6 +65,8 @@ class TrainConfig:
                                               "para": 1e-4, "sts": 4e-5})
     lr_decay: float = 0.7              # multiply every learning rate by this ...
     lr_decay_epochs: list = field(default_factory=lambda: [5, 25])  # ... at the start of these epochs
+    layer_lr_decay: float = 1.0        # layer-wise lr decay: encoder layer i of L learns at lr["encoder"] *
+                                       # this ** (L - 1 - i), the embeddings at ** L (1.0: one encoder lr)
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     batch_size: int = 64
@@ -148,6 +152,8 @@ class TrainConfig:
                              f"got {self.phases!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not isinstance(self.layer_lr_decay, (int, float)) or not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.precision not in PRECISIONS:
@@ -221,7 +227,7 @@ class TrainConfig:
 # knobs added after results were committed: at their default they stay out of the fingerprint,
 # so the run names (and skip-if-complete) of earlier results do not change
 ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
-               "para_swap": False}
+               "para_swap": False, "layer_lr_decay": 1.0}
 OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
 
 
@@ -316,9 +322,39 @@ def build_model(config: TrainConfig) -> MultitaskBert:
     return model
 
 
+def encoder_depths(encoder: nn.Module) -> dict[str, int]:
+    """Each encoder parameter's distance from the top, by name: 0 for the last transformer layer (and the
+    pooler above it), L - 1 - i for layer i of L, L for the embeddings."""
+    names = [n for n, _ in encoder.named_parameters()]
+    layer = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layer\.(\d+)\.", n))}
+    if not layer:
+        raise ValueError("layer_lr_decay needs an encoder with numbered layers (.layer.<i>.)")
+    top = max(layer.values())
+    return {n: top - layer[n] if n in layer else (top + 1 if "embeddings" in n else 0) for n in names}
+
+
+def param_groups(model: MultitaskBert, config: TrainConfig) -> list[dict]:
+    """Optimizer groups: one per module with its own learning rate (config.lr); with layer_lr_decay != 1
+    the encoder is split further, one group per depth (see encoder_depths)."""
+    groups = []
+    for name, ps in model.module_groups().items():
+        if not ps:
+            continue
+        if name == "encoder" and config.layer_lr_decay != 1.0:
+            depth = encoder_depths(model.encoder)
+            by_depth = {}
+            for n, p in model.encoder.named_parameters():
+                by_depth.setdefault(depth[n], []).append(p)
+            for d in sorted(by_depth):
+                lr = config.lr[name] * config.layer_lr_decay ** d
+                groups.append({"params": by_depth[d], "lr": lr, "base_lr": lr, "name": f"encoder.depth{d}"})
+            continue
+        groups.append({"params": ps, "lr": config.lr[name], "base_lr": config.lr[name], "name": name})
+    return groups
+
+
 def build_optimizer(model: MultitaskBert, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = [{"params": ps, "lr": config.lr[name], "base_lr": config.lr[name], "name": name}
-              for name, ps in model.module_groups().items() if ps]
+    groups = param_groups(model, config)
     # auto: foreach on CPU, fused on CUDA (one kernel over all tensors instead of a Python loop)
     kind = config.optimizer if config.optimizer != "auto" else ("fused" if device.type == "cuda" else "foreach")
     kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False}}[kind]

@@ -288,3 +288,38 @@ def test_optimizer_and_encoder_dropout_switches(tiny_config, tmp_path):
         tiny_config(tmp_path, optimizer="adam")
     with pytest.raises(ValueError, match="encoder_dropout"):
         tiny_config(tmp_path, encoder_dropout=1.5)
+
+
+def test_layer_lr_decay_gives_each_encoder_depth_its_own_learning_rate(tiny_config, tmp_path):
+    from mtbert_utils.training import build_model, build_optimizer, encoder_depths
+    c = tiny_config(tmp_path, layer_lr_decay=0.5, lr_decay=0.7, lr_decay_epochs=[1])
+    model = build_model(c)
+    opt = build_optimizer(model, c, torch.device("cpu"))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    top = c.lr["encoder"]
+    # the tiny encoder has 2 layers: layer 1 (and the pooler) at depth 0, layer 0 at 1, embeddings at 2
+    assert {n: g["lr"] for n, g in by_name.items() if n.startswith("encoder")} == pytest.approx(
+        {"encoder.depth0": top, "encoder.depth1": top / 2, "encoder.depth2": top / 4})
+    depth = encoder_depths(model.encoder)
+    assert depth["encoder.layer.1.output.dense.weight"] == 0 and depth["pooler.dense.weight"] == 0
+    assert depth["encoder.layer.0.attention.self.query.weight"] == 1
+    assert depth["embeddings.word_embeddings.weight"] == 2
+    # every parameter in exactly one group; the heads keep their own rates
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert by_name["sst"]["lr"] == c.lr["sst"]
+    # 1.0 (the default) is the single encoder group, as before the knob existed; it stays out of run names
+    plain = tiny_config(tmp_path)
+    assert [g["name"] for g in build_optimizer(build_model(plain), plain, torch.device("cpu")).param_groups
+            ].count("encoder") == 1
+    assert plain.run_name == tiny_config(tmp_path, layer_lr_decay=1.0).run_name != c.run_name
+    with pytest.raises(ValueError, match="layer_lr_decay"):
+        tiny_config(tmp_path, layer_lr_decay=1.2)
+
+
+def test_layer_lr_decay_survives_the_epoch_decay_and_a_resume(tiny_config, tmp_path, one_thread):
+    config = tiny_config(tmp_path / "a", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
+    full = train(config)
+    part = tiny_config(tmp_path / "b", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
+    assert train(part, max_epochs=1)["status"] == "interrupted"
+    assert train(part, resume=True)["dev"] == full["dev"]
