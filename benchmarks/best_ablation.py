@@ -61,7 +61,8 @@ def summarize(name: str, run: dict, profile: dict) -> dict:
             "val_top1_epoch": top1, "dev": {t: run["dev"][t] for t in TASKS},
             "ensemble_epochs": {t: ens[t]["epochs"] for t in TASKS} if ens else None,
             "selected_epoch": run["selection"]["epoch"],
-            "training_minutes": run["wall_time_s"] / 60, "train_examples_per_s": run["train_examples_per_s"]}
+            "training_minutes": experiments.wall_minutes(run), "train_loop_minutes": run["train_time_s"] / 60,
+            "resumes": run.get("resumes"), "train_examples_per_s": run["train_examples_per_s"]}
 
 
 def main(argv=None) -> None:

@@ -529,6 +529,9 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     sched_rng = random.Random(config.seed)
     pc_gen = torch.Generator().manual_seed(config.seed)
     history, seen, step, start_epoch, train_time = [], {t: 0 for t in TASKS}, 0, 0, 0.0
+    # wall time of the sessions before this one (up to their last checkpoint), and how many there were;
+    # None: resumed from a checkpoint written before it was recorded
+    wall_before, resumes = 0.0, 0
     select = bool(config.val_fraction)  # score epochs on validation, keep the best epoch's weights
     best = {"epoch": None, "score": -math.inf, "model": None}
     snap_val = {}  # snapshot ensembles: epoch -> task -> raw validation outputs
@@ -558,6 +561,7 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         best = ckpt.get("best") or best
         snap_val = {int(k): v for k, v in (ckpt.get("snapshot_val") or {}).items()}
         train_time, start_epoch = ckpt["train_time"], ckpt["epoch"] + 1
+        wall_before, resumes = ckpt.get("wall_time"), ckpt.get("resumes", 0) + 1
     distributed.broadcast_module_(model)  # insurance: every process starts from rank 0's weights
 
     last_epoch = config.epochs if max_epochs is None else min(config.epochs, max_epochs)
@@ -656,6 +660,8 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         if main:
             save_torch(ckpt_path, {
                 "epoch": epoch, "step": step, "seen": seen, "history": history, "train_time": train_time,
+                "wall_time": None if wall_before is None else wall_before + time.time() - t_start,
+                "resumes": resumes,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "streams": {t: s.state_dict() for t, s in streams.items()}, "schedule": schedule.state_dict(),
                 "sched_rng": sched_rng.getstate(), "pcgrad_gen": pc_gen.get_state(),
@@ -697,7 +703,10 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "data": data_info, "num_batches": num_batches, "history": history,
         "dev": final_dev, **({"selection": selection} if selection else {}), "steps": step, "examples_seen": seen,
-        "train_time_s": train_time, "wall_time_s": time.time() - t_start,
+        # wall_time_s: every session's, up to its last checkpoint (this one's to the end); wall_time_complete
+        # is False when an earlier session's could not be counted (a checkpoint older than this record)
+        "train_time_s": train_time, "wall_time_s": (wall_before or 0.0) + time.time() - t_start,
+        "wall_time_complete": wall_before is not None, "resumes": resumes,
         "train_examples_per_s": total_seen / train_time if train_time else None,
         "environment": environment(),
     }

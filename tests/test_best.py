@@ -73,6 +73,18 @@ def test_best_summary_by_hand():
         experiments.best_summary([])
 
 
+def test_wall_minutes_only_when_every_session_was_timed():
+    run = {"wall_time_s": 600.0, "train_time_s": 500.0}
+    assert experiments.wall_minutes(run) == 10.0  # recorded before the flag: complete, wall >= loop
+    assert experiments.wall_minutes({**run, "wall_time_s": 400.0}) is None  # shorter than its own loop: resumed
+    assert experiments.wall_minutes({**run, "wall_time_complete": False}) is None
+    assert experiments.wall_minutes({**run, "wall_time_complete": True, "resumes": 2}) == 10.0
+    runs = [{"dev": {"sst": 0.5, "para": 0.8, "sts": 0.9}, "wall_time_s": 400.0, "train_time_s": 500.0, "seed": 0,
+             "run_name": "a", "device": "cpu"}]
+    _, v = experiments.best_summary(runs)
+    assert v["training_minutes"] is None and v["training_within_target"] is None
+
+
 def test_best_config():
     c = experiments.best_config(epochs=3, data_dir="")
     assert isinstance(c, TrainConfig) and c.epochs == 3 and c.val_fraction == 0.1 and c.data_dir is None

@@ -322,4 +322,15 @@ def test_layer_lr_decay_survives_the_epoch_decay_and_a_resume(tiny_config, tmp_p
     full = train(config)
     part = tiny_config(tmp_path / "b", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
     assert train(part, max_epochs=1)["status"] == "interrupted"
-    assert train(part, resume=True)["dev"] == full["dev"]
+    resumed = train(part, resume=True)
+    assert resumed["dev"] == full["dev"]
+    # the wall time counts both sessions: at least the training loop's own time, which spans both
+    assert full["resumes"] == 0 and resumed["resumes"] == 1 and resumed["wall_time_complete"]
+    assert resumed["wall_time_s"] >= resumed["train_time_s"] > 0
+    # a checkpoint written before wall time was recorded: the earlier session's wall time is not known
+    old = tiny_config(tmp_path / "c", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
+    ckpt = Path(train(old, max_epochs=1)["checkpoint"])
+    state = torch.load(ckpt, weights_only=False)
+    del state["wall_time"], state["resumes"]
+    torch.save(state, ckpt)
+    assert train(old, resume=True)["wall_time_complete"] is False
