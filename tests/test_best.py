@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -115,12 +116,17 @@ def test_ensemble_table_from_the_smoke_runs(best_run):
         experiments.ensemble_table([{**runs[0], "selection": {"epoch": 1}}])
 
 
-def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, one_thread):
+def _load_benchmark(name: str):
     import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "best_ablation.py"
-    spec = importlib.util.spec_from_file_location("best_ablation", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, one_thread):
+    mod = _load_benchmark("best_ablation")
     args = ["--encoder", "tiny", "--data-dir", str(small_data_dir), "--max-train", "40", "--max-dev", "16",
             "--epochs", "2", "--out", str(tmp_path)]
     mod.main(["--change", "no_para_swap", *args])
@@ -140,6 +146,12 @@ def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, o
     # a variant whose settings are the profile's is not trained twice
     mod.main(["--change", "para_swap", *args])
     assert "para_swap" not in json.loads((tmp_path / "ablation.json").read_text())["variants"]
+    # the runs' dev outputs averaged (benchmarks/best_run_ensemble.py): each member's dev is its run's
+    ens = _load_benchmark("best_run_ensemble").main(["--best", str(tmp_path)])
+    assert json.loads((tmp_path / "run_ensemble.json").read_text())["dev"] == ens["dev"]
+    for name, member in ens["members"].items():
+        assert member["dev"] == pytest.approx(summary[name]["dev"], abs=1e-6)
+    assert ens["training_minutes_total"] == pytest.approx(sum(v["train_loop_minutes"] for v in summary.values()))
 
 
 def test_ablation_table_by_hand():
@@ -151,3 +163,38 @@ def test_ablation_table_by_hand():
     assert table.loc[0, "dev para"] == 0.7 and table.loc[0, "val mean"] == pytest.approx(2.2 / 3)
     with pytest.raises(ValueError, match="no variants"):
         experiments.ablation_table({"variants": {}})
+
+
+def test_run_ensemble_averages_probabilities_and_scores_dev_by_hand(tmp_path):
+    mod = _load_benchmark("best_run_ensemble")
+    ids = ["a", "b", "c", "d"]
+    gold = {"sst": [0, 1, 2, 3], "para": [1, 0, 1, 0], "sts": [0.0, 1.0, 2.0, 3.0]}
+    # run x: right on SST a, b; run y: right on c, d but unsure: the average of probabilities decides
+    log = lambda p: np.log(np.clip(p, 1e-20, 1))
+    sst_x = log([[.9, .1, 0, 0, 0], [.1, .9, 0, 0, 0], [.6, 0, .4, 0, 0], [.6, 0, 0, .4, 0]])
+    sst_y = log([[.4, .6, 0, 0, 0], [.6, .4, 0, 0, 0], [0, 0, .9, .1, 0], [0, 0, .1, .9, 0]])
+    para = {"x": [2.0, -1.0, -0.5, 1.0], "y": [-1.0, 3.0, 2.0, -3.0]}
+    sts = {"x": [0.1, 0.2, 0.3, 0.4], "y": [0.1, 0.3, 0.2, 0.5]}
+    for run, sst in (("x", sst_x), ("y", sst_y)):
+        d = tmp_path / run
+        d.mkdir()
+        pd.DataFrame({"id": ids, **{f"raw_{k}": sst[:, k] for k in range(5)}, "pred": 0, "gold": gold["sst"]}
+                     ).to_csv(d / "sst-dev-scores.csv", index=False)
+        pd.DataFrame({"id": ids, "raw": para[run], "pred": 0, "gold": gold["para"]}).to_csv(d / "para-dev-scores.csv", index=False)
+        pd.DataFrame({"id": ids, "raw": sts[run], "pred": 0, "gold": gold["sts"]}).to_csv(d / "sts-dev-scores.csv", index=False)
+    runs = {n: {"run_name": n, "sts_head": "cosine", "minutes": 40.0} for n in ("x", "y")}
+    out = mod.run_ensemble(runs, tmp_path)
+    assert out["members"]["x"]["dev"]["sst"] == 0.5 and out["members"]["y"]["dev"]["sst"] == 0.5
+    assert out["dev"]["sst"] == 1.0  # averaged probabilities: .65/.35, .35/.65 for a, b; .45 vs .65 for c, d
+    # para: mean sigmoid > 0.5 for a (0.88, 0.27), b (0.27, 0.95), c (0.38, 0.88), not d (0.73, 0.05): a, c, d right
+    assert out["members"]["x"]["dev"]["para"] == 0.5 and out["dev"]["para"] == 0.75
+    assert out["dev"]["sts"] == pytest.approx(np.corrcoef([0.1, 0.25, 0.25, 0.45], gold["sts"])[0, 1], abs=1e-6)
+    assert out["training_minutes_total"] == 80.0 and out["size"] == 2
+    assert out["dev_best_member"]["sst"] == 0.5
+    with pytest.raises(ValueError, match="at least 2"):
+        mod.run_ensemble({"x": runs["x"]}, tmp_path)
+    (tmp_path / "y" / "para-dev-scores.csv").write_text("id,raw,pred,gold\nd,1,1,0\nc,1,1,1\nb,1,1,0\na,1,1,1\n")
+    with pytest.raises(ValueError, match="other dev examples"):
+        mod.run_ensemble(runs, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no dev outputs"):
+        mod.run_ensemble({**runs, "z": {"run_name": "z", "sts_head": "cosine", "minutes": 1.0}}, tmp_path)
