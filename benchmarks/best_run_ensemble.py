@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtbert_utils import TASKS  # noqa: E402
-from mtbert_utils.evaluation import combine_outputs  # noqa: E402
+from mtbert_utils.evaluation import ensemble_prediction  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
 from mtbert_utils.tasks import TASK_SPECS, predictions_from_outputs  # noqa: E402
 
@@ -51,19 +51,15 @@ def run_ensemble(runs: dict[str, dict], pred_root: Path) -> dict:
     sts_head = heads.pop()
     for task in TASKS:
         metric = TASK_SPECS[task].metric
-        ids, raws, gold = None, [], None
+        members = []
         for name, m in runs.items():
-            i, raw, g = read_dev_outputs(pred_root / m["run_name"], task)
-            if ids is None:
-                ids, gold = i, g
-            elif i != ids:
-                raise ValueError(f"{task}: run {m['run_name']} predicted other dev examples (or another order)")
-            raws.append(raw)
+            ids, raw, gold = read_dev_outputs(pred_root / m["run_name"], task)
+            members.append({"ids": ids, "raw": raw, "gold": gold})
             pred = predictions_from_outputs(task, torch.as_tensor(raw), sts_head)
             out["members"].setdefault(name, {"run_name": m["run_name"], "dev": {}})["dev"][task] = float(metric(pred, gold))
-        avg = combine_outputs(task, raws)
-        pred = predictions_from_outputs(task, torch.as_tensor(avg), sts_head)
-        out["dev"][task] = float(metric(pred, gold))
+        # the same averaging as a snapshot ensemble; it refuses members that predicted other examples
+        avg = ensemble_prediction(task, members, sts_head)
+        out["dev"][task] = float(metric(avg["pred"], members[0]["gold"]))
         out["dev_best_member"][task] = max(v["dev"][task] for v in out["members"].values())
     out["training_minutes_total"] = sum(m["minutes"] for m in runs.values())
     out["size"] = len(runs)

@@ -194,7 +194,7 @@ def test_run_ensemble_averages_probabilities_and_scores_dev_by_hand(tmp_path):
     with pytest.raises(ValueError, match="at least 2"):
         mod.run_ensemble({"x": runs["x"]}, tmp_path)
     (tmp_path / "y" / "para-dev-scores.csv").write_text("id,raw,pred,gold\nd,1,1,0\nc,1,1,1\nb,1,1,0\na,1,1,1\n")
-    with pytest.raises(ValueError, match="other dev examples"):
+    with pytest.raises(ValueError, match="predicted different examples"):
         mod.run_ensemble(runs, tmp_path)
     with pytest.raises(FileNotFoundError, match="no dev outputs"):
         mod.run_ensemble({**runs, "z": {"run_name": "z", "sts_head": "cosine", "minutes": 1.0}}, tmp_path)
