@@ -31,8 +31,7 @@ CHANGES = {
     "no_para_swap": {"para_swap": False},
     "encoder_dropout_0.1": {"encoder_dropout": None},  # the checkpoint's own dropout inside the encoder
     # layer-wise lr decay x0.8 per layer down from a top-layer rate of 3e-5 (the embeddings at 0.8 ** 6 of it)
-    "layer_lr_decay_0.8": {"layer_lr_decay": 0.8,
-                           "lr": {"encoder": 3e-5, "shared": 1e-4, "sst": 9.5e-4, "para": 1e-4, "sts": 4e-5}},
+    "layer_lr_decay_0.8": {"layer_lr_decay": 0.8, "lr": {**experiments.BEST["lr"], "encoder": 3e-5}},
     # the first `best` profile (commit cb5a20d): 4 epochs, encoder dropout 0.1, foreach AdamW, one epoch for all
     # tasks chosen by the validation mean; its run is committed, so this reuses it
     "first_profile": {"epochs": 4, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
