@@ -162,10 +162,24 @@ def read_task_file(path, task, strict=False):
 # locating and downloading the data
 
 def resolve_data_dir(data_dir=None):
-    """The data_dir argument, else $MTBERT_DATA_DIR, else ./data."""
+    """The data_dir argument, else $MTBERT_DATA_DIR, else the repository's data/ folder.
+
+    The repository's data/ is found from wherever the caller runs: ./data, or data/ beside the notebooks/
+    folder of an enclosing directory (a notebook runs in notebooks/, in a terminal, JupyterLab or Colab).
+    Relative paths are relative to the current directory."""
     if data_dir is None:
-        data_dir = os.environ.get(ENV_VAR) or "data"
+        data_dir = os.environ.get(ENV_VAR) or default_data_dir()
     return Path(data_dir).expanduser().resolve()
+
+
+def default_data_dir() -> Path:
+    """./data if it exists, else data/ of the nearest enclosing folder that has notebooks/ and data/ (the
+    repository root seen from notebooks/), else ./data (which then fails with the usual message)."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "data").is_dir() and (folder == here or (folder / "notebooks").is_dir()):
+            return folder / "data"
+    return here / "data"
 
 
 def missing_files(data_dir, tasks=TASKS, splits=("train", "dev")):
@@ -555,11 +569,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mtbert_utils.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", help="download the task files and check their sha256")
-    d.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR} or ./data)")
+    d.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR}, else the repository's data/)")
     d.add_argument("--overwrite", action="store_true", help="download even if present")
     d.add_argument("--names", nargs="*", default=None, help="only these files")
     c = sub.add_parser("check", help="print sizes and skipped rows per task")
-    c.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR} or ./data)")
+    c.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR}, else the repository's data/)")
     args = p.parse_args(argv)
 
     if args.cmd == "download":

@@ -15,11 +15,15 @@ parameters and the same code (package sources + notebook) is skipped; `--force` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from mtbert_utils.results import REPO_ROOT, write_json
 
@@ -149,6 +153,60 @@ def is_complete(results_dir: Path, name: str, params: dict, version: str) -> boo
     return done.get("params") == json.loads(json.dumps(params)) and done.get("code_version") == version
 
 
+def absolute_path(path: str) -> str:
+    """A relative path given by the caller, made absolute against the caller's working directory (the
+    notebooks run in notebooks/, where the same relative path would point elsewhere)."""
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def with_absolute_data_dir(params: dict) -> dict:
+    """The parameters as papermill gets them: a relative data_dir resolved against the caller's directory."""
+    return {**params, "data_dir": absolute_path(params["data_dir"])} if params.get("data_dir") else params
+
+
+@contextlib.contextmanager
+def absolute_data_env() -> Iterator[None]:
+    """$MTBERT_DATA_DIR resolved once, here, against the caller's working directory, for every notebook
+    kernel this run starts; the caller's environment is restored afterwards."""
+    from mtbert_utils.data import ENV_VAR
+    given = os.environ.get(ENV_VAR)
+    if given:
+        os.environ[ENV_VAR] = absolute_path(given)
+    try:
+        yield
+    finally:
+        if given:
+            os.environ[ENV_VAR] = given
+
+
+def failed_copy_path(out: Path) -> Path:
+    return out.with_name(out.name.replace(".ipynb", ".failed.ipynb"))
+
+
+def execute(pm, name: str, nb_path: Path, out: Path, params: dict, kernel, log_output: bool) -> None:
+    """Run one notebook into `out`. It is executed into a side file first: only a successful run replaces
+    the last good executed copy; a failed one is kept beside it as `{name}.failed.ipynb`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed, running = failed_copy_path(out), out.with_name(f".{out.stem}.running.ipynb")
+    try:
+        try:
+            pm.execute_notebook(str(nb_path), str(running), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                kernel_name=kernel, progress_bar=False, log_output=log_output)
+        except BaseException:
+            if running.exists():
+                os.replace(running, failed)
+            raise
+    except pm.PapermillExecutionError as e:
+        raise ReproduceError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                             f"the executed copy with the traceback is {failed}"
+                             f"{'; the last good one is still ' + str(out) if out.exists() else ''}") from None
+    except Exception as e:
+        where = f"; see {failed}" if failed.exists() else ""
+        raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}){where}") from None
+    os.replace(running, out)
+    failed.unlink(missing_ok=True)  # the notebook runs now: an older failure is history
+
+
 def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
         out_root: str | Path | None = None, force: bool = False, kernel: str | None = None,
         log_output: bool = False) -> list[dict]:
@@ -177,33 +235,32 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
 
     records = []
     bar = tqdm(plan, desc=f"profile {profile['_name']}", unit="notebook")
-    for name, params in bar:
-        bar.set_postfix_str(name)
-        nb_path = notebook_path(name)
-        version = code_version(nb_path)
-        if not force and is_complete(results_dir, name, params, version):
-            tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
-            records.append({"notebook": name, "status": "skipped"})
-            continue
-        out = results_dir / "executed" / f"{name}.ipynb"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        try:
-            pm.execute_notebook(str(nb_path), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
-                                kernel_name=kernel, progress_bar=False, log_output=log_output)
-        except pm.PapermillExecutionError as e:
-            raise ReproduceError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                                 f"the executed copy with the traceback is {out}") from None
-        except Exception as e:
-            raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}); see {out}") from None
-        record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
-                  "params": params, "code_version": version, "profile": profile["_name"]}
-        write_json(manifest_path(results_dir, name), record)
-        tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
-        records.append(record)
+    with absolute_data_env():
+        for name, params in bar:
+            bar.set_postfix_str(name)
+            records.append(run_notebook(pm, profile, name, params, results_dir, force, kernel, log_output))
     write_json(results_dir / "executed" / "reproduce-log.json",
                {"profile": profile["_name"], "notebooks": records, "overrides": overrides})
     return records
+
+
+def run_notebook(pm, profile: dict, name: str, params: dict, results_dir: Path, force: bool, kernel,
+                 log_output: bool) -> dict:
+    """Execute one notebook of a profile unless it is complete; its manifest records the parameters as given."""
+    from tqdm.auto import tqdm
+    nb_path = notebook_path(name)
+    version = code_version(nb_path)
+    if not force and is_complete(results_dir, name, params, version):
+        tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
+        return {"notebook": name, "status": "skipped"}
+    t0 = time.time()
+    execute(pm, name, nb_path, results_dir / "executed" / f"{name}.ipynb", with_absolute_data_dir(params),
+            kernel, log_output)
+    record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
+              "params": params, "code_version": version, "profile": profile["_name"]}
+    write_json(manifest_path(results_dir, name), record)
+    tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
+    return record
 
 
 def main(argv=None) -> int:
