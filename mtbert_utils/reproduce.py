@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from mtbert_utils import results
 from mtbert_utils.results import REPO_ROOT, write_json
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -120,9 +121,9 @@ def notebook_params(profile: dict, name: str, overrides: dict, results_dir: Path
     for key, value in params.items():
         _check_type(name, key, value, declared[key])
     if "results_dir" in declared:
-        params["results_dir"] = str(results_dir)
+        params["results_dir"] = notebook_relative(results_dir)
     if "figures_dir" in declared:
-        params["figures_dir"] = str(figures_dir)
+        params["figures_dir"] = notebook_relative(figures_dir)
     if "profile" in declared:
         params["profile"] = profile["_name"]
     return params
@@ -164,19 +165,39 @@ def with_absolute_data_dir(params: dict) -> dict:
     return {**params, "data_dir": absolute_path(params["data_dir"])} if params.get("data_dir") else params
 
 
+# what the notebook kernels get: no progress-bar frames in the executed copies (one line per epoch is
+# printed by the training loop itself); a person running a notebook by hand still sees live bars
+QUIET_KERNEL_ENV = {"MTBERT_PROGRESS": "lines", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 @contextlib.contextmanager
-def absolute_data_env() -> Iterator[None]:
-    """$MTBERT_DATA_DIR resolved once, here, against the caller's working directory, for every notebook
-    kernel this run starts; the caller's environment is restored afterwards."""
+def kernel_env() -> Iterator[None]:
+    """The environment of every notebook kernel this run starts: $MTBERT_DATA_DIR resolved once, here,
+    against the caller's working directory, and no progress bars. The caller's environment is restored."""
     from mtbert_utils.data import ENV_VAR
-    given = os.environ.get(ENV_VAR)
-    if given:
-        os.environ[ENV_VAR] = absolute_path(given)
+    saved = {k: os.environ.get(k) for k in (ENV_VAR, *QUIET_KERNEL_ENV)}
+    os.environ.update(QUIET_KERNEL_ENV)
+    if saved[ENV_VAR]:
+        os.environ[ENV_VAR] = absolute_path(saved[ENV_VAR])
     try:
         yield
     finally:
-        if given:
-            os.environ[ENV_VAR] = given
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def notebook_relative(path: Path) -> str:
+    """A folder as a notebook parameter: relative to notebooks/ (where the kernel runs) when it is inside the
+    repository, so executed copies and result files name no machine's paths; else absolute."""
+    path = path.resolve()
+    try:
+        path.relative_to(REPO_ROOT)
+    except ValueError:
+        return str(path)
+    return os.path.relpath(path, NOTEBOOK_DIR)
 
 
 def failed_copy_path(out: Path) -> Path:
@@ -203,7 +224,9 @@ def execute(pm, name: str, nb_path: Path, out: Path, params: dict, kernel, log_o
     except Exception as e:
         where = f"; see {failed}" if failed.exists() else ""
         raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}){where}") from None
-    os.replace(running, out)
+    nb = json.loads(running.read_text(encoding="utf-8"))  # papermill records input/output paths: make them travel
+    write_json(out, results.relativize(nb))
+    running.unlink()
     failed.unlink(missing_ok=True)  # the notebook runs now: an older failure is history
 
 
@@ -235,7 +258,7 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
 
     records = []
     bar = tqdm(plan, desc=f"profile {profile['_name']}", unit="notebook")
-    with absolute_data_env():
+    with kernel_env():
         for name, params in bar:
             bar.set_postfix_str(name)
             records.append(run_notebook(pm, profile, name, params, results_dir, force, kernel, log_output))
