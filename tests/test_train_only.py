@@ -1,0 +1,55 @@
+"""reproduce --train-only: a profile's runs trained N at a time without papermill; the notebooks then train nothing."""
+
+import json
+
+import pytest
+
+from mtbert_utils import reproduce
+
+
+def run_files(results_dir):
+    """Training result files (zero-shot rows are evaluated by notebook 04 each time, not trained) -> bytes."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (results_dir / "runs").glob("*.json")
+            if not p.name.startswith("zero-shot")}
+
+
+@pytest.mark.slow
+def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert reproduce.main(["--profile", "smoke", "--train-only", "--jobs", "2", "--out", str(tmp_path)]) == 0
+    results = tmp_path / "results" / "smoke"
+    log = json.loads((results / "executed" / "train-only.json").read_text())
+    assert (log["trained"], log["reused"], log["failed"], log["jobs"]) == (12, 0, 0, 2)
+    trained = run_files(results)
+    assert sorted(trained) == sorted(f"{r['run_name']}.json" for r in log["runs"])
+
+    again = reproduce.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
+    assert (again["trained"], again["reused"]) == (0, 12)
+
+    reproduce.run("smoke", out_root=tmp_path)  # the notebooks, with papermill: they find every run
+    assert run_files(results) == trained  # no run file added, rewritten or retrained
+    assert not list((results / "runs" / "checkpoints").glob("*")) if (results / "runs" / "checkpoints").exists() else True
+    assert (results / "table1.csv").exists()
+
+
+def test_shard_arithmetic():
+    assert reproduce.parse_shard("0/8") == (0, 8)
+    assert reproduce.parse_shard("7/8") == (7, 8)
+    for bad in ("8/8", "-1/8", "1/0", "3", "a/b"):
+        with pytest.raises(reproduce.ReproduceError, match="--shard"):
+            reproduce.parse_shard(bad)
+    runs = list(range(18))
+    shards = [runs[k::8] for k in range(8)]  # what train_only takes of each stage's list
+    assert sorted(r for s in shards for r in s) == runs  # every run once, in exactly one shard
+    assert shards[3] == [3, 11]
+
+
+def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path, capsys):
+    """The shards' lists, together, are the whole list, each run in exactly one shard (nothing trains here)."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    whole = reproduce.train_only("smoke", out_root=tmp_path, list_only=True)
+    parts = [reproduce.train_only("smoke", out_root=tmp_path, list_only=True, shard=(k, 5)) for k in range(5)]
+    names = [r["run_name"] for p in parts for r in p["runs"]]
+    assert sorted(names) == sorted(r["run_name"] for r in whole["runs"]) and len(set(names)) == len(names) == 12
+    assert not (tmp_path / "results").exists()  # listing writes nothing
