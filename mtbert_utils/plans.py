@@ -53,9 +53,9 @@ def rr_oversampling(*, encoder, data_dir, max_train, max_dev, batch_size, epochs
 def cosine_sts(*, encoder, data_dir, max_train, max_dev, batch_size, phases, lr_decay_epochs, progress) -> dict:
     """04: the tuned setup with the cosine STS head, and the same with the linear head."""
     tuned = make_config("tuned", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                  batch_size=batch_size, progress=progress, schedule="rr_over", phases=phases,
-                  lr_decay_epochs=lr_decay_epochs, sts_head="cosine", record_grad_cosines=True,
-                  write_predictions=True, name="rr_over-tuned-cosine")
+                        batch_size=batch_size, progress=progress, schedule="rr_over", phases=phases,
+                        lr_decay_epochs=lr_decay_epochs, sts_head="cosine", record_grad_cosines=True,
+                        write_predictions=True, name="rr_over-tuned-cosine")
     linear = replace(tuned, sts_head="linear", sts_loss=None, write_predictions=False, name="rr_over-tuned-linear")
     return {"rr_over-tuned-cosine": tuned, "rr_over-tuned-linear": linear}
 
@@ -85,7 +85,7 @@ def best_model(*, encoder, data_dir, epochs, max_train, max_dev, progress) -> di
 def samplers_single(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, progress) -> dict:
     """09, stage 1: one single-task rr_over run per task (the adaptive sampler's reference scores)."""
     base = make_config("baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                 batch_size=batch_size, progress=progress, phases=[[epochs, True]])
+                       batch_size=batch_size, progress=progress, phases=[[epochs, True]])
     return {t: replace(base, schedule="rr_over", train_tasks=[t], name=f"single-{t}") for t in TASKS}
 
 
@@ -100,7 +100,7 @@ def samplers_epochs(reference: dict, *, encoder, data_dir, max_train, max_dev, b
     """09, stage 2: every sampler for the same number of epochs. `reference`: experiments.adaptive_reference
     of stage 1's runs."""
     base = make_config("baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                 batch_size=batch_size, progress=progress, phases=[[epochs, True]])
+                       batch_size=batch_size, progress=progress, phases=[[epochs, True]])
     return {s: _sampler_config(base, s, epochs, temperature=temperature, adaptive_power=adaptive_power,
                                reference=reference, name=f"{s}-epochs") for s in samplers}
 
@@ -124,7 +124,7 @@ def samplers_budget(epoch_runs: dict, reference: dict, *, encoder, data_dir, max
     ({sampler: [run per seed]}); reads the training-set sizes (the data folder must be there)."""
     from mtbert_utils.schedules import get_schedule
     base = make_config("baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                 batch_size=batch_size, progress=progress, phases=[[epochs, True]])
+                       batch_size=batch_size, progress=progress, phases=[[epochs, True]])
     sizes = experiments.train_sizes(base)
     num_batches = experiments.batches_per_epoch(sizes, batch_size)
     sequential_examples = sum(sizes.values()) * epochs  # sequential sees every training example once per epoch
@@ -155,7 +155,7 @@ def sigma_and_order(*, encoder, data_dir, max_train, max_dev, batch_size, epochs
                     progress) -> SigmaOrder:
     """10: reads the training-set sizes (sigma 'max' is the largest task's batches per epoch)."""
     base = make_config("baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                 batch_size=batch_size, progress=progress, phases=[[epochs, True]])
+                       batch_size=batch_size, progress=progress, phases=[[epochs, True]])
     num_batches = experiments.batches_per_epoch(experiments.train_sizes(base), batch_size)
     sigma_values = list(dict.fromkeys(experiments.resolve_sigma(s, num_batches) for s in sigmas))  # distinct counts
     order_list = [list(o) for o in (orders or itertools.permutations(TASKS))]
@@ -170,8 +170,8 @@ def pcgrad_weights(*, encoder, data_dir, max_train, max_dev, batch_size, phases,
                    weightings, progress) -> dict:
     """11: per task weighting, the tuned cosine setup without ('plain') and with PCGrad; keys (label, arm)."""
     base = make_config("tuned", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
-                 batch_size=batch_size, progress=progress, schedule="rr_over", phases=phases,
-                 lr_decay_epochs=lr_decay_epochs, sts_head="cosine", record_grad_cosines=True)
+                       batch_size=batch_size, progress=progress, schedule="rr_over", phases=phases,
+                       lr_decay_epochs=lr_decay_epochs, sts_head="cosine", record_grad_cosines=True)
     configs = {}
     for w in weightings:
         weights = {t: float(w[t]) for t in TASKS}

@@ -353,6 +353,12 @@ def _cost(config) -> float:
 def _init_worker(threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
+    try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _train_worker(config_dict: dict) -> dict:
@@ -403,7 +409,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
         jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
     with absolute_data_env(), pool:
         for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
-            wave, seen = [], set()
+            wave, seen = [], set()  # (notebook, key, config) of this stage, each run once
             for nb, p in params.items():
                 if stage >= len(plans.STAGES[nb]):
                     continue
@@ -451,7 +457,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
                 earlier[nb] = None if any(r is None for rs in runs.values() for r in rs) else earlier[nb] + [runs]
     count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
     summary = {"profile": profile["_name"], "shard": f"{k}/{n}", "jobs": jobs, "threads_per_job": threads,
-               "minutes": round((time.time() - t_start) / 60, 2), **count, "waiting_for_other_shards": blocked,
+               "minutes": round((time.time() - t_start) / 60, 2), **count, "not_listed": blocked,
                "overrides": overrides or {}, "minilm_dir": os.environ.get("MTBERT_MINILM_DIR"), "runs": records}
     if not list_only:
         suffix = f"-shard{k}of{n}" if n > 1 else ""
@@ -467,8 +473,9 @@ def print_summary(summary: dict) -> None:
     for r in summary["runs"]:
         if r["status"] == "failed":
             print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")
-    if summary["waiting_for_other_shards"]:
-        print(f"  not listed yet (they need earlier runs not here): {', '.join(summary['waiting_for_other_shards'])}")
+    if summary["not_listed"]:
+        print(f"  not listed: {', '.join(summary['not_listed'])} (they need earlier runs that are not all here: "
+              f"failed, or trained by another shard; collect the run files and call again)")
 
 
 def main(argv=None) -> int:
