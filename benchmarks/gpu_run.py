@@ -104,10 +104,13 @@ def snapshot(root: Path) -> dict[str, tuple[float, int]]:
     return found
 
 
+JOB_START = time.time()
+
+
 def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dict, cwd: Path) -> dict:
     """Run `cmd` into log_dir/{name}.log; at the deadline its whole process group is terminated."""
     t0 = time.time()
-    record = {"step": name, "command": " ".join(cmd), "started_s": None}
+    record = {"step": name, "command": " ".join(cmd), "started_s": round(t0 - JOB_START, 1)}
     left = deadline - t0
     if left <= 5:
         return {**record, "status": "skipped (no time left)"}
@@ -161,8 +164,9 @@ def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
 
 
 def run(args) -> int:
+    global JOB_START
     from mtbert_utils.reproduce import load_profile
-    t0 = time.time()
+    t0 = JOB_START = time.time()
     deadline = t0 + args.budget
     out = Path(args.out or os.environ.get("OUT") or "gpu_out")
     out.mkdir(parents=True, exist_ok=True)
