@@ -54,3 +54,11 @@ def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path,
     names = [r["run_name"] for p in parts for r in p["runs"]]
     assert sorted(names) == sorted(r["run_name"] for r in whole["runs"]) and len(set(names)) == len(names) == 12
     assert not (tmp_path / "results").exists()  # listing writes nothing
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: several runs share one GPU")
+def test_train_only_runs_share_one_gpu(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    summary = reproduce.train_only("smoke", overrides={"seeds": [0]}, out_root=tmp_path, jobs=3)
+    assert summary["failed"] == 0 and summary["trained"] == 6
+    assert {r["device"] for r in summary["runs"]} == {"cuda"}
