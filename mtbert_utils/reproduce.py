@@ -350,8 +350,9 @@ def _cost(config) -> float:
     return config.epochs * steps_per_batch * (1.5 if config.pcgrad else 1.0)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, env: dict) -> None:
     import torch
+    os.environ.update(env)
     torch.set_num_threads(threads)
     try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
         import ctypes
@@ -404,10 +405,13 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     earlier: dict[str, list | None] = {nb: [] for nb in params}
     threads = max(1, usable_cores() // jobs)
     records, blocked, t_start = [], [], time.time()
+    from mtbert_utils.data import ENV_VAR
+    # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
+    env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
     pool = contextlib.nullcontext() if list_only else ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
-    with absolute_data_env(), pool:
+        jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, env))
+    with pool:
         for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
             wave, seen = [], set()  # (notebook, key, config) of this stage, each run once
             for nb, p in params.items():
