@@ -117,7 +117,7 @@ def _next_record(lines, i):
         return None, "bad_quoting"
 
 
-def read_task_file(path, task, strict=False):
+def read_task_file(path, task, strict=False, *, warn=True):
     """Read one task file. Bad rows are skipped and counted (strict=True: raise on the first).
 
     Returns (examples, report); report has path, kept, skipped {reason: count},
@@ -216,7 +216,7 @@ def read_task_file(path, task, strict=False):
         examples = [ex for ex in examples if ex.id not in conflicted]
     first_lines = {r: sorted(ls)[:5] for r, ls in first_lines.items()}
     duplicates = dict(list(dup_lines.items())[:5])
-    if skipped:  # one warning per file, not per row
+    if skipped and warn:  # one warning per file, not per row (the report always has them)
         detail = "; ".join(f"{r}: {n} (lines {first_lines[r]})" for r, n in skipped.items())
         if duplicates:
             detail += f"; duplicate ids (lines): {duplicates}"
@@ -382,13 +382,15 @@ def _per_task(value, task):
     return value.get(task) if isinstance(value, dict) else value
 
 
-def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=False):
+def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=False, *, warn=True):
+    """warn=False: skipped rows only in the reports (training records them in its result file; notebook 00
+    shows them), not as a warning every time a run loads the data."""
     _check_task(task)
     data_dir = check_data_dir(data_dir, (task,))
     files, reports, sources = FILES[task], {}, {}
 
     def read(name):
-        examples, reports[name] = read_task_file(data_dir / name, task, strict)
+        examples, reports[name] = read_task_file(data_dir / name, task, strict, warn=warn)
         return examples
 
     if (data_dir / files["train"]).is_file():
@@ -413,12 +415,20 @@ def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=
     return TaskData(task, train, dev, test, sources, reports)
 
 
-def load_tasks(data_dir=None, tasks=TASKS, max_train=None, max_dev=None, seed=0, strict=False):
+def load_tasks(data_dir=None, tasks=TASKS, max_train=None, max_dev=None, seed=0, strict=False, *, warn=True):
     """load_task for each task, after checking the data dir once (all missing files in one error)."""
     for task in tasks:
         _check_task(task)
     data_dir = check_data_dir(data_dir, tasks)
-    return {task: load_task(task, data_dir, max_train, max_dev, seed, strict) for task in tasks}
+    return {task: load_task(task, data_dir, max_train, max_dev, seed, strict, warn=warn) for task in tasks}
+
+
+def source_line(data_dir=None) -> str:
+    """The data source in one line, for the notebooks after 00 (which shows the skipped-row report)."""
+    folder = check_data_dir(data_dir)
+    carved = "" if (folder / FILES["para"]["train"]).is_file() else f"; para train/dev carved 80/20 from {FILES['para']['dev']}"
+    return (f"data: CS224N files in {os.path.relpath(folder)}{carved}; rows the loader skips are listed by notebook 00 "
+            f"(results/data_skipped_rows.csv) and counted in every run's result file")
 
 
 # -----------------------------------------------------------------------------

@@ -77,3 +77,18 @@ def test_failed_rerun_keeps_the_last_good_executed_notebook(data_dir, tmp_path, 
     assert not list(executed.glob(".*running*"))
     reproduce.run("smoke", only=["00_data"], out_root=tmp_path, force=True)  # a good run clears the failure
     assert not failed.exists()
+
+
+def test_runs_load_the_data_quietly_and_notebooks_state_the_source_in_one_line(data_dir, monkeypatch):
+    """Skipped rows are warned about where a person reads the data (notebook 00, read_task_file by hand), not
+    every time a run loads it; the one-line source names the folder relative to where the notebook runs."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        tasks = data.load_tasks(data_dir, tasks=("para",), warn=False)
+    assert sum(tasks["para"].reports["quora-dev.csv"]["skipped"].values()) == 2  # still reported
+    with pytest.warns(UserWarning, match="skipped 2 bad rows"):
+        data.load_tasks(data_dir, tasks=("para",))
+    monkeypatch.chdir(data_dir.parent)
+    line = data.source_line(data_dir)
+    assert "\n" not in line and f"in {data_dir.name};" in line and not Path(line.split()[4]).is_absolute()
