@@ -108,3 +108,79 @@ def test_cosine_embedding_loss_defaults_are_the_studys():
     v = torch.stack([cos, (1 - cos**2).sqrt()], 1)
     expected = F.cosine_embedding_loss(u, v, target, margin=0.0)
     torch.testing.assert_close(sts_cosine_embedding_loss(cos, scores), expected)
+
+
+def test_temperature_default_and_infinite_temperature():
+    """The default T is 2 (p ∝ sqrt(N)); T = inf is allowed and samples uniformly."""
+    p = get_schedule("temperature").probabilities({"sst": 1, "para": 4, "sts": 9})
+    assert p == pytest.approx({"sst": 1 / 6, "para": 2 / 6, "sts": 3 / 6})
+    inf = get_schedule("temperature", T=float("inf"))
+    assert inf.probabilities(NB) == pytest.approx({t: 1 / 3 for t in NB})
+    with pytest.raises(ValueError, match="^T must be a positive number, got 0"):
+        get_schedule("temperature", T=0)
+
+
+@pytest.mark.parametrize("epochs", [0, 2.0, True])
+def test_annealed_needs_an_int_number_of_epochs(epochs):
+    with pytest.raises(ValueError, match=r"epochs \(total number of epochs\) must be an int >= 1"):
+        get_schedule("annealed", epochs=epochs)
+
+
+def test_annealed_names_an_epoch_outside_the_schedule():
+    with pytest.raises(ValueError, match=r"epoch 3 outside \[0, 3\) for annealed schedule"):
+        get_schedule("annealed", epochs=3).alpha(3)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"reference": [("sst", 0.5)]}, "reference must be a non-empty dict"),
+    ({"reference": {}}, "reference must be a non-empty dict"),
+    ({"reference": {"sst": -0.1}}, r"reference\['sst'\] must be a positive number"),
+    ({"reference": {"sst": 0.5}, "power": 0}, "^power must be a positive number"),
+    ({"reference": {"sst": 0.5}, "eps": -1}, "^eps must be a positive number"),
+])
+def test_adaptive_rejects_bad_params_by_name(kw, message):
+    with pytest.raises(ValueError, match=message):
+        get_schedule("adaptive", **kw)
+
+
+def test_adaptive_task_without_a_score_counts_as_on_target():
+    """ratio 1 for a task not yet scored, so a partial update moves only the scored task's weight."""
+    s = get_schedule("adaptive", reference={"sst": 0.5, "para": 0.8, "sts": 0.7})
+    assert s.ratio("para") == 1.0
+    s.update({"sst": 0.25})  # half its reference: weight 2, the unscored tasks weight 1
+    assert s.probabilities(NB) == pytest.approx({"sst": 0.5, "para": 0.25, "sts": 0.25})
+
+
+def test_adaptive_needs_a_reference_for_every_scheduled_task():
+    s = get_schedule("adaptive", reference={"sst": 0.5, "para": 0.8})
+    with pytest.raises(ValueError, match=r"no reference score for \['sts'\]"):
+        s.probabilities(NB)
+
+
+# --------------------------------------------------------------------------- statistics and metrics in float64
+
+
+def test_statistics_are_computed_in_float64_whatever_the_input_dtype():
+    """Scores that arrive as float16/float32 arrays (a tensor's .numpy()) are summarised in float64:
+    the result equals that of the same values given as float64."""
+    import numpy as np
+    from mtbert_utils.stats import mean_ci, paired_comparison
+    from mtbert_utils.tasks import pearson
+
+    a = np.array([0.4121, 0.4478, 0.5012, 0.3987], dtype=np.float16)
+    b = np.array([0.3990, 0.4502, 0.4611, 0.3866], dtype=np.float16)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert mean_ci(a) == pytest.approx(mean_ci(a64), rel=1e-12)
+    for x, y in ((a, b64), (a64, b)):
+        got, want = paired_comparison(x, y), paired_comparison(a64, b64)
+        assert got == pytest.approx(want, rel=1e-12)
+    assert pearson(a, b64) == pytest.approx(pearson(a64, b64), rel=1e-12)
+    assert pearson(a64, b) == pytest.approx(pearson(a64, b64), rel=1e-12)
+
+
+def test_pearson_edge_cases_against_scipy():
+    from scipy.stats import pearsonr
+    from mtbert_utils.tasks import pearson
+    assert pearson([1.0, 2.0], [3.0, 5.0]) == 1.0  # two distinct points: defined, perfectly correlated
+    pred, gold = [0.5, 1.0, 3.0, 2.0], [1.0, -1.0, 1.0, -1.0]  # gold's (population) sd is exactly 1
+    assert pearson(pred, gold) == pytest.approx(pearsonr(pred, gold)[0], abs=1e-12)

@@ -222,7 +222,7 @@ def test_sigma_and_order_tables_and_reading(extended):
     check_runs_table(pd.read_csv(extended / "10_sigma_and_order_order_runs.csv"), extended)
     sigma = pd.read_csv(extended / "10_sigma_and_order_sigma_summary.csv")
     for _, row in sigma.iterrows():
-        check_summary_row(row, runs[f"rr_over sigma {row['sigma']}"])
+        check_summary_row(row, runs[f"rr_over sigma {int(row['sigma'])}"])
     orders = pd.read_csv(extended / "10_sigma_and_order_order_summary.csv")
     for _, row in orders.iterrows():
         check_summary_row(row, runs[f"sequential {row['order']}"])
@@ -245,7 +245,7 @@ def test_sigma_and_order_tables_and_reading(extended):
         d = np.array([np.mean(final[s]) - np.mean(first[s]) for s in sorted(first)])
         assert last.loc[t, "mean_diff"] == approx(d.mean()) and last.loc[t, "ci95"] == approx(t_half_width(d))
         assert f"Training {t} last instead of first changes its score by {d.mean():+.3f}" in reading
-    best = max(sigma["sigma"], key=lambda s: np.mean([r["dev"]["mean"] for r in runs[f"rr_over sigma {s}"]]))
+    best = max(map(int, sigma["sigma"]), key=lambda s: np.mean([r["dev"]["mean"] for r in runs[f"rr_over sigma {s}"]]))
     assert f"the best mean dev score is at sigma {best} " in reading
 
 
