@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert_utils.pcgrad import pairwise_cosines
+from mtbert_utils.pcgrad import pairwise_cosines, pcgrad_backward
 from mtbert_utils.schedules import SCHEDULES, get_schedule
 from mtbert_utils.tasks import sts_cosine_embedding_loss
 
@@ -137,6 +137,8 @@ def test_annealed_names_an_epoch_outside_the_schedule():
     ({"reference": {"sst": -0.1}}, r"reference\['sst'\] must be a positive number"),
     ({"reference": {"sst": 0.5}, "power": 0}, "^power must be a positive number"),
     ({"reference": {"sst": 0.5}, "eps": -1}, "^eps must be a positive number"),
+    ({"reference": {"sst": 0.5}, "power": float("inf")}, "^power must be a positive number"),  # only T may be inf
+    ({"reference": {"sst": float("inf")}}, r"reference\['sst'\] must be a positive number"),
 ])
 def test_adaptive_rejects_bad_params_by_name(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -184,3 +186,76 @@ def test_pearson_edge_cases_against_scipy():
     assert pearson([1.0, 2.0], [3.0, 5.0]) == 1.0  # two distinct points: defined, perfectly correlated
     pred, gold = [0.5, 1.0, 3.0, 2.0], [1.0, -1.0, 1.0, -1.0]  # gold's (population) sd is exactly 1
     assert pearson(pred, gold) == pytest.approx(pearsonr(pred, gold)[0], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- schedule inputs
+
+
+def test_unknown_schedule_lists_the_valid_names_sorted():
+    with pytest.raises(ValueError, match="unknown schedule 'nope'; valid names: " + ", ".join(sorted(SCHEDULES))):
+        get_schedule("nope")
+
+
+@pytest.mark.parametrize("bad", [{}, {"sst": 0}, {"sst": 2.5}, {"sst": True}, {"sst": "3"}])
+def test_num_batches_must_be_positive_ints(bad):
+    with pytest.raises(ValueError, match=r"num_batches is empty|num_batches\['sst'\] must be a positive int"):
+        get_schedule("rr_under").num_steps(bad)
+
+
+def test_one_batch_per_task_is_a_valid_epoch():
+    assert get_schedule("rr_under").num_steps({"sst": 1, "para": 1}) == 1
+    assert get_schedule("sequential", order=["sst"]).num_steps({"sst": 1}) == 1
+
+
+def test_annealed_probabilities_default_to_the_first_epoch():
+    """epoch defaults to 0 everywhere: an annealed schedule's first epoch is proportional sampling."""
+    s = get_schedule("annealed", epochs=3)
+    assert s.probabilities(NB) == pytest.approx(get_schedule("proportional").probabilities(NB))
+    assert s.probabilities(NB) != pytest.approx(s.probabilities(NB, 2))
+
+
+# --------------------------------------------------------------------------- pcgrad_backward's contract
+
+
+def _two_task_params():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    v = torch.nn.Parameter(torch.tensor([0.3, 0.1]))
+    return w, v
+
+
+def test_pcgrad_backward_frees_each_task_graph_that_no_later_task_uses():
+    """Memory like a plain backward: tasks that share only parameters (no activations) do not keep
+    their graphs, so backward through the first task's loss again fails; tasks that share an
+    activation keep it until the last one."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = {"a": (w * x).sum() ** 2, "b": -((w * x.flip(0)).sum() + v.sum()) ** 2}
+    pcgrad_backward(losses, [w, v])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        losses["a"].backward()
+    h = torch.tanh(w * x)  # shared activation
+    shared = {"a": h.sum() ** 2, "b": -(h * x).sum()}
+    pcgrad_backward(shared, [w, v])  # must not free h's graph before task b's backward
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_pcgrad_backward_writes_float32_grads_as_views_of_one_buffer():
+    """The documented memory layout: float32 shared parameters get .grad views of one flat buffer
+    (no P-sized copy per parameter)."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = {"a": (w * x).sum() + v.sum(), "b": -(w * w).sum() + (v * 3).sum()}
+    pcgrad_backward(losses, [w, v])
+    assert w.grad.untyped_storage().data_ptr() == v.grad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"reduction": "max"}, "reduction must be 'mean' or 'sum', got 'max'"),
+    ({"task_losses": {}}, "pcgrad_backward needs at least one task loss"),
+    ({"shared_params": [torch.nn.Parameter(torch.ones(2), requires_grad=False)]}, "no shared parameter requires grad"),
+])
+def test_pcgrad_backward_rejects_bad_calls_with_a_reason(kw, message):
+    w, _ = _two_task_params()
+    args = {"task_losses": {"a": w.sum()}, "shared_params": [w], **kw}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        pcgrad_backward(**args)
