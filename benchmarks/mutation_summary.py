@@ -43,7 +43,7 @@ def function_of(name: str) -> str:
     """mtbert_utils.tasks.x_pearson__mutmut_3 -> tasks.pearson; xǁAdaptiveǁratio -> schedules.Adaptive.ratio"""
     module, _, mangled = name.rpartition(".")
     mangled = mangled.rsplit("__mutmut_", 1)[0]
-    func = mangled.replace("ǁ", ".").strip(".")[1:] if mangled.startswith("xǁ") else mangled[2:]
+    func = ".".join(mangled.split("ǁ")[1:]) if mangled.startswith("xǁ") else mangled[2:]
     return f"{module.rpartition('.')[2]}.{func}"
 
 
@@ -77,20 +77,28 @@ def collect() -> list[dict]:
 
 def summarize(rows: list[dict], equivalent: dict) -> tuple[dict, str]:
     known = {(e["function"], e["line"]): e["reason"] for e in equivalent["equivalent"]}
+    # survivors that are real bugs but cannot be observed on this machine (e.g. CUDA only): they stay
+    # survivors and count against the kill rate, with the reason shown
+    noted = {(e["function"], e["line"]): e["reason"] for e in equivalent.get("not_observable_here", [])}
     for r in rows:
-        if r["status"] == "survived" and (r["function"], r.get("line")) in known:
+        key = (r["function"], r.get("line"))
+        if r["status"] in ("survived", "no tests") and key in known:
             r["status"] = "equivalent"
-            r["reason"] = known[(r["function"], r["line"])]
-    used = {(r["function"], r.get("line")) for r in rows if r["status"] == "equivalent"}
-    stale = [f"{f}: `{l}`" for f, l in known if (f, l) not in used]
+            r["reason"] = known[key]
+        elif r["status"] in ("survived", "no tests") and key in noted:
+            r["reason"] = noted[key]
+    used = {(r["function"], r.get("line")) for r in rows if "reason" in r}
+    stale = [f"{f}: `{l}`" for f, l in [*known, *noted] if (f, l) not in used]
 
     by_module = {}
     for m in MODULES:
         c = Counter(r["status"] for r in rows if r["function"].startswith(m + "."))
         by_module[m] = dict(sorted(c.items()))
     total = Counter(r["status"] for r in rows)
-    scored = total["killed"] + total["survived"] + total["timeout"] + total["suspicious"]
-    killed = total["killed"] + total["timeout"]  # a mutant that hangs the tests is caught
+    # "no tests": a mutant no selected test reaches counts as surviving
+    scored = total["killed"] + total["survived"] + total["timeout"] + total["suspicious"] + total["no tests"] \
+        + total["segfault"]
+    killed = total["killed"] + total["timeout"] + total["segfault"]  # a mutant that hangs or crashes the tests is caught
     rate = killed / scored if scored else float("nan")
     summary = {"tool": "mutmut", "scope": SCOPE, "counts": dict(sorted(total.items())), "by_module": by_module,
                "non_equivalent": scored, "killed_or_timeout": killed, "kill_rate": round(rate, 4),
