@@ -259,3 +259,81 @@ def test_pcgrad_backward_rejects_bad_calls_with_a_reason(kw, message):
     args = {"task_losses": {"a": w.sum()}, "shared_params": [w], **kw}
     with pytest.raises(ValueError, match=f"^{message}$"):
         pcgrad_backward(**args)
+
+
+def _reference(losses_fn, params, reduction="mean", generator_seed=None):
+    """Per-task autograd gradients of `params` (zeros where a task does not reach one), projected by
+    project_conflicting with the same generator seed, then combined."""
+    from mtbert_utils.pcgrad import project_conflicting
+    flat = []
+    for loss in losses_fn().values():
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+    gen = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    proj = project_conflicting(flat, shuffle=gen is not None, generator=gen)
+    total = torch.stack(proj).sum(0)
+    return total / len(flat) if reduction == "mean" else total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcgrad_backward_when_a_task_does_not_reach_a_shared_parameter(dtype):
+    """A shared parameter one task does not reach gets a zero gradient for that task, on both the
+    float32 (views) and the other-dtype (copies) path, wherever it sits in the parameter list."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=dtype))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    losses = lambda: {"a": (w * x).sum() ** 2, "b": ((w * x.flip(0)).sum() + v.sum() * 4) ** 2}  # noqa: E731
+    want = _reference(losses, [v, w], generator_seed=1)
+    out = pcgrad_backward(losses(), [v, w], generator=torch.Generator().manual_seed(1))
+    assert out["conflicts"] == 1  # or the surgery would not show
+    got = torch.cat([v.grad.reshape(-1), w.grad.reshape(-1)])
+    # float32 buffers inside pcgrad_backward; products of O(10) numbers
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcgrad_backward_adds_to_partly_accumulated_grads(dtype):
+    """Gradient accumulation: a .grad already on some shared parameters (None on others) is kept
+    aside and added back after the surgery, not fed into the first task's gradient."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=dtype))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + v.sum() + 1) ** 2}  # noqa: E731
+    want = _reference(losses, [v, w])
+    w.grad = torch.full_like(w, 0.25)
+    assert pcgrad_backward(losses(), [v, w], shuffle=False)["conflicts"] == 1
+    torch.testing.assert_close(v.grad.double(), want[:2].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), want[2:].double() + 0.25, rtol=1e-5, atol=1e-5)
+
+
+def test_pcgrad_backward_keeps_activations_shared_by_the_first_and_second_of_three_tasks():
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    h = torch.tanh(w * x)  # tasks a and b share h; c shares nothing but the parameters
+    losses = {"a": h.sum() ** 2, "b": -(h * x).sum(), "c": (v * 2).sum() + w[0]}
+    pcgrad_backward(losses, [w, v])
+    assert torch.isfinite(w.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_pcgrad_backward_uses_the_value_a_reduce_fn_returns():
+    """reduce_fn may return a new tensor instead of working in place (an all-reduce that returns)."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = lambda: {"a": (w * x).sum() + v.sum(), "b": (w * w).sum() - v.sum()}  # noqa: E731
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(sum(losses().values()), [w, v])])
+    pcgrad_backward(losses(), [w, v], reduction="sum", project=False, reduce_fn=lambda g: g * 0.5)
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]), 0.5 * want, rtol=1e-6, atol=1e-6)
+
+
+def test_pcgrad_backward_order_comes_from_the_generator_not_the_global_rng():
+    """Resumed runs restore the generator's state: the task order must depend on it alone."""
+    results = []
+    for global_seed in (0, 1, 2, 3):
+        torch.manual_seed(global_seed)
+        w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        grads = [torch.tensor(g, dtype=torch.float64) for g in
+                 ([1.0, 0.1, 0.0], [-0.6, 0.9, 0.2], [-0.5, -0.8, 0.4], [-0.3, -0.2, -1.0])]
+        pcgrad_backward({f"t{i}": g @ w for i, g in enumerate(grads)}, [w],
+                        generator=torch.Generator().manual_seed(11))
+        results.append(w.grad.clone())
+    assert all(torch.equal(r, results[0]) for r in results)
