@@ -337,3 +337,15 @@ def test_pcgrad_backward_order_comes_from_the_generator_not_the_global_rng():
                         generator=torch.Generator().manual_seed(11))
         results.append(w.grad.clone())
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_pcgrad_backward_with_a_hook_that_replaces_grad():
+    """A post-accumulate hook may replace .grad with a new tensor (instead of the buffer view it was
+    given): that task's gradient is still copied into its buffer and combined as usual."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + v.sum() + 1) ** 2}  # noqa: E731
+    want = _reference(losses, [w, v])
+    w.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
+    assert pcgrad_backward(losses(), [w, v], shuffle=False)["conflicts"] == 1
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]).double(), want.double(), rtol=1e-5, atol=1e-5)
