@@ -7,6 +7,8 @@
 #   MUTATION_JOBS=2 bash benchmarks/mutation.sh   # parallel workers (default 1: a shared 2-core box)
 #   bash benchmarks/mutation.sh "mtbert_utils.stats.*"   # only these mutants (patterns within the scope),
 #                                                 # keeping ./mutants' other results; then the summary
+#   bash benchmarks/mutation.sh $(python benchmarks/mutation_summary.py --unsettled)
+#                                                 # after adding tests: re-check only the survivors
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

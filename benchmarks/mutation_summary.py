@@ -53,7 +53,7 @@ def mutated_line(diff: str) -> str:
     return plus[0] if plus else ""
 
 
-def collect() -> list[dict]:
+def collect(diffs: bool = True) -> list[dict]:
     from mutmut.__main__ import SourceFileMutationData, walk_mutatable_files
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
@@ -69,7 +69,7 @@ def collect() -> list[dict]:
             if not in_scope(name):
                 continue
             status = status_by_exit_code[code] if code is not None else "not checked"
-            diff = get_diff_for_mutant(name, path=path) if status != "killed" else ""
+            diff = get_diff_for_mutant(name, path=path) if diffs and status != "killed" else ""
             rows.append({"mutant": name, "function": function_of(name), "status": status,
                          **({"line": mutated_line(diff), "diff": diff} if diff else {})})
     return rows
@@ -130,16 +130,23 @@ def summarize(rows: list[dict], equivalent: dict) -> tuple[dict, str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scope", action="store_true", help="print the mutant-name patterns, one a line")
+    p.add_argument("--unsettled", action="store_true",
+                   help="print the scored mutants not (yet) killed: to re-check them after adding tests")
     p.add_argument("--out", type=Path, default=Path("results/mutation"))
     args = p.parse_args(argv)
     if args.scope:
         print("\n".join(SCOPE))
         return 0
+    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {"equivalent": []}
+    if args.unsettled:
+        rows = collect()
+        summarize(rows, equivalent)  # marks the equivalent ones
+        print("\n".join(r["mutant"] for r in rows if r["status"] not in ("killed", "timeout", "segfault", "equivalent")))
+        return 0
     rows = collect()
     if not rows:
         print("no mutmut results in ./mutants: run benchmarks/mutation.sh first", file=sys.stderr)
         return 1
-    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {"equivalent": []}
     summary, md = summarize(rows, equivalent)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutants.json").write_text(json.dumps({"summary": summary, "mutants": rows}, indent=1,

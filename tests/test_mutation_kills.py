@@ -349,3 +349,33 @@ def test_pcgrad_backward_with_a_hook_that_replaces_grad():
     w.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
     assert pcgrad_backward(losses(), [w, v], shuffle=False)["conflicts"] == 1
     torch.testing.assert_close(torch.cat([w.grad, v.grad]).double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_cosines_are_scale_invariant_down_to_small_gradients():
+    """Late in training gradients are small: a cosine must not change when both gradients shrink
+    (the eps guard only matters for norms products below 1e-8)."""
+    from mtbert_utils.pcgrad import pairwise_cosines
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(3))
+    big = pairwise_cosines([a, b, c], ["sst", "para", "sts"])
+    for scale in (1e-1, 1e-3):
+        small = pairwise_cosines([a * scale, b * scale, c * scale], ["sst", "para", "sts"])
+        assert small == pytest.approx(big, rel=1e-9)
+    w = torch.nn.Parameter(torch.zeros(50, dtype=torch.float64))
+    out = pcgrad_backward({"sst": (a * 1e-3) @ w, "para": (b * 1e-3) @ w}, [w], project=False)
+    assert out["cosines"]["sst|para"] == pytest.approx(big["sst|para"], rel=1e-5)  # float32 buffers
+
+
+def test_register_adds_a_named_schedule_once():
+    from mtbert_utils.schedules import Schedule, register
+
+    class Custom(Schedule):
+        pass
+
+    try:
+        assert register("custom-test")(Custom) is Custom
+        assert SCHEDULES["custom-test"] is Custom and Custom.name == "custom-test"
+        with pytest.raises(ValueError, match="schedule 'custom-test' registered twice"):
+            register("custom-test")(Custom)
+    finally:
+        SCHEDULES.pop("custom-test", None)
