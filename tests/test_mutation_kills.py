@@ -379,3 +379,47 @@ def test_register_adds_a_named_schedule_once():
             register("custom-test")(Custom)
     finally:
         SCHEDULES.pop("custom-test", None)
+
+
+# --------------------------------------------------------------------------- project_conflicting's contract
+
+
+def test_project_conflicting_half_precision_in_float32_returned_in_the_input_dtype():
+    """bf16/fp16 gradients are projected in float32 (a 4096-term bf16 dot is off by ~1e-2) and come
+    back in their own dtype."""
+    from mtbert_utils.pcgrad import project_conflicting
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g)
+    grads = [a.bfloat16(), (-0.5 * a + torch.randn(4096, generator=g)).bfloat16()]
+    out = project_conflicting(grads, shuffle=False)
+    ref = project_conflicting([x.double() for x in grads], shuffle=False)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.bfloat16
+        # float32 projection, then one rounding to bf16 (8 bits of mantissa): 2^-8 relative per element
+        torch.testing.assert_close(o.double(), r, rtol=2**-8, atol=1e-6)
+
+
+def test_project_conflicting_with_one_task_returns_a_copy():
+    from mtbert_utils.pcgrad import project_conflicting
+    g = torch.tensor([1.0, -2.0], dtype=torch.float16)
+    (out,) = project_conflicting([g])
+    assert torch.equal(out, g) and out.dtype == g.dtype and out.data_ptr() != g.data_ptr()
+
+
+def test_project_conflicting_rejects_bad_input_with_a_reason():
+    from mtbert_utils.pcgrad import project_conflicting
+    with pytest.raises(ValueError, match="^project_conflicting needs at least one gradient$"):
+        project_conflicting([])
+    with pytest.raises(ValueError, match=r"all gradients must have the same shape, got \[\(2,\), \(3,\)\]"):
+        project_conflicting([torch.ones(2), torch.ones(3)])
+
+
+def test_project_conflicting_order_comes_from_the_generator_not_the_global_rng():
+    from mtbert_utils.pcgrad import project_conflicting
+    grads = [torch.tensor(v, dtype=torch.float64) for v in
+             ([1.0, 0.1, 0.0], [-0.6, 0.9, 0.2], [-0.5, -0.8, 0.4], [-0.3, -0.2, -1.0])]
+    results = []
+    for global_seed in range(4):
+        torch.manual_seed(global_seed)
+        results.append(project_conflicting(grads, generator=torch.Generator().manual_seed(11)))
+    assert all(torch.equal(x, y) for r in results for x, y in zip(r, results[0]))
