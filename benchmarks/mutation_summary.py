@@ -104,8 +104,13 @@ def summarize(rows: list[dict], equivalent: dict) -> tuple[dict, str]:
                "non_equivalent": scored, "killed_or_timeout": killed, "kill_rate": round(rate, 4),
                "stale_equivalents": stale}
 
+    import subprocess
+    import mutmut
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    summary["mutmut"], summary["commit"] = mutmut.__version__, commit
     md = ["# Mutation testing of the core modules", "",
-          "Produced by `bash benchmarks/mutation.sh` (mutmut; scope and method in docs/testing.md).", "",
+          f"Produced by `bash benchmarks/mutation.sh` (mutmut {mutmut.__version__}, code at {commit or 'unknown'}; "
+          "scope and method in docs/testing.md).", "",
           f"**Kill rate: {killed} of {scored} non-equivalent mutants killed ({rate:.1%})**; "
           f"{total['equivalent']} survivors are equivalent (listed below with the reason), "
           f"{total['survived']} survive, {total['no tests']} are reached by no test, "
