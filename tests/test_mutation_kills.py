@@ -423,3 +423,20 @@ def test_project_conflicting_order_comes_from_the_generator_not_the_global_rng()
         torch.manual_seed(global_seed)
         results.append(project_conflicting(grads, generator=torch.Generator().manual_seed(11)))
     assert all(torch.equal(x, y) for r in results for x, y in zip(r, results[0]))
+
+
+# --------------------------------------------------------------------------- reading task files
+
+
+def test_windows_line_endings_and_a_quoted_line_break_are_read_as_written(tmp_path):
+    """CRLF files (spreadsheet exports) read like LF files, and a quoted field keeps its own line break."""
+    import warnings
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_bytes(b'\tid\tsentence\tsentiment\r\n0\ta1\tgood\t3\r\n1\ta2\t"two\r\nlines"\t1\r\n2\ta3\tafter\t0\r\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no row may be skipped
+        examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.text_a, e.label, e.line) for e in examples] == [
+        ("a1", "good", 3, 2), ("a2", "two\r\nlines", 1, 3), ("a3", "after", 0, 5)]
+    assert report["kept"] == 3 and report["skipped"] == {}
