@@ -440,3 +440,22 @@ def test_windows_line_endings_and_a_quoted_line_break_are_read_as_written(tmp_pa
     assert [(e.id, e.text_a, e.label, e.line) for e in examples] == [
         ("a1", "good", 3, 2), ("a2", "two\r\nlines", 1, 3), ("a3", "after", 0, 5)]
     assert report["kept"] == 3 and report["skipped"] == {}
+
+
+def test_blank_lines_between_records_are_skipped_not_the_end(tmp_path):
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_text("\tid\tsentence\tsentiment\n0\ta1\tgood\t3\n\n\n1\ta2\tfine\t2\n", encoding="utf-8")
+    examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.line) for e in examples] == [("a1", 2), ("a2", 5)] and report["skipped"] == {}
+
+
+def test_report_keeps_the_first_five_line_numbers_per_reason(tmp_path):
+    from mtbert_utils.data import read_task_file
+    rows = [f"{i}\tb{i}\tbad\t9" for i in range(7)]  # lines 2-8, all label_out_of_range
+    path = tmp_path / "sst.csv"
+    path.write_text("\n".join(["\tid\tsentence\tsentiment", *rows, "7\tok\tgood\t1"]) + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 7 bad rows, kept 1"):
+        _, report = read_task_file(path, "sst")
+    assert report["skipped"] == {"label_out_of_range": 7}
+    assert report["first_lines"] == {"label_out_of_range": [2, 3, 4, 5, 6]}
