@@ -75,7 +75,7 @@ def collect(diffs: bool = True) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict], equivalent: dict) -> tuple[dict, str]:
+def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) -> tuple[dict, str]:
     known = {(e["function"], e["line"]): e["reason"] for e in equivalent["equivalent"]}
     # survivors that are real bugs but cannot be observed on this machine (e.g. CUDA only): they stay
     # survivors and count against the kill rate, with the reason shown
@@ -126,6 +126,12 @@ def summarize(rows: list[dict], equivalent: dict) -> tuple[dict, str]:
         for r in group:
             why = f" — {r['reason']}" if "reason" in r else ""
             md.append(f"- `{r['mutant'].rpartition('.')[2]}` ({r['function']}): `{r.get('line', '')}`{why}")
+    if baseline:
+        before = baseline["mutants"]
+        newly = sorted(r["mutant"] for r in rows if r["status"] == "killed" and before.get(r["mutant"]) not in (None, "killed"))
+        md += ["", "## Against an earlier run", "", f"{baseline.get('about', '')}", "",
+               f"Earlier: {baseline['counts']}. Killed now but not then: {len(newly)}."]
+        summary["baseline_counts"], summary["newly_killed"] = baseline["counts"], len(newly)
     if stale:
         md += ["", "## Listed as equivalent but no longer found (benchmarks/mutation_equivalent.json)", ""]
         md += [f"- {s}" for s in stale]
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
     if not rows:
         print("no mutmut results in ./mutants: run benchmarks/mutation.sh first", file=sys.stderr)
         return 1
-    summary, md = summarize(rows, equivalent)
+    first = args.out / "first_run.json"  # an earlier full run kept for comparison, if there is one
+    summary, md = summarize(rows, equivalent, json.loads(first.read_text()) if first.exists() else None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutants.json").write_text(json.dumps({"summary": summary, "mutants": rows}, indent=1,
                                                       ensure_ascii=False) + "\n")

@@ -198,7 +198,8 @@ def test_unknown_schedule_lists_the_valid_names_sorted():
 
 @pytest.mark.parametrize("bad", [{}, {"sst": 0}, {"sst": 2.5}, {"sst": True}, {"sst": "3"}])
 def test_num_batches_must_be_positive_ints(bad):
-    with pytest.raises(ValueError, match=r"num_batches is empty|num_batches\['sst'\] must be a positive int"):
+    with pytest.raises(ValueError, match=r"^(num_batches is empty: need at least one task|"
+                                         r"num_batches\['sst'\] must be a positive int, got .*)$"):
         get_schedule("rr_under").num_steps(bad)
 
 
@@ -459,3 +460,37 @@ def test_report_keeps_the_first_five_line_numbers_per_reason(tmp_path):
         _, report = read_task_file(path, "sst")
     assert report["skipped"] == {"label_out_of_range": 7}
     assert report["first_lines"] == {"label_out_of_range": [2, 3, 4, 5, 6]}
+
+
+def test_old_mac_line_endings_read_like_unix_ones(tmp_path):
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_bytes(b"\tid\tsentence\tsentiment\r0\ta1\tgood\t3\r1\ta2\tfine\t2\r")
+    examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.text_a, e.label) for e in examples] == [("a1", "good", 3), ("a2", "fine", 2)]
+
+
+def test_skipped_rows_warning_and_report_name_the_file_and_the_caller(tmp_path):
+    """One warning per file, attributed to the caller's line (stacklevel), listing each reason; the
+    report names the file."""
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_text("\tid\tsentence\tsentiment\n0\ta1\ttoo\tmany\t1\n1\t\tno id\t1\n2\ta3\tok\t1\n", encoding="utf-8")
+    with pytest.warns(UserWarning) as rec:
+        _, report = read_task_file(path, "sst")
+    assert len(rec) == 1 and rec[0].filename == __file__
+    assert str(rec[0].message) == (f"{path}: skipped 2 bad rows, kept 1: wrong_field_count: 1 (lines [2]); "
+                                   "missing_id: 1 (lines [3])")
+    assert report["path"] == str(path) and report["kept"] == 1 and report["labeled"] is True
+
+
+def test_pcgrad_backward_gives_every_shared_parameter_a_grad_of_its_dtype():
+    """float64 parameters (the copy path): each gets a .grad of its own dtype; one no task reaches
+    gets zeros."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=torch.float64))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    u = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))  # in no task's graph
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    pcgrad_backward({"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + 1) ** 2}, [v, w, u])
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in (v, w, u))
+    assert torch.equal(u.grad, torch.zeros(4, dtype=torch.float64))
