@@ -4,6 +4,7 @@ Each test states the behaviour it guards; results/mutation/summary.md lists what
 and why (equivalent mutants).
 """
 
+import os
 import random
 
 import pytest
@@ -478,7 +479,9 @@ def test_skipped_rows_warning_and_report_name_the_file_and_the_caller(tmp_path):
     path.write_text("\tid\tsentence\tsentiment\n0\ta1\ttoo\tmany\t1\n1\t\tno id\t1\n2\ta3\tok\t1\n", encoding="utf-8")
     with pytest.warns(UserWarning) as rec:
         _, report = read_task_file(path, "sst")
-    assert len(rec) == 1 and rec[0].filename == __file__
+    assert len(rec) == 1
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a stack frame of its own
+        assert rec[0].filename == __file__
     assert str(rec[0].message) == (f"{path}: skipped 2 bad rows, kept 1: wrong_field_count: 1 (lines [2]); "
                                    "missing_id: 1 (lines [3])")
     assert report["path"] == str(path) and report["kept"] == 1 and report["labeled"] is True
