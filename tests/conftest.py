@@ -52,10 +52,17 @@ def tiny_config(small_data_dir):
 def run_profile(data_dir, tmp_path_factory):
     """Factory: run a built-in reproduce profile into a fresh folder with the test data, one thread per
     kernel (tiny models on a shared 2-core box run faster on one); the environment is restored afterwards.
-    Returns (results folder, figures folder, reproduce records) of the profile."""
+    Returns (results folder, figures folder, reproduce records) of the profile. Each profile runs once
+    per session, however many test modules ask for it."""
     from mtbert_utils import reproduce
+    done = {}
 
     def run(name: str) -> tuple[Path, Path, list[dict]]:
+        if name not in done:
+            done[name] = run_once(name)
+        return done[name]
+
+    def run_once(name: str) -> tuple[Path, Path, list[dict]]:
         out = tmp_path_factory.mktemp(name)
         saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
         os.environ.update(MTBERT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")

@@ -22,11 +22,10 @@ EXPECTED_FIGURES = ["00_data_label_distributions.png", "00_data_token_lengths.pn
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("smoke")
-    os.environ["MTBERT_DATA_DIR"] = str(data_dir)
-    records = reproduce.run("smoke", out_root=out)
-    return out, records
+def smoke_run(run_profile, data_dir):
+    results, _, records = run_profile("smoke")  # shared with tests/test_pipeline_numbers.py
+    os.environ["MTBERT_DATA_DIR"] = str(data_dir)  # the re-runs below read the data too
+    return results.parent.parent, records
 
 
 def test_smoke_profile_writes_every_result_and_figure(smoke_run):

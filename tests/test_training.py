@@ -140,13 +140,24 @@ def test_same_seed_same_metrics(finished, tiny_config, tmp_path):
 
 @pytest.mark.parametrize("pcgrad", [True, False])
 def test_grad_cosines_are_recorded(tiny_config, tmp_path, pcgrad):
-    result = train(tiny_config(tmp_path, phases=[[1, True]], pcgrad=pcgrad, record_grad_cosines=not pcgrad,
-                               sts_head="linear"))
+    # reduction "sum": without a conflict the PCGrad step is the plain summed step, so any difference is the surgery's
+    kw = dict(phases=[[1, True]], sts_head="linear", pcgrad_reduction="sum")
+    result = train(tiny_config(tmp_path / "a", pcgrad=pcgrad, record_grad_cosines=not pcgrad, **kw))
     cos = result["history"][0]["grad_cosines"]
     assert len(cos) == 3  # sst-para, sst-sts, para-sts
     for stats in cos.values():
         assert len(stats["values"]) == 4  # one per step
         assert -1 <= stats["mean"] <= 1 and 0 <= stats["conflict_rate"] <= 1
+        assert stats["conflict_rate"] == sum(v < 0 for v in stats["values"]) / 4
+    if pcgrad:  # against the same run without surgery: same first step, then the projection shows
+        plain = train(tiny_config(tmp_path / "b", pcgrad=False, record_grad_cosines=True, **kw))
+        plain_cos = plain["history"][0]["grad_cosines"]
+        first_conflict = min(i for c in plain_cos.values() for i, v in enumerate(c["values"]) if v < 0)
+        assert first_conflict < 3  # a conflict before the last step, or this comparison proves nothing
+        for pair in cos:  # identical weights and batches up to the first conflicting step: identical cosines
+            assert cos[pair]["values"][:first_conflict + 1] == plain_cos[pair]["values"][:first_conflict + 1]
+        assert any(cos[p]["values"][first_conflict + 1:] != plain_cos[p]["values"][first_conflict + 1:] for p in cos)
+        assert checkpoint(result)["model"]["shared.0.weight"].ne(checkpoint(plain)["model"]["shared.0.weight"]).any()
 
 
 # the CS224N starter code's evaluation.py writes these header lines byte for byte ("Similiary" sic)

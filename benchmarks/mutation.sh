@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Mutation testing of the core modules with mutmut (pip install -e ".[mutation]"): plants single-line bugs
+# in pcgrad, schedules, stats, tasks and the parsing half of data, one at a time, runs the tests that reach
+# the mutated function, and writes results/mutation/{summary.md,mutants.json}. Not part of CI (docs/testing.md).
+#
+#   bash benchmarks/mutation.sh                   # fresh run (deletes ./mutants), then the summary
+#   MUTATION_JOBS=2 bash benchmarks/mutation.sh   # parallel workers (default 1: a shared 2-core box)
+#   bash benchmarks/mutation.sh "mtbert_utils.stats.*"   # only these mutants (patterns within the scope),
+#                                                 # keeping ./mutants' other results; then the summary
+#   bash benchmarks/mutation.sh $(python benchmarks/mutation_summary.py --unsettled)
+#                                                 # after adding tests: re-check only the survivors
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ $# -gt 0 ]; then
+    scope=("$@")
+else
+    rm -rf mutants  # a fresh run: no result cached from older code or tests
+    mapfile -t scope < <(python benchmarks/mutation_summary.py --scope)
+fi
+# mutmut exits non-zero when mutants survive; the summary below is the verdict
+nice -n 19 mutmut run --max-children "${MUTATION_JOBS:-1}" "${scope[@]}" || true
+python benchmarks/mutation_summary.py --out results/mutation

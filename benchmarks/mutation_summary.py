@@ -1,0 +1,172 @@
+"""Summarise a mutmut run (benchmarks/mutation.sh) into results/mutation/.
+
+    python benchmarks/mutation_summary.py --scope        # the mutant-name patterns that are run and scored
+    python benchmarks/mutation_summary.py --out DIR      # DIR/mutants.json (every scored mutant, its status and
+                                                         # diff) and DIR/summary.md (kill rate, survivors)
+
+A survivor is either killed by a test or listed in benchmarks/mutation_equivalent.json with the reason
+it cannot change behaviour. Equivalents are keyed by function and mutated line (not by mutmut's
+number, which shifts when a function changes), so a listed reason that no longer matches any
+survivor is reported as stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+# What is mutated and scored: the modules whose tests are fast, and the parsing half of data.py
+# (reading and checking one task file). mutmut names mutants module.x_function__mutmut_N
+# (methods: module.xǁClassǁmethod__mutmut_N).
+SCOPE = [
+    "mtbert_utils.pcgrad.*",
+    "mtbert_utils.schedules.*",
+    "mtbert_utils.stats.*",
+    "mtbert_utils.tasks.*",
+    "mtbert_utils.data.x__check_task__mutmut_*",
+    "mtbert_utils.data.x__parse_label__mutmut_*",
+    "mtbert_utils.data.x_read_task_file__mutmut_*",
+]
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
+MODULES = ("pcgrad", "schedules", "stats", "tasks", "data")
+
+
+def in_scope(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in SCOPE)
+
+
+def function_of(name: str) -> str:
+    """mtbert_utils.tasks.x_pearson__mutmut_3 -> tasks.pearson; xǁAdaptiveǁratio -> schedules.Adaptive.ratio"""
+    module, _, mangled = name.rpartition(".")
+    mangled = mangled.rsplit("__mutmut_", 1)[0]
+    func = ".".join(mangled.split("ǁ")[1:]) if mangled.startswith("xǁ") else mangled[2:]
+    return f"{module.rpartition('.')[2]}.{func}"
+
+
+def mutated_line(diff: str) -> str:
+    """The first added line of a mutant's diff, stripped: with the function, a stable key for it."""
+    plus = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
+    return plus[0] if plus else ""
+
+
+def collect(diffs: bool = True) -> list[dict]:
+    from mutmut.__main__ import SourceFileMutationData, walk_mutatable_files
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    rows = []
+    for path in walk_mutatable_files():
+        meta = Path("mutants") / (str(path) + ".meta")
+        if not meta.exists():
+            continue
+        data = SourceFileMutationData(path=path)
+        data.load()
+        for name, code in data.exit_code_by_key.items():
+            if not in_scope(name):
+                continue
+            status = status_by_exit_code[code] if code is not None else "not checked"
+            diff = get_diff_for_mutant(name, path=path) if diffs and status != "killed" else ""
+            rows.append({"mutant": name, "function": function_of(name), "status": status,
+                         **({"line": mutated_line(diff), "diff": diff} if diff else {})})
+    return rows
+
+
+def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) -> tuple[dict, str]:
+    known = {(e["function"], e["line"]): e["reason"] for e in equivalent["equivalent"]}
+    # survivors that are real bugs but cannot be observed on this machine (e.g. CUDA only): they stay
+    # survivors and count against the kill rate, with the reason shown
+    noted = {(e["function"], e["line"]): e["reason"] for e in equivalent.get("not_observable_here", [])}
+    for r in rows:
+        key = (r["function"], r.get("line"))
+        if r["status"] in ("survived", "no tests") and key in known:
+            r["status"] = "equivalent"
+            r["reason"] = known[key]
+        elif r["status"] in ("survived", "no tests") and key in noted:
+            r["reason"] = noted[key]
+    used = {(r["function"], r.get("line")) for r in rows if "reason" in r}
+    stale = [f"{f}: `{l}`" for f, l in [*known, *noted] if (f, l) not in used]
+
+    by_module = {}
+    for m in MODULES:
+        c = Counter(r["status"] for r in rows if r["function"].startswith(m + "."))
+        by_module[m] = dict(sorted(c.items()))
+    total = Counter(r["status"] for r in rows)
+    # "no tests": a mutant no selected test reaches counts as surviving
+    scored = total["killed"] + total["survived"] + total["timeout"] + total["suspicious"] + total["no tests"] \
+        + total["segfault"]
+    killed = total["killed"] + total["timeout"] + total["segfault"]  # a mutant that hangs or crashes the tests is caught
+    rate = killed / scored if scored else float("nan")
+    summary = {"tool": "mutmut", "scope": SCOPE, "counts": dict(sorted(total.items())), "by_module": by_module,
+               "non_equivalent": scored, "killed_or_timeout": killed, "kill_rate": round(rate, 4),
+               "stale_equivalents": stale}
+
+    import subprocess
+    import mutmut
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    summary["mutmut"], summary["commit"] = mutmut.__version__, commit
+    md = ["# Mutation testing of the core modules", "",
+          f"Produced by `bash benchmarks/mutation.sh` (mutmut {mutmut.__version__}, code at {commit or 'unknown'}; "
+          "scope and method in docs/testing.md).", "",
+          f"**Kill rate: {killed} of {scored} non-equivalent mutants killed ({rate:.1%})**; "
+          f"{total['equivalent']} survivors are equivalent (listed below with the reason), "
+          f"{total['survived']} survive, {total['no tests']} are reached by no test, "
+          f"{total['not checked']} were not run.", "",
+          "| module | " + " | ".join(sorted(total)) + " |", "|---|" + "---|" * len(total)]
+    for m, c in by_module.items():
+        md.append(f"| {m} | " + " | ".join(str(c.get(s, 0)) for s in sorted(total)) + " |")
+    for title, status in (("Surviving mutants (not killed, not shown equivalent)", "survived"),
+                          ("Mutants reached by no test", "no tests"),
+                          ("Equivalent mutants", "equivalent")):
+        group = [r for r in rows if r["status"] == status]
+        md += ["", f"## {title}: {len(group)}", ""]
+        for r in group:
+            why = f" — {r['reason']}" if "reason" in r else ""
+            md.append(f"- `{r['mutant'].rpartition('.')[2]}` ({r['function']}): `{r.get('line', '')}`{why}")
+    if baseline:
+        before = baseline["mutants"]
+        newly = sorted(r["mutant"] for r in rows if r["status"] == "killed" and before.get(r["mutant"]) not in (None, "killed"))
+        md += ["", "## Against an earlier run", "", f"{baseline.get('about', '')}", "",
+               f"Earlier: {baseline['counts']}. Killed now but not then: {len(newly)}."]
+        summary["baseline_counts"], summary["newly_killed"] = baseline["counts"], len(newly)
+    if stale:
+        md += ["", "## Listed as equivalent but no longer found (benchmarks/mutation_equivalent.json)", ""]
+        md += [f"- {s}" for s in stale]
+    return summary, "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scope", action="store_true", help="print the mutant-name patterns, one a line")
+    p.add_argument("--unsettled", action="store_true",
+                   help="print the scored mutants not (yet) killed: to re-check them after adding tests")
+    p.add_argument("--out", type=Path, default=Path("results/mutation"))
+    args = p.parse_args(argv)
+    if args.scope:
+        print("\n".join(SCOPE))
+        return 0
+    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {"equivalent": []}
+    if args.unsettled:
+        rows = collect()
+        summarize(rows, equivalent)  # marks the equivalent ones
+        print("\n".join(r["mutant"] for r in rows if r["status"] not in ("killed", "timeout", "segfault", "equivalent")))
+        return 0
+    rows = collect()
+    if not rows:
+        print("no mutmut results in ./mutants: run benchmarks/mutation.sh first", file=sys.stderr)
+        return 1
+    first = args.out / "first_run.json"  # an earlier full run kept for comparison, if there is one
+    summary, md = summarize(rows, equivalent, json.loads(first.read_text()) if first.exists() else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mutants.json").write_text(json.dumps({"summary": summary, "mutants": rows}, indent=1,
+                                                      ensure_ascii=False) + "\n")
+    (args.out / "summary.md").write_text(md)
+    print(md.split("\n\n")[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

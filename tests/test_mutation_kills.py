@@ -1,0 +1,499 @@
+"""Invariants of the core modules that the mutation run (benchmarks/mutation.sh) found unguarded.
+
+Each test states the behaviour it guards; results/mutation/summary.md lists what is still unguarded
+and why (equivalent mutants).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtbert_utils.pcgrad import pairwise_cosines, pcgrad_backward
+from mtbert_utils.schedules import SCHEDULES, get_schedule
+from mtbert_utils.tasks import sts_cosine_embedding_loss
+
+NB = {"sst": 7, "para": 11, "sts": 3}
+PARAMS = {  # every registered schedule with non-default params
+    "sequential": {"order": ["sts", "sst", "para"]},
+    "rr_under": {},
+    "rr_over": {"sigma": 5},
+    "proportional": {},
+    "temperature": {"T": 3.0},
+    "annealed": {"epochs": 4},
+    "adaptive": {"reference": {"sst": 0.5, "para": 0.8, "sts": 0.7}, "power": 2.0, "eps": 0.1},
+}
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_params_cover_every_schedule():
+    assert set(PARAMS) == set(SCHEDULES)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_schedule_config_records_its_params_and_rebuilds_it(name):
+    """Invariant: a run's JSON records the schedule as config(), {"name": ..., **params}, and that record
+    rebuilds the same schedule (same repr, same steps for the same rng)."""
+    s = get_schedule(name, **PARAMS[name])
+    cfg = s.config()
+    assert cfg == {"name": name, **PARAMS[name]}
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    again = get_schedule(cfg["name"], **params)
+    assert repr(again) == repr(s)
+    assert repr(s) == f"{type(s).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+    assert list(again.steps(NB, 0, random.Random(5))) == list(s.steps(NB, 0, random.Random(5)))
+
+
+def test_examples_per_epoch_is_steps_times_tasks_per_step_times_batch():
+    """One task per step (sequential, samplers) vs one batch of every task per step (round robin)."""
+    for name, params in PARAMS.items():
+        s = get_schedule(name, **params)
+        per_step = 1 if name not in ("rr_under", "rr_over") else len(NB)
+        assert s.examples_per_epoch(NB, 16) == s.num_steps(NB, 0) * per_step * 16, name
+    assert get_schedule("sequential").examples_per_epoch(NB, 16) == (7 + 11 + 3) * 16
+
+
+@pytest.mark.parametrize("sigma", [0, -1, 2.5, True, "3"])
+def test_rr_over_rejects_anything_but_a_positive_int_sigma(sigma):
+    with pytest.raises(ValueError, match="sigma must be a positive int or None"):
+        get_schedule("rr_over", sigma=sigma)
+
+
+def test_rr_over_accepts_sigma_one():
+    assert list(get_schedule("rr_over", sigma=1).steps(NB, 0, random.Random(0))) == [("sst", "para", "sts")]
+
+
+def test_adaptive_state_without_scores_restores_the_uniform_start():
+    """A checkpoint written before any dev evaluation holds no scores: sampling starts uniform again."""
+    s = get_schedule("adaptive", **PARAMS["adaptive"])
+    s.update({"sst": 0.1, "para": 0.8, "sts": 0.7})
+    s.load_state_dict({})
+    assert s.probabilities(NB) == pytest.approx({t: 1 / 3 for t in NB})
+
+
+# --------------------------------------------------------------------------- pcgrad diagnostics
+
+
+def test_pairwise_cosines_names_the_mismatch():
+    with pytest.raises(ValueError, match="2 gradients but 3 names"):
+        pairwise_cosines([torch.ones(3), torch.ones(3)], ["sst", "para", "sts"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pairwise_cosines_of_half_precision_gradients_are_computed_in_float32(dtype):
+    """Half-precision gradients (autocast) are promoted before the dot products: 4096-term sums in
+    bf16/fp16 would be off by ~1e-2; in float32 the cosine agrees with float64 to ~1e-6."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g).to(dtype)
+    b = (0.3 * a.float() + torch.randn(4096, generator=g)).to(dtype)
+    want = float(F.cosine_similarity(a.double(), b.double(), dim=0))
+    got = pairwise_cosines([a, b], ["sst", "para"])["sst|para"]
+    # float32 accumulation of 4096 products of O(1) terms: relative error <= ~sqrt(4096) * 6e-8
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- task losses
+
+
+def test_cosine_embedding_loss_defaults_are_the_studys():
+    """threshold 2.5 (a gold score of 2.5 or more is a similar pair) and margin 0."""
+    cos = torch.tensor([0.9, 0.2, -0.3, 0.6, 0.1])
+    scores = torch.tensor([2.5, 2.4, 0.0, 3.4, 3.6])
+    target = torch.where(scores >= 2.5, 1.0, -1.0)
+    # cosine_embedding_loss on unit vectors whose cosine is `cos`
+    u = torch.stack([torch.ones_like(cos), torch.zeros_like(cos)], 1)
+    v = torch.stack([cos, (1 - cos**2).sqrt()], 1)
+    expected = F.cosine_embedding_loss(u, v, target, margin=0.0)
+    torch.testing.assert_close(sts_cosine_embedding_loss(cos, scores), expected)
+
+
+def test_temperature_default_and_infinite_temperature():
+    """The default T is 2 (p ∝ sqrt(N)); T = inf is allowed and samples uniformly."""
+    p = get_schedule("temperature").probabilities({"sst": 1, "para": 4, "sts": 9})
+    assert p == pytest.approx({"sst": 1 / 6, "para": 2 / 6, "sts": 3 / 6})
+    inf = get_schedule("temperature", T=float("inf"))
+    assert inf.probabilities(NB) == pytest.approx({t: 1 / 3 for t in NB})
+    with pytest.raises(ValueError, match="^T must be a positive number, got 0"):
+        get_schedule("temperature", T=0)
+
+
+@pytest.mark.parametrize("epochs", [0, 2.0, True])
+def test_annealed_needs_an_int_number_of_epochs(epochs):
+    with pytest.raises(ValueError, match=r"epochs \(total number of epochs\) must be an int >= 1"):
+        get_schedule("annealed", epochs=epochs)
+
+
+def test_annealed_names_an_epoch_outside_the_schedule():
+    with pytest.raises(ValueError, match=r"epoch 3 outside \[0, 3\) for annealed schedule"):
+        get_schedule("annealed", epochs=3).alpha(3)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"reference": [("sst", 0.5)]}, "reference must be a non-empty dict"),
+    ({"reference": {}}, "reference must be a non-empty dict"),
+    ({"reference": {"sst": -0.1}}, r"reference\['sst'\] must be a positive number"),
+    ({"reference": {"sst": 0.5}, "power": 0}, "^power must be a positive number"),
+    ({"reference": {"sst": 0.5}, "eps": -1}, "^eps must be a positive number"),
+    ({"reference": {"sst": 0.5}, "power": float("inf")}, "^power must be a positive number"),  # only T may be inf
+    ({"reference": {"sst": float("inf")}}, r"reference\['sst'\] must be a positive number"),
+])
+def test_adaptive_rejects_bad_params_by_name(kw, message):
+    with pytest.raises(ValueError, match=message):
+        get_schedule("adaptive", **kw)
+
+
+def test_adaptive_task_without_a_score_counts_as_on_target():
+    """ratio 1 for a task not yet scored, so a partial update moves only the scored task's weight."""
+    s = get_schedule("adaptive", reference={"sst": 0.5, "para": 0.8, "sts": 0.7})
+    assert s.ratio("para") == 1.0
+    s.update({"sst": 0.25})  # half its reference: weight 2, the unscored tasks weight 1
+    assert s.probabilities(NB) == pytest.approx({"sst": 0.5, "para": 0.25, "sts": 0.25})
+
+
+def test_adaptive_needs_a_reference_for_every_scheduled_task():
+    s = get_schedule("adaptive", reference={"sst": 0.5, "para": 0.8})
+    with pytest.raises(ValueError, match=r"no reference score for \['sts'\]"):
+        s.probabilities(NB)
+
+
+# --------------------------------------------------------------------------- statistics and metrics in float64
+
+
+def test_statistics_are_computed_in_float64_whatever_the_input_dtype():
+    """Scores that arrive as float16/float32 arrays (a tensor's .numpy()) are summarised in float64:
+    the result equals that of the same values given as float64."""
+    import numpy as np
+    from mtbert_utils.stats import mean_ci, paired_comparison
+    from mtbert_utils.tasks import pearson
+
+    a = np.array([0.4121, 0.4478, 0.5012, 0.3987], dtype=np.float16)
+    b = np.array([0.3990, 0.4502, 0.4611, 0.3866], dtype=np.float16)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert mean_ci(a) == pytest.approx(mean_ci(a64), rel=1e-12)
+    for x, y in ((a, b64), (a64, b)):
+        got, want = paired_comparison(x, y), paired_comparison(a64, b64)
+        assert got == pytest.approx(want, rel=1e-12)
+    assert pearson(a, b64) == pytest.approx(pearson(a64, b64), rel=1e-12)
+    assert pearson(a64, b) == pytest.approx(pearson(a64, b64), rel=1e-12)
+
+
+def test_pearson_edge_cases_against_scipy():
+    from scipy.stats import pearsonr
+    from mtbert_utils.tasks import pearson
+    assert pearson([1.0, 2.0], [3.0, 5.0]) == 1.0  # two distinct points: defined, perfectly correlated
+    pred, gold = [0.5, 1.0, 3.0, 2.0], [1.0, -1.0, 1.0, -1.0]  # gold's (population) sd is exactly 1
+    assert pearson(pred, gold) == pytest.approx(pearsonr(pred, gold)[0], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- schedule inputs
+
+
+def test_unknown_schedule_lists_the_valid_names_sorted():
+    with pytest.raises(ValueError, match="unknown schedule 'nope'; valid names: " + ", ".join(sorted(SCHEDULES))):
+        get_schedule("nope")
+
+
+@pytest.mark.parametrize("bad", [{}, {"sst": 0}, {"sst": 2.5}, {"sst": True}, {"sst": "3"}])
+def test_num_batches_must_be_positive_ints(bad):
+    with pytest.raises(ValueError, match=r"^(num_batches is empty: need at least one task|"
+                                         r"num_batches\['sst'\] must be a positive int, got .*)$"):
+        get_schedule("rr_under").num_steps(bad)
+
+
+def test_one_batch_per_task_is_a_valid_epoch():
+    assert get_schedule("rr_under").num_steps({"sst": 1, "para": 1}) == 1
+    assert get_schedule("sequential", order=["sst"]).num_steps({"sst": 1}) == 1
+
+
+def test_annealed_probabilities_default_to_the_first_epoch():
+    """epoch defaults to 0 everywhere: an annealed schedule's first epoch is proportional sampling."""
+    s = get_schedule("annealed", epochs=3)
+    assert s.probabilities(NB) == pytest.approx(get_schedule("proportional").probabilities(NB))
+    assert s.probabilities(NB) != pytest.approx(s.probabilities(NB, 2))
+
+
+# --------------------------------------------------------------------------- pcgrad_backward's contract
+
+
+def _two_task_params():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    v = torch.nn.Parameter(torch.tensor([0.3, 0.1]))
+    return w, v
+
+
+def test_pcgrad_backward_frees_each_task_graph_that_no_later_task_uses():
+    """Memory like a plain backward: tasks that share only parameters (no activations) do not keep
+    their graphs, so backward through the first task's loss again fails; tasks that share an
+    activation keep it until the last one."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = {"a": (w * x).sum() ** 2, "b": -((w * x.flip(0)).sum() + v.sum()) ** 2}
+    pcgrad_backward(losses, [w, v])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        losses["a"].backward()
+    h = torch.tanh(w * x)  # shared activation
+    shared = {"a": h.sum() ** 2, "b": -(h * x).sum()}
+    pcgrad_backward(shared, [w, v])  # must not free h's graph before task b's backward
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_pcgrad_backward_writes_float32_grads_as_views_of_one_buffer():
+    """The documented memory layout: float32 shared parameters get .grad views of one flat buffer
+    (no P-sized copy per parameter)."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = {"a": (w * x).sum() + v.sum(), "b": -(w * w).sum() + (v * 3).sum()}
+    pcgrad_backward(losses, [w, v])
+    assert w.grad.untyped_storage().data_ptr() == v.grad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"reduction": "max"}, "reduction must be 'mean' or 'sum', got 'max'"),
+    ({"task_losses": {}}, "pcgrad_backward needs at least one task loss"),
+    ({"shared_params": [torch.nn.Parameter(torch.ones(2), requires_grad=False)]}, "no shared parameter requires grad"),
+])
+def test_pcgrad_backward_rejects_bad_calls_with_a_reason(kw, message):
+    w, _ = _two_task_params()
+    args = {"task_losses": {"a": w.sum()}, "shared_params": [w], **kw}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        pcgrad_backward(**args)
+
+
+def _reference(losses_fn, params, reduction="mean", generator_seed=None):
+    """Per-task autograd gradients of `params` (zeros where a task does not reach one), projected by
+    project_conflicting with the same generator seed, then combined."""
+    from mtbert_utils.pcgrad import project_conflicting
+    flat = []
+    for loss in losses_fn().values():
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+    gen = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    proj = project_conflicting(flat, shuffle=gen is not None, generator=gen)
+    total = torch.stack(proj).sum(0)
+    return total / len(flat) if reduction == "mean" else total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcgrad_backward_when_a_task_does_not_reach_a_shared_parameter(dtype):
+    """A shared parameter one task does not reach gets a zero gradient for that task, on both the
+    float32 (views) and the other-dtype (copies) path, wherever it sits in the parameter list."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=dtype))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    losses = lambda: {"a": (w * x).sum() ** 2, "b": ((w * x.flip(0)).sum() + v.sum() * 4) ** 2}  # noqa: E731
+    want = _reference(losses, [v, w], generator_seed=1)
+    out = pcgrad_backward(losses(), [v, w], generator=torch.Generator().manual_seed(1))
+    assert out["conflicts"] == 1  # or the surgery would not show
+    got = torch.cat([v.grad.reshape(-1), w.grad.reshape(-1)])
+    # float32 buffers inside pcgrad_backward; products of O(10) numbers
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcgrad_backward_adds_to_partly_accumulated_grads(dtype):
+    """Gradient accumulation: a .grad already on some shared parameters (None on others) is kept
+    aside and added back after the surgery, not fed into the first task's gradient."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=dtype))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + v.sum() + 1) ** 2}  # noqa: E731
+    want = _reference(losses, [v, w])
+    w.grad = torch.full_like(w, 0.25)
+    assert pcgrad_backward(losses(), [v, w], shuffle=False)["conflicts"] == 1
+    torch.testing.assert_close(v.grad.double(), want[:2].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), want[2:].double() + 0.25, rtol=1e-5, atol=1e-5)
+
+
+def test_pcgrad_backward_keeps_activations_shared_by_the_first_and_second_of_three_tasks():
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    h = torch.tanh(w * x)  # tasks a and b share h; c shares nothing but the parameters
+    losses = {"a": h.sum() ** 2, "b": -(h * x).sum(), "c": (v * 2).sum() + w[0]}
+    pcgrad_backward(losses, [w, v])
+    assert torch.isfinite(w.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_pcgrad_backward_uses_the_value_a_reduce_fn_returns():
+    """reduce_fn may return a new tensor instead of working in place (an all-reduce that returns)."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = lambda: {"a": (w * x).sum() + v.sum(), "b": (w * w).sum() - v.sum()}  # noqa: E731
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(sum(losses().values()), [w, v])])
+    pcgrad_backward(losses(), [w, v], reduction="sum", project=False, reduce_fn=lambda g: g * 0.5)
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]), 0.5 * want, rtol=1e-6, atol=1e-6)
+
+
+def test_pcgrad_backward_order_comes_from_the_generator_not_the_global_rng():
+    """Resumed runs restore the generator's state: the task order must depend on it alone."""
+    results = []
+    for global_seed in (0, 1, 2, 3):
+        torch.manual_seed(global_seed)
+        w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        grads = [torch.tensor(g, dtype=torch.float64) for g in
+                 ([1.0, 0.1, 0.0], [-0.6, 0.9, 0.2], [-0.5, -0.8, 0.4], [-0.3, -0.2, -1.0])]
+        pcgrad_backward({f"t{i}": g @ w for i, g in enumerate(grads)}, [w],
+                        generator=torch.Generator().manual_seed(11))
+        results.append(w.grad.clone())
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_pcgrad_backward_with_a_hook_that_replaces_grad():
+    """A post-accumulate hook may replace .grad with a new tensor (instead of the buffer view it was
+    given): that task's gradient is still copied into its buffer and combined as usual."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + v.sum() + 1) ** 2}  # noqa: E731
+    want = _reference(losses, [w, v])
+    w.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
+    assert pcgrad_backward(losses(), [w, v], shuffle=False)["conflicts"] == 1
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]).double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_cosines_are_scale_invariant_down_to_small_gradients():
+    """Late in training gradients are small: a cosine must not change when both gradients shrink
+    (the eps guard only matters for norms products below 1e-8)."""
+    from mtbert_utils.pcgrad import pairwise_cosines
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(3))
+    big = pairwise_cosines([a, b, c], ["sst", "para", "sts"])
+    for scale in (1e-1, 1e-3):
+        small = pairwise_cosines([a * scale, b * scale, c * scale], ["sst", "para", "sts"])
+        assert small == pytest.approx(big, rel=1e-9)
+    w = torch.nn.Parameter(torch.zeros(50, dtype=torch.float64))
+    out = pcgrad_backward({"sst": (a * 1e-3) @ w, "para": (b * 1e-3) @ w}, [w], project=False)
+    assert out["cosines"]["sst|para"] == pytest.approx(big["sst|para"], rel=1e-5)  # float32 buffers
+
+
+def test_register_adds_a_named_schedule_once():
+    from mtbert_utils.schedules import Schedule, register
+
+    class Custom(Schedule):
+        pass
+
+    try:
+        assert register("custom-test")(Custom) is Custom
+        assert SCHEDULES["custom-test"] is Custom and Custom.name == "custom-test"
+        with pytest.raises(ValueError, match="schedule 'custom-test' registered twice"):
+            register("custom-test")(Custom)
+    finally:
+        SCHEDULES.pop("custom-test", None)
+
+
+# --------------------------------------------------------------------------- project_conflicting's contract
+
+
+def test_project_conflicting_half_precision_in_float32_returned_in_the_input_dtype():
+    """bf16/fp16 gradients are projected in float32 (a 4096-term bf16 dot is off by ~1e-2) and come
+    back in their own dtype."""
+    from mtbert_utils.pcgrad import project_conflicting
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g)
+    grads = [a.bfloat16(), (-0.5 * a + torch.randn(4096, generator=g)).bfloat16()]
+    out = project_conflicting(grads, shuffle=False)
+    ref = project_conflicting([x.double() for x in grads], shuffle=False)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.bfloat16
+        # float32 projection, then one rounding to bf16 (8 bits of mantissa): 2^-8 relative per element
+        torch.testing.assert_close(o.double(), r, rtol=2**-8, atol=1e-6)
+
+
+def test_project_conflicting_with_one_task_returns_a_copy():
+    from mtbert_utils.pcgrad import project_conflicting
+    g = torch.tensor([1.0, -2.0], dtype=torch.float16)
+    (out,) = project_conflicting([g])
+    assert torch.equal(out, g) and out.dtype == g.dtype and out.data_ptr() != g.data_ptr()
+
+
+def test_project_conflicting_rejects_bad_input_with_a_reason():
+    from mtbert_utils.pcgrad import project_conflicting
+    with pytest.raises(ValueError, match="^project_conflicting needs at least one gradient$"):
+        project_conflicting([])
+    with pytest.raises(ValueError, match=r"all gradients must have the same shape, got \[\(2,\), \(3,\)\]"):
+        project_conflicting([torch.ones(2), torch.ones(3)])
+
+
+def test_project_conflicting_order_comes_from_the_generator_not_the_global_rng():
+    from mtbert_utils.pcgrad import project_conflicting
+    grads = [torch.tensor(v, dtype=torch.float64) for v in
+             ([1.0, 0.1, 0.0], [-0.6, 0.9, 0.2], [-0.5, -0.8, 0.4], [-0.3, -0.2, -1.0])]
+    results = []
+    for global_seed in range(4):
+        torch.manual_seed(global_seed)
+        results.append(project_conflicting(grads, generator=torch.Generator().manual_seed(11)))
+    assert all(torch.equal(x, y) for r in results for x, y in zip(r, results[0]))
+
+
+# --------------------------------------------------------------------------- reading task files
+
+
+def test_windows_line_endings_and_a_quoted_line_break_are_read_as_written(tmp_path):
+    """CRLF files (spreadsheet exports) read like LF files, and a quoted field keeps its own line break."""
+    import warnings
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_bytes(b'\tid\tsentence\tsentiment\r\n0\ta1\tgood\t3\r\n1\ta2\t"two\r\nlines"\t1\r\n2\ta3\tafter\t0\r\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no row may be skipped
+        examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.text_a, e.label, e.line) for e in examples] == [
+        ("a1", "good", 3, 2), ("a2", "two\r\nlines", 1, 3), ("a3", "after", 0, 5)]
+    assert report["kept"] == 3 and report["skipped"] == {}
+
+
+def test_blank_lines_between_records_are_skipped_not_the_end(tmp_path):
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_text("\tid\tsentence\tsentiment\n0\ta1\tgood\t3\n\n\n1\ta2\tfine\t2\n", encoding="utf-8")
+    examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.line) for e in examples] == [("a1", 2), ("a2", 5)] and report["skipped"] == {}
+
+
+def test_report_keeps_the_first_five_line_numbers_per_reason(tmp_path):
+    from mtbert_utils.data import read_task_file
+    rows = [f"{i}\tb{i}\tbad\t9" for i in range(7)]  # lines 2-8, all label_out_of_range
+    path = tmp_path / "sst.csv"
+    path.write_text("\n".join(["\tid\tsentence\tsentiment", *rows, "7\tok\tgood\t1"]) + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 7 bad rows, kept 1"):
+        _, report = read_task_file(path, "sst")
+    assert report["skipped"] == {"label_out_of_range": 7}
+    assert report["first_lines"] == {"label_out_of_range": [2, 3, 4, 5, 6]}
+
+
+def test_old_mac_line_endings_read_like_unix_ones(tmp_path):
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_bytes(b"\tid\tsentence\tsentiment\r0\ta1\tgood\t3\r1\ta2\tfine\t2\r")
+    examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.text_a, e.label) for e in examples] == [("a1", "good", 3), ("a2", "fine", 2)]
+
+
+def test_skipped_rows_warning_and_report_name_the_file_and_the_caller(tmp_path):
+    """One warning per file, attributed to the caller's line (stacklevel), listing each reason; the
+    report names the file."""
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "sst.csv"
+    path.write_text("\tid\tsentence\tsentiment\n0\ta1\ttoo\tmany\t1\n1\t\tno id\t1\n2\ta3\tok\t1\n", encoding="utf-8")
+    with pytest.warns(UserWarning) as rec:
+        _, report = read_task_file(path, "sst")
+    assert len(rec) == 1
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a stack frame of its own
+        assert rec[0].filename == __file__
+    assert str(rec[0].message) == (f"{path}: skipped 2 bad rows, kept 1: wrong_field_count: 1 (lines [2]); "
+                                   "missing_id: 1 (lines [3])")
+    assert report["path"] == str(path) and report["kept"] == 1 and report["labeled"] is True
+
+
+def test_pcgrad_backward_gives_every_shared_parameter_a_grad_of_its_dtype():
+    """float64 parameters (the copy path): each gets a .grad of its own dtype; one no task reaches
+    gets zeros."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=torch.float64))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    u = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))  # in no task's graph
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    pcgrad_backward({"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + 1) ** 2}, [v, w, u])
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in (v, w, u))
+    assert torch.equal(u.grad, torch.zeros(4, dtype=torch.float64))
