@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtbert_utils import TASKS, experiments  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
-from mtbert_utils.training import ADDED_LATER  # noqa: E402
+from mtbert_utils.config import ADDED_LATER  # noqa: E402
 
 # name -> overrides of experiments.best_config(); the summary says how each run differs from the profile as it
 # is now, so a variant that has become the profile shows no difference (and is listed once, as the profile)
@@ -45,7 +45,7 @@ NOT_COMPARED = ("seed", "name", "out_dir", "data_dir", "progress", "write_predic
 
 def differences(config: dict, profile: dict) -> dict:
     """The settings of `config` that differ from the profile's (as {key: value in config}). A run recorded
-    before a knob existed ran with that knob's default (training.ADDED_LATER)."""
+    before a knob existed ran with that knob's default (config.ADDED_LATER)."""
     config = {**ADDED_LATER, **config}
     return {k: v for k, v in config.items() if k not in NOT_COMPARED and profile.get(k) != v}
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mtbert_utils import TASKS
+from mtbert_utils.presets import BEST, best_config, make_config  # noqa: F401  (notebooks call them here)
 from mtbert_utils.results import environment, write_json
 from mtbert_utils.stats import mean_ci, paired_comparison
 
@@ -54,19 +54,17 @@ def run_seeds(config, seeds, out_dir: str | Path, resume: bool = True) -> list[d
 def zero_shot(config, out_dir: str | Path) -> dict:
     """Dev metrics of the encoder with untrained heads: the floor under every fine-tuned row."""
     from mtbert_utils.evaluation import evaluate
-    from mtbert_utils.model import default_pooling, load_tokenizer
-    from mtbert_utils.training import build_model, pick_amp, pick_device, prepare_data
+    from mtbert_utils.model import load_tokenizer
+    from mtbert_utils.training import build_model, pick_amp, pick_device, prepare_data, run_record
     t0 = time.time()
     device = pick_device(config)
     amp_dtype, _ = pick_amp(config, device)
     enc, info = prepare_data(config, load_tokenizer(config.encoder))
     model = build_model(config).to(device)
     dev = evaluate(model, enc["dev"], config.eval_batch_size, device, amp_dtype)
-    result = {"status": "finished", "run_name": f"zero-shot-{config.fingerprint()}-seed{config.seed}",
-              "config": config.to_dict(), "fingerprint": config.fingerprint(), "seed": config.seed,
-              "encoder": {"name": config.encoder, "pooling": config.pooling or default_pooling(config.encoder)},
-              "device": str(device), "data": info, "history": [], "dev": dev, "steps": 0,
-              "train_time_s": 0.0, "wall_time_s": time.time() - t0, "environment": environment()}
+    result = {**run_record(config, config.named("zero-shot"), device, model, info),
+              "history": [], "dev": dev, "steps": 0, "train_time_s": 0.0, "wall_time_s": time.time() - t0,
+              "environment": environment()}
     path = Path(out_dir) / f"{result['run_name']}.json"
     write_json(path, result)
     result["result_path"] = str(path)
@@ -154,51 +152,8 @@ def paired_table(runs_by_row: dict[str, list[dict]], claims: list[tuple[str, str
     return pd.DataFrame(rows)
 
 
-def device_name() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
-def make_config(preset: str = "tuned", *, encoder: str = "minilm", data_dir: str = "", max_train: dict | None = None,
-                max_dev: int = 0, batch_size: int = 64, progress: bool = True, **overrides):
-    """The TrainConfig a notebook asks for, from its parameters.
-
-    preset: "baseline" (the study's plain setup) or "tuned" (its tuned setup, the TrainConfig defaults).
-    Notebook conventions: data_dir "" = $MTBERT_DATA_DIR or ./data; max_train {} or a missing task = all
-    training examples; max_dev 0 = the whole dev set.
-    """
-    from mtbert_utils.training import TrainConfig
-    if preset not in ("baseline", "tuned"):
-        raise ValueError(f"unknown preset {preset!r}; choose 'baseline' or 'tuned'")
-    common = dict(encoder=encoder, data_dir=data_dir or None, max_train=dict(max_train) if max_train else None,
-                  max_dev=max_dev or None, batch_size=batch_size, progress=progress, **overrides)
-    return TrainConfig.baseline(**common) if preset == "baseline" else TrainConfig(**common)
-
-
 # ---------------------------------------------------------------------------
 # the `best` profile (notebook 08): MiniLM on all local training data, 2 CPU cores, <= 60 minutes
-
-# Chosen on validation splits only (10% of each train split, by id hash), in two GPU sweeps of
-# one-change-at-a-time variants (benchmarks/cuda_checks.py; results/cuda/*.json):
-#   joint paraphrase input    beat [u; v] (val Quora 0.846 vs 0.756) and SBERT [u; v; |u-v|; u*v] (0.851,
-#                             but lower mean); SBERT cosine-MSE STS loss beat the cosine-embedding loss
-#                             (val r 0.867 vs 0.829); STS loss x10 (its MSE is ~50x smaller than the
-#                             others) lifted val STS r 0.870 -> 0.891 at no cost elsewhere;
-#   proportional sampling     every example once per epoch; dropout 0.1 (0.3 no better); one learning-rate
-#                             set, no decay (x0.7 decay no better); frozen word embeddings: same scores,
-#                             faster on CPU; 4 epochs (validation peaks at 4-5; 4 fit the 60-minute budget).
-BEST = dict(pooling="mean", dropout=0.1, para_input="joint", sts_head="cosine", sts_loss="sbert_mse",
-            schedule="proportional", batch_size=32, lr_decay=1.0, lr_decay_epochs=[],
-            lr={"encoder": 2e-5, "shared": 1e-4, "sst": 9.5e-4, "para": 1e-4, "sts": 4e-5},
-            task_weights={"sst": 1.0, "para": 1.0, "sts": 10.0}, val_fraction=0.1,
-            freeze_word_embeddings=True, write_predictions=True, name="best",
-            # the speed levers of mtbert_utils.bench.SPEED (accuracy check: results/bench/bench_full.json):
-            # they buy the fifth epoch within the 60 minutes
-            optimizer="fused", encoder_dropout=0.0,
-            # per task, the outputs of the top-k epochs on validation averaged (k <= 3, chosen on validation)
-            snapshot_ensemble=3,
-            # paraphrase pairs in both orders in training, both orders averaged at inference
-            # (chosen on validation: benchmarks/best_ablation.py, results/best/ablation.json)
-            para_swap=True)
 
 
 # what the `best` profile is measured against (dev): the study's best row (bert-base, GPU), the issue's
@@ -285,16 +240,6 @@ def frame_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
-
-
-def best_config(*, encoder: str = "minilm", data_dir: str = "", epochs: int = 5, progress: bool = True,
-                **overrides):
-    """The `best` profile's TrainConfig: all training data, model selection on a validation split."""
-    from mtbert_utils.training import TrainConfig
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    return TrainConfig(**{**BEST, "encoder": encoder, "data_dir": data_dir or None, "phases": [[epochs, True]],
-                          "progress": progress, **overrides})
 
 
 # ---------------------------------------------------------------------------
