@@ -64,7 +64,8 @@ PRECISION = dict(pooling="mean", dropout=0.1, sts_loss="sbert_mse", schedule="pr
 
 def child(spec: dict) -> None:
     """Train one config (in its own process) and print its result as one JSON line."""
-    from mtbert_utils.training import TrainConfig, train
+    from mtbert_utils.config import TrainConfig
+    from mtbert_utils.training import train
     r = train(TrainConfig(**spec))
     keep = ("dev", "selection", "train_time_s", "train_examples_per_s", "precision", "device", "examples_seen")
     out = {k: r.get(k) for k in keep}
