@@ -32,7 +32,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-TASKS = ("sst", "para", "sts")
+from mtbert_utils import TASKS  # the one list of task names; the package root imports nothing
+
 FILES = {"sst": {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
          "para": {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
          "sts": {"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test-student.csv"}}
@@ -55,8 +56,14 @@ ENV_VAR = "MTBERT_DATA_DIR"
 COLUMNS = {"sst": ("id", ("sentence",), "sentiment"),
            "para": ("id", ("sentence1", "sentence2"), "is_duplicate"),
            "sts": ("id", ("sentence1", "sentence2"), "similarity")}
+# per task: valid labels (lowest, highest, whole numbers only, type kept); the one home of the ranges
+LABELS = {"sst": (0, 4, True, int),       # 5 classes; "3.0" is class 3, 3.5 is no class
+          "para": (0, 1, True, float),    # the quora files write "0.0" / "1.0"
+          "sts": (0, 5, False, float)}    # a similarity score
 REASONS = ("wrong_field_count", "missing_id", "empty_sentence", "missing_label",
-           "non_numeric_label", "label_out_of_range")
+           "non_numeric_label", "label_out_of_range", "field_too_long", "bad_quoting",
+           "unbalanced_quote", "duplicate_id", "conflicting_duplicate_id")
+MAX_RECORD_LINES = 20  # a quoted field may span lines, but no record spans more than this
 
 
 @dataclass(frozen=True)
@@ -84,18 +91,45 @@ def _parse_label(task, raw):
         return None, "non_numeric_label"
     if not math.isfinite(x):
         return None, "non_numeric_label"
-    if task == "sst":  # integer classes; "3.0" is fine, 3.5 is not a class
-        return (int(x), None) if x in (0, 1, 2, 3, 4) else (None, "label_out_of_range")
-    if task == "para":
-        return (x, None) if x in (0.0, 1.0) else (None, "label_out_of_range")
-    return (x, None) if 0.0 <= x <= 5.0 else (None, "label_out_of_range")
+    low, high, whole, kind = LABELS[task]
+    if not low <= x <= high or (whole and not x.is_integer()):
+        return None, "label_out_of_range"
+    return kind(x), None
+
+
+def _next_record(lines, i):
+    """Parse the record that starts at lines[i]: (fields, lines used) or (None, reason).
+
+    A quoted field may run over several lines (CSV), but an unbalanced quote must not swallow the
+    rows after it: a record is one line unless its quote closes within MAX_RECORD_LINES lines.
+    The caller accepts a multi-line record only if it has the header's field count and no field
+    holds a tab (a quote that swallowed rows swallows their tabs too); otherwise
+    only its first line is skipped (as unbalanced_quote) and reading goes on at the next line.
+    """
+    reader = csv.reader(iter(lines[i:i + MAX_RECORD_LINES]), delimiter="\t", strict=True)
+    try:
+        return next(reader), reader.line_num
+    except csv.Error as e:
+        if "field limit" in str(e):  # csv's own limit (131072 characters): a corrupt row, not a sentence
+            return None, "field_too_long"
+        if "unexpected end of data" in str(e):  # the quote never closed
+            return None, "unbalanced_quote"
+        return None, "bad_quoting"
 
 
 def read_task_file(path, task, strict=False):
     """Read one task file. Bad rows are skipped and counted (strict=True: raise on the first).
 
     Returns (examples, report); report has path, kept, skipped {reason: count},
-    first_lines {reason: first 5 line numbers} and labeled (inferred from the header).
+    first_lines {reason: first 5 line numbers}, labeled (inferred from the header),
+    rows (records read), continuation_lines (lines inside multi-line quoted records) and
+    duplicates {id: its line numbers}, for ids that occur more than once (first 5 ids).
+    Every non-blank line after the header starts a record or continues one:
+    rows = kept + sum(skipped).
+
+    Duplicate ids: an exact repeat (same texts and label) is skipped as duplicate_id, the
+    first occurrence kept; rows that share an id but disagree are all skipped as
+    conflicting_duplicate_id (which one is right cannot be told).
     """
     _check_task(task)
     path = Path(path)
@@ -111,8 +145,10 @@ def read_task_file(path, task, strict=False):
     if not text.strip():
         raise ValueError(f"{path} is empty; expected a tab-separated header and rows")
 
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
-    header = next(reader)
+    lines = io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r, as csv does
+    header, _ = _next_record(lines, 0)
+    if header is None:
+        raise ValueError(f"{path}: line 1: the header cannot be parsed")
     id_col, text_cols, label_col = COLUMNS[task]
     needed = (id_col,) + text_cols
     if any(c not in header for c in needed):
@@ -122,39 +158,73 @@ def read_task_file(path, task, strict=False):
     i_id, i_text = header.index(id_col), [header.index(c) for c in text_cols]
     i_label = header.index(label_col) if labeled else None
 
-    examples, skipped, first_lines = [], {}, {}
-    end = reader.line_num  # physical lines consumed so far; the next record starts at end + 1
-    for row in reader:
-        line, end = end + 1, reader.line_num
-        if not row:  # blank line (e.g. trailing newline): not a record
+    examples, skipped, first_lines, rows, continued = [], {}, {}, 0, 0
+    first_seen, conflicted, dup_lines = {}, set(), {}  # id -> index in examples; ids that disagree
+
+    def skip(reason, line, row=None, detail=""):
+        if strict:
+            raise ValueError(f"{path}: line {line}: bad row ({reason}){detail}" + (f": {row!r}" if row else ""))
+        skipped[reason] = skipped.get(reason, 0) + 1
+        first_lines.setdefault(reason, []).append(line)
+
+    i = 1
+    while i < len(lines):
+        line = i + 1
+        if not lines[i].rstrip("\r\n"):  # blank line (e.g. trailing newline): not a record
+            i += 1
             continue
+        rows += 1
+        row, used = _next_record(lines, i)  # used: lines the record spans, or why it cannot be parsed
+        if row is None or (used > 1 and (len(row) != len(header) or any("\t" in f for f in row))):
+            # a csv error, or a quote that ran over lines into a record of the wrong shape or over the tabs
+            # of other rows: skip this line alone
+            skip(used if row is None else "unbalanced_quote", line, detail=f" ({len(lines[i])} characters)")
+            i += 1
+            continue
+        i += used
+        continued += used - 1
         label, reason = None, None
         if len(row) != len(header):
             reason = "wrong_field_count"
         elif not row[i_id].strip():
             reason = "missing_id"
-        elif any(not row[i].strip() for i in i_text):
+        elif any(not row[k].strip() for k in i_text):
             reason = "empty_sentence"
         elif labeled:
             label, reason = _parse_label(task, row[i_label])
         if reason:
-            if strict:
-                raise ValueError(f"{path}: line {line}: bad row ({reason}): {row!r}")
-            skipped[reason] = skipped.get(reason, 0) + 1
-            first_lines.setdefault(reason, [])
-            if len(first_lines[reason]) < 5:
-                first_lines[reason].append(line)
+            skip(reason, line, row)
             continue
-        texts = [row[i].strip() for i in i_text]  # SST sentences start with a space
-        examples.append(Example(row[i_id].strip(), texts[0], texts[1] if len(texts) > 1 else None,
-                                label, line))
+        texts = [row[k].strip() for k in i_text]  # SST sentences start with a space
+        ex = Example(row[i_id].strip(), texts[0], texts[1] if len(texts) > 1 else None, label, line)
+        if ex.id in first_seen:
+            first = examples[first_seen[ex.id]]
+            dup_lines.setdefault(ex.id, [first.line]).append(line)
+            same = (first.text_a, first.text_b, first.label) == (ex.text_a, ex.text_b, ex.label)
+            skip("duplicate_id" if same else "conflicting_duplicate_id", line, row,
+                 f" (id {ex.id!r} first on line {first.line})")
+            if not same:
+                conflicted.add(ex.id)
+            continue
+        first_seen[ex.id] = len(examples)
+        examples.append(ex)
 
+    if conflicted:  # the first occurrence of a conflicting id goes too
+        for ex in examples:
+            if ex.id in conflicted:
+                skip("conflicting_duplicate_id", ex.line)
+        examples = [ex for ex in examples if ex.id not in conflicted]
+    first_lines = {r: sorted(ls)[:5] for r, ls in first_lines.items()}
+    duplicates = dict(list(dup_lines.items())[:5])
     if skipped:  # one warning per file, not per row
         detail = "; ".join(f"{r}: {n} (lines {first_lines[r]})" for r, n in skipped.items())
+        if duplicates:
+            detail += f"; duplicate ids (lines): {duplicates}"
         warnings.warn(f"{path}: skipped {sum(skipped.values())} bad rows, kept {len(examples)}: {detail}",
                       stacklevel=2)
     report = {"path": str(path), "kept": len(examples), "skipped": skipped,
-              "first_lines": first_lines, "labeled": labeled}
+              "first_lines": first_lines, "labeled": labeled, "rows": rows,
+              "continuation_lines": continued, "duplicates": duplicates}
     return examples, report
 
 
@@ -162,10 +232,24 @@ def read_task_file(path, task, strict=False):
 # locating and downloading the data
 
 def resolve_data_dir(data_dir=None):
-    """The data_dir argument, else $MTBERT_DATA_DIR, else ./data."""
+    """The data_dir argument, else $MTBERT_DATA_DIR, else the repository's data/ folder.
+
+    The repository's data/ is found from wherever the caller runs: ./data, or data/ beside the notebooks/
+    folder of an enclosing directory (a notebook runs in notebooks/, in a terminal, JupyterLab or Colab).
+    Relative paths are relative to the current directory."""
     if data_dir is None:
-        data_dir = os.environ.get(ENV_VAR) or "data"
+        data_dir = os.environ.get(ENV_VAR) or default_data_dir()
     return Path(data_dir).expanduser().resolve()
+
+
+def default_data_dir() -> Path:
+    """./data if it exists, else data/ of the nearest enclosing folder that has notebooks/ and data/ (the
+    repository root seen from notebooks/), else ./data (which then fails with the usual message)."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "data").is_dir() and (folder == here or (folder / "notebooks").is_dir()):
+            return folder / "data"
+    return here / "data"
 
 
 def missing_files(data_dir, tasks=TASKS, splits=("train", "dev")):
@@ -555,11 +639,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mtbert_utils.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", help="download the task files and check their sha256")
-    d.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR} or ./data)")
+    d.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR}, else the repository's data/)")
     d.add_argument("--overwrite", action="store_true", help="download even if present")
     d.add_argument("--names", nargs="*", default=None, help="only these files")
     c = sub.add_parser("check", help="print sizes and skipped rows per task")
-    c.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR} or ./data)")
+    c.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR}, else the repository's data/)")
     args = p.parse_args(argv)
 
     if args.cmd == "download":

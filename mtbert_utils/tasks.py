@@ -3,6 +3,8 @@
 A task is looked up by name ("sst", "para", "sts") in `TASK_SPECS` for its metric, title and
 prediction-file header. The losses are not in the table: training.task_loss picks each task's
 loss by name (the STS loss also depends on the config), as predictions_from_outputs does here.
+What the data files hold (columns, valid label ranges) is declared in
+`data` (COLUMNS, LABELS); the task names in the package root (TASKS).
 """
 
 from __future__ import annotations
@@ -94,15 +96,14 @@ class TaskSpec:
     title: str            # for plots and tables
     metric_name: str      # "accuracy" or "pearson"
     metric: Callable      # (pred, gold) -> float
-    label_range: tuple    # inclusive range of valid labels
     output_header: str    # CS224N prediction-file header column
 
 
 TASK_SPECS: dict[str, TaskSpec] = {
-    "sst": TaskSpec("sst", "SST sentiment", "accuracy", accuracy, (0, 4), "Predicted_Sentiment"),
-    "para": TaskSpec("para", "Quora paraphrase", "accuracy", accuracy, (0, 1), "Predicted_Is_Paraphrase"),
-    # the CS224N starter code spells it "Similiarity"; the grader expects that header
-    "sts": TaskSpec("sts", "STS similarity", "pearson", pearson, (0, 5), "Predicted_Similiarity"),
+    "sst": TaskSpec("sst", "SST sentiment", "accuracy", accuracy, "Predicted_Sentiment"),
+    "para": TaskSpec("para", "Quora paraphrase", "accuracy", accuracy, "Predicted_Is_Paraphrase"),
+    # sic: the CS224N starter code (evaluation.py) writes "Similiary"; graders parse that header
+    "sts": TaskSpec("sts", "STS similarity", "pearson", pearson, "Predicted_Similiary"),
 }
 
 
@@ -110,8 +111,9 @@ def predictions_from_outputs(task: str, out: torch.Tensor, sts_head: str = "line
     """Turn raw model outputs into label-space predictions for one task.
 
     sst: argmax class; para: 1 if logit > 0; sts: the 0-5 score. The cosine
-    head's cos is scaled by 5 (Pearson r does not change under scaling);
-    prediction files clip scores to [0, 5].
+    head's cos is scaled by 5 (Pearson r does not change under scaling).
+    Scores are never clipped: the reported Pearson r and the prediction files
+    use the same unclipped values (as the CS224N starter code does).
     """
     out = out.detach().float().cpu()
     if task == "sst":

@@ -163,12 +163,18 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     for t, batch in batches.items():
         loss = task_loss(t, outs[t], batch["labels"], config, class_weights)
         raw[t] = loss.item()
-        if not math.isfinite(raw[t]):
-            raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r}; batch ids start {batch['ids'][:3]}")
         if loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
             if loss_scale is not None:
                 loss = loss * loss_scale[t]
             losses[t] = config.task_weights[t] * loss
+    bad = [t for t in raw if not math.isfinite(raw[t])]
+    if distributed.is_distributed():  # all processes stop at this step: one raising alone leaves the rest in a collective
+        if distributed.all_reduce_sum_(torch.tensor([float(len(bad))], device=device)).item() and not bad:
+            raise NonFiniteLossError(f"a non-finite loss on another process; process {distributed.rank()} stops too")
+    if bad:
+        t = bad[0]
+        raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r} on process {distributed.rank()}; "
+                                 f"batch ids start {batches[t]['ids'][:3]}")
     cosines = None
     if losses:
         reduce_fn = averager.for_tasks(losses) if averager is not None else None  # one all-reduce per task

@@ -69,3 +69,34 @@ def run_profile(data_dir, tmp_path_factory):
                 else:
                     os.environ[k] = v
     return run
+
+
+# -----------------------------------------------------------------------------
+# float tolerances: derived from the dtype and the number of reductions, never tuned on one machine
+
+def float_tol(dtype, reductions: int) -> float:
+    """Relative tolerance between two computations of one value that sum the same terms in different orders.
+
+    A floating-point sum of n terms is off by at most about n * eps relative to the sum of the terms'
+    magnitudes (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4), so two
+    orders differ by at most 2 * n * eps. `reductions` is n, counted along the longest chain of
+    sequential roundings that leads to the compared value (each test states its count).
+    """
+    import torch
+    return 2 * reductions * torch.finfo(dtype).eps
+
+
+# The tiny encoder's forward pass (mtbert_utils.model.tiny_config) per output value: in each of its 2 layers
+# the widest dot product (intermediate size 128), the hidden width 64 and attention over <= 128 positions,
+# then pooling over <= 128 positions.
+TINY_FORWARD = 2 * (128 + 64 + 128) + 128
+
+
+def float32_tol(reductions: int) -> float:
+    import torch
+    return float_tol(torch.float32, reductions)
+
+
+def float64_tol(reductions: int) -> float:
+    import torch
+    return float_tol(torch.float64, reductions)

@@ -13,6 +13,8 @@ from mtbert_utils.bench import main as bench_main, speed_module
 
 bench = speed_module()  # benchmarks/speed.py
 
+from conftest import TINY_FORWARD, float32_tol
+
 REQUIRED = ("train_plain_examples_per_s", "train_examples_per_s", "train_speedup", "mfu", "matmul_peak_gflops",
             "pcgrad_step_ratio", "pcgrad_extra_bytes", "eval_plain_examples_per_s", "eval_examples_per_s",
             "eval_speedup", "peak_rss_bytes")
@@ -47,7 +49,8 @@ def test_report_has_every_key_and_positive_finite_values(report):
 def test_both_eval_loops_compute_the_same_outputs(report):
     _, saved = report
     # the plain loop and evaluation.predict run one model on the same dev examples
-    assert saved["eval_detail"]["max_abs_output_diff"] < 1e-4
+    # other batch sizes, so other summation orders; untrained heads' outputs are well below 1 in size
+    assert saved["eval_detail"]["max_abs_output_diff"] <= float32_tol(TINY_FORWARD)
 
 
 def test_levers_and_accuracy_check_are_reported(report):
@@ -118,4 +121,5 @@ def test_pcgrad_keeps_shared_graphs_until_the_last_task():
     ref = [g.clone() for g in torch.autograd.grad(l1 + l2, list(trunk.parameters()), retain_graph=True)]
     pcgrad_backward({"a": l1, "b": l2}, list(trunk.parameters()), reduction="sum", project=False)
     for p, g in zip(trunk.parameters(), ref):
-        assert torch.allclose(p.grad, g, atol=1e-6)
+        # Linear(4, 4), a relu, Linear(4, 1), a sum of 3 and the 2 tasks added
+        assert (p.grad - g).abs().max() <= float32_tol(4 + 4 + 3 + 2) * g.abs().max()

@@ -121,6 +121,94 @@ def test_each_bad_row_reason_is_counted(tmp_path):
     assert [ex.label for ex in examples] == [3, 3, 1, 0]
     assert [ex.line for ex in examples] == [2, 3, 12, 14]
     assert examples[2].text_a == "two\nlines"
+    assert_every_row_accounted_for(path, report)
+
+
+def physical_rows(path):
+    """Non-blank lines after the header, counted from the bytes (not by the reader under test)."""
+    return sum(1 for line in path.read_bytes().splitlines()[1:] if line)
+
+
+def assert_every_row_accounted_for(path, report):
+    """Each non-blank line after the header is kept, skipped, or continues a multi-line record."""
+    n_skipped = sum(report["skipped"].values())
+    assert report["rows"] == report["kept"] + n_skipped
+    assert physical_rows(path) == report["kept"] + n_skipped + report["continuation_lines"]
+
+
+@pytest.mark.parametrize("name,task", [
+    ("ids-sst-train.csv", "sst"), ("ids-sst-dev.csv", "sst"), ("ids-sst-test-student.csv", "sst"),
+    ("quora-dev.csv", "para"), ("sts-train.csv", "sts"), ("sts-dev.csv", "sts"), ("sts-test-student.csv", "sts")])
+def test_every_row_of_the_real_files_is_kept_or_skipped(data_dir, name, task):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quora-dev warns about its two bad rows
+        examples, report = data.read_task_file(data_dir / name, task)
+    assert_every_row_accounted_for(data_dir / name, report)
+    assert report["continuation_lines"] == 0 and report["duplicates"] == {}  # one row per line, unique ids
+    assert len({ex.id for ex in examples}) == len(examples)
+
+
+def test_an_unbalanced_quote_costs_its_own_row_only(tmp_path):
+    # the audit's case: a quote that never closes used to swallow the 2 good rows after it
+    path = write(tmp_path, "sst.csv", ["\tid\tsentence\tsentiment",
+                                       '0\ta1\t"never closed\t1', "1\ta2\tgood\t2", "2\ta3\tfine\t3"])
+    with pytest.warns(UserWarning, match=r"unbalanced_quote: 1 \(lines \[2\]\)"):
+        examples, report = data.read_task_file(path, "sst")
+    assert [ex.id for ex in examples] == ["a2", "a3"] and [ex.line for ex in examples] == [3, 4]
+    assert_every_row_accounted_for(path, report)
+    # a later quote closes it over two lines into a 4-field record: rejected, its text holds the rows' tabs
+    path = write(tmp_path, "sst2.csv", ["\tid\tsentence\tsentiment",
+                                        '0\ta1\t"opens\t1', '1\ta2\tcloses"\t2', "2\ta3\tfine\t3"])
+    with pytest.warns(UserWarning):
+        examples, report = data.read_task_file(path, "sst")
+    assert report["skipped"] == {"unbalanced_quote": 1} and report["first_lines"] == {"unbalanced_quote": [2]}
+    assert [ex.text_a for ex in examples] == ['closes"', "fine"]  # a quote inside an unquoted field is text
+    assert_every_row_accounted_for(path, report)
+    with pytest.raises(ValueError, match=r"sst2\.csv: line 2: bad row \(unbalanced_quote\)"):
+        data.read_task_file(path, "sst", strict=True)
+
+
+def test_hostile_rows_are_skipped_with_their_lines(tmp_path):
+    path = write(tmp_path, "sst.csv", [
+        "\tid\tsentence\tsentiment",
+        "0\ta1\tgood\t3",                   # line 2: kept
+        f"1\ta2\t{'x' * 200_000}\t2",       # over csv's field limit (131,072): field_too_long
+        '2\ta3\t"quoted"tail\t1',           # text after a closing quote: bad_quoting
+        '3\ta4\tsays "hi"\t2',              # a quote inside an unquoted field is text: kept
+        "4\ta5\tfine\t1",                   # kept
+        "5\ta1\tgood\t3",                   # exact repeat of a1: duplicate_id, a1 kept
+        "6\ta6\tnice\t4",                   # a6 twice with different labels: both skipped
+        "7\ta6\tnice\t0",
+        '8\ta7\t"two\nlines"\t1',           # lines 10-11: one quoted multi-line record, kept
+        "9\ta8\tlast\t0",                   # line 12
+    ])
+    with pytest.warns(UserWarning) as rec:
+        examples, report = data.read_task_file(path, "sst")
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "sst.csv" in msg and "field_too_long: 1 (lines [3])" in msg and "'a6': [8, 9]" in msg
+    assert report["skipped"] == {"field_too_long": 1, "bad_quoting": 1, "duplicate_id": 1,
+                                 "conflicting_duplicate_id": 2}
+    assert report["first_lines"] == {"field_too_long": [3], "bad_quoting": [4], "duplicate_id": [7],
+                                     "conflicting_duplicate_id": [8, 9]}
+    assert report["duplicates"] == {"a1": [2, 7], "a6": [8, 9]}
+    assert [ex.id for ex in examples] == ["a1", "a4", "a5", "a7", "a8"]
+    assert [ex.line for ex in examples] == [2, 5, 6, 10, 12]
+    assert examples[1].text_a == 'says "hi"'
+    assert report["continuation_lines"] == 1
+    assert_every_row_accounted_for(path, report)
+    # strict: the first bad row, named by file and line
+    with pytest.raises(ValueError, match=r"sst\.csv: line 3: bad row \(field_too_long\)"):
+        data.read_task_file(path, "sst", strict=True)
+
+
+def test_label_ranges_come_from_the_one_table(tmp_path, monkeypatch):
+    path = write(tmp_path, "sts.csv", ["\tid\tsentence1\tsentence2\tsimilarity",
+                                       "0\tx0\ta\tb\t0.5", "1\tx1\ta\tb\t2.0"])
+    monkeypatch.setitem(data.LABELS, "sts", (0, 1, False, float))  # a 0-1 similarity scale
+    with pytest.warns(UserWarning, match="label_out_of_range"):
+        examples, _ = data.read_task_file(path, "sts")
+    assert [ex.label for ex in examples] == [0.5]
 
 
 @pytest.mark.parametrize("task,header,bad,good", [

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,8 @@ from mtbert_utils.results import load_runs
 from mtbert_utils.config import LR_KEYS, TrainConfig
 from mtbert_utils.optim import lr_multiplier
 from mtbert_utils.training import train
+
+from conftest import float64_tol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,26 +220,60 @@ def test_grad_cosines_are_recorded(tiny_config, tmp_path, pcgrad):
         assert -1 <= stats["mean"] <= 1 and 0 <= stats["conflict_rate"] <= 1
 
 
-def test_write_predictions_in_cs224n_format(tiny_config, tmp_path):
-    result = train(tiny_config(tmp_path, phases=[[1, True]], write_predictions=True))
+# the CS224N starter code's evaluation.py writes these header lines byte for byte ("Similiary" sic)
+STARTER_HEADERS = {"sst": b"id \t Predicted_Sentiment \n", "para": b"id \t Predicted_Is_Paraphrase \n",
+                   "sts": b"id \t Predicted_Similiary \n"}
+
+
+def read_prediction_file(path: Path) -> dict:
+    """id -> value, parsed the way a grader reads the starter code's `id , value` lines."""
+    lines = path.read_text().splitlines()[1:]
+    return {i.strip(): float(v) for i, v in (line.split(" , ") for line in lines)}
+
+
+def test_write_predictions_in_cs224n_format(tiny_config, small_data_dir, tmp_path):
+    from scipy.stats import pearsonr
+    from mtbert_utils.data import read_task_file
+    result = train(tiny_config(tmp_path, phases=[[1, True]], write_predictions=True, sts_head="linear",
+                               sts_loss="mse"))
     folder = tmp_path / "predictions" / result["run_name"]
-    headers = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase", "sts": "Predicted_Similiarity"}
     sizes = result["data"]["sizes"]
     written = sorted(p.name for p in folder.glob("*-output.csv"))
-    expected = sorted(f"{t}-{split}-output.csv" for t in headers for split in ("dev", "test") if sizes[t][split])
+    expected = sorted(f"{t}-{split}-output.csv" for t in STARTER_HEADERS for split in ("dev", "test") if sizes[t][split])
     assert written == expected and "sst-test-output.csv" in written
     assert sorted(p.name for p in folder.glob("*-scores.csv")) == [n.replace("output", "scores") for n in expected]
     for name in written:
         task, split = name.split("-")[:2]
-        lines = (folder / name).read_text().splitlines()
-        assert lines[0] == f"id \t {headers[task]} "
+        raw = (folder / name).read_bytes()
+        assert raw.startswith(STARTER_HEADERS[task])
+        lines = raw.decode().splitlines()
         assert len(lines) - 1 == sizes[task][split]
         ident, value = lines[1].split(" , ")
         assert ident.strip() and value.strip()
-        if task == "sts":
-            assert all(0.0 <= float(line.split(" , ")[1]) <= 5.0 for line in lines[1:])
         if task == "sst":
             assert {int(line.split(" , ")[1]) for line in lines[1:]} <= set(range(5))
+    # the file holds the scores the reported dev Pearson r was computed on (none clipped): a grader
+    # reading it gets the run's number, to float64 rounding (the written reprs round-trip exactly)
+    pred = read_prediction_file(folder / "sts-dev-output.csv")
+    gold = {ex.id: ex.label for ex in read_task_file(small_data_dir / "sts-dev.csv", "sts")[0]}
+    ids = sorted(pred)
+    gold32 = np.array([gold[i] for i in ids], dtype=np.float32)  # the run holds labels as float32 (encode_task)
+    r = pearsonr([pred[i] for i in ids], gold32.astype(np.float64))[0]
+    assert r == pytest.approx(result["dev"]["sts"], rel=0, abs=float64_tol(len(ids)))
+
+
+def test_sts_prediction_file_is_not_clipped(tmp_path):
+    """Scores outside 0-5 are written as they are: clipping would change the file's Pearson r."""
+    from mtbert_utils.evaluation import write_predictions
+    from mtbert_utils.tasks import pearson
+    gold = np.array([0.0, 1.0, 2.5, 4.0, 5.0])
+    pred = np.array([-0.7, 1.2, 2.0, 4.9, 6.3], dtype=np.float32)  # a linear head overshoots both ends
+    write_predictions({"sts": {"ids": list("abcde"), "raw": pred, "pred": pred, "gold": gold}}, tmp_path, "dev")
+    got = read_prediction_file(tmp_path / "sts-dev-output.csv")
+    assert (tmp_path / "sts-dev-output.csv").read_bytes().startswith(STARTER_HEADERS["sts"])
+    assert [got[i] for i in "abcde"] == pred.tolist()  # exact: float32 reprs round-trip
+    assert pearson([got[i] for i in "abcde"], gold) == pearson(pred, gold)
+    assert pearson(np.clip(pred, 0, 5), gold) != pearson(pred, gold)  # the clip would have shown
 
 
 REFERENCE = {"sst": 0.5, "para": 0.7, "sts": 0.8}

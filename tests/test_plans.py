@@ -1,0 +1,57 @@
+"""mtbert_utils.plans builds exactly the runs the notebooks made: its run names (a hash of each config) equal
+the run names in the committed index files, so committed results are found and reused, never retrained."""
+
+import json
+
+import pytest
+
+from mtbert_utils import plans, reproduce
+from mtbert_utils.results import REPO_ROOT
+
+
+def committed_run_names(results_dir, notebook) -> set[str]:
+    index = json.loads((results_dir / "runs" / notebook / "index.json").read_text())
+    return {p.split("/")[-1].removesuffix(".json") for rows in index["runs"].values() for p in rows
+            if not p.split("/")[-1].startswith("zero-shot")}  # 04's zero-shot row evaluates, it does not train
+
+
+def planned_run_names(results_dir, notebook, params) -> set[str]:
+    """Every stage's runs; a later stage gets the earlier stages' committed runs, as the driver does."""
+    names, earlier = set(), []
+    for stage in range(len(plans.STAGES[notebook])):
+        runs = reproduce.stage_runs(notebook, params, stage, earlier, results_dir / "runs")
+        names |= {cfg.run_name for _, cfg in runs}
+        done = {}
+        for key, cfg in runs:
+            done.setdefault(key, []).append(reproduce.finished_run(cfg))
+        assert all(r is not None for rs in done.values() for r in rs), f"{notebook} stage {stage + 1}: runs missing"
+        earlier.append(done)
+    return names
+
+
+@pytest.mark.parametrize("profile", ["cpu", "cpu-extended", "best"])
+def test_plan_run_names_equal_committed_index(profile, data_dir, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))  # 09 and 10 read the training-set sizes
+    _, results_dir, _, plan = reproduce.resolve(profile, None, None, REPO_ROOT)
+    checked = 0
+    for notebook, given in plan:
+        if notebook not in plans.STAGES:
+            continue
+        params = {**reproduce.notebook_defaults(notebook), **given}
+        assert planned_run_names(results_dir, notebook, params) == committed_run_names(results_dir, notebook)
+        checked += 1
+    assert checked == {"cpu": 5, "cpu-extended": 3, "best": 1}[profile]
+
+
+def test_every_training_notebook_has_a_plan():
+    """A notebook that trains (calls run_seeds/run_grid) and has no plan would be missed by --train-only."""
+    trains = {p.stem for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
+              if "run_seeds(" in p.read_text() or "run_grid(" in p.read_text()}
+    assert trains == set(plans.STAGES)
+
+
+def test_parameters_cell_read_without_papermill():
+    declared = reproduce.declared_parameters(reproduce.notebook_path("09_samplers"))
+    assert declared["temperature"] == {"name": "temperature", "inferred_type_name": "float", "default": 2.0,
+                                       "help": "T of the temperature sampler; 1 is proportional, large T is uniform"}
+    assert declared["max_train"]["default"] == {"sst": 1200, "para": 2400, "sts": 900}

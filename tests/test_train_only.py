@@ -1,0 +1,64 @@
+"""reproduce --train-only: a profile's runs trained N at a time without papermill; the notebooks then train nothing."""
+
+import json
+
+import pytest
+
+from mtbert_utils import reproduce
+
+
+def run_files(results_dir):
+    """Every file training writes (result JSONs, checkpoints, predictions) -> (mtime, bytes); not the notebooks'
+    index files, nor notebook 04's zero-shot row (evaluated each time, not trained)."""
+    runs = results_dir / "runs"
+    return {str(p.relative_to(runs)): (p.stat().st_mtime_ns, p.read_bytes()) for p in runs.rglob("*")
+            if p.is_file() and p.name != "index.json" and not p.name.startswith("zero-shot")}
+
+
+@pytest.mark.slow
+def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert reproduce.main(["--profile", "smoke", "--train-only", "--jobs", "2", "--out", str(tmp_path)]) == 0
+    results = tmp_path / "results" / "smoke"
+    log = json.loads((results / "executed" / "train-only.json").read_text())
+    assert (log["trained"], log["reused"], log["failed"], log["jobs"]) == (12, 0, 0, 2)
+    trained = run_files(results)
+    assert sorted(p for p in trained if "/" not in p) == sorted(f"{r['run_name']}.json" for r in log["runs"])
+
+    again = reproduce.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
+    assert (again["trained"], again["reused"]) == (0, 12)
+
+    reproduce.run("smoke", out_root=tmp_path)  # the notebooks, with papermill: they find every run
+    assert run_files(results) == trained  # no result, checkpoint or prediction file added or rewritten
+    assert (results / "table1.csv").exists()
+
+
+def test_shard_arithmetic():
+    assert reproduce.parse_shard("0/8") == (0, 8)
+    assert reproduce.parse_shard("7/8") == (7, 8)
+    for bad in ("8/8", "-1/8", "1/0", "3", "a/b"):
+        with pytest.raises(reproduce.ReproduceError, match="--shard"):
+            reproduce.parse_shard(bad)
+    runs = list(range(18))
+    shards = [runs[k::8] for k in range(8)]  # what train_only takes of each stage's list
+    assert sorted(r for s in shards for r in s) == runs  # every run once, in exactly one shard
+    assert shards[3] == [3, 11]
+
+
+def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path, capsys):
+    """The shards' lists, together, are the whole list, each run in exactly one shard (nothing trains here)."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    whole = reproduce.train_only("smoke", out_root=tmp_path, list_only=True)
+    parts = [reproduce.train_only("smoke", out_root=tmp_path, list_only=True, shard=(k, 5)) for k in range(5)]
+    names = [r["run_name"] for p in parts for r in p["runs"]]
+    assert sorted(names) == sorted(r["run_name"] for r in whole["runs"]) and len(set(names)) == len(names) == 12
+    assert not (tmp_path / "results").exists()  # listing writes nothing
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: several runs share one GPU")
+def test_train_only_runs_share_one_gpu(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    summary = reproduce.train_only("smoke", overrides={"seeds": [0]}, out_root=tmp_path, jobs=3)
+    assert summary["failed"] == 0 and summary["trained"] == 6
+    assert {r["device"] for r in summary["runs"]} == {"cuda"}
