@@ -10,7 +10,8 @@ One module per concept (the package map in README.md says what each holds):
     training, train, distributed       the training loop, its command line, data parallel
     evaluation, stats                  dev/test scores, confidence intervals and paired tests
     experiments, tables, readings      what notebooks run and tabulate, and the prose from the tables
-    results, plotting, reproduce       result files, figures, re-running the notebooks
+    plans, results, plotting, progress the runs each notebook makes, result files, figures, progress bars
+    reproduce                          re-running the notebooks (or only their training runs)
     bench                              the entry point of the speed benchmark (benchmarks/speed.py)
 """
 
