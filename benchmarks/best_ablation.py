@@ -2,7 +2,7 @@
 
     python benchmarks/best_ablation.py --change para_swap --data-dir ../shared/data/cs224n
 
-Each variant is experiments.best_config() with one change, trained with seed 0 into results/best/runs
+Each variant is presets.best_config() with one change, trained with seed 0 into results/best/runs
 (the same folder as the profile's own run, so a finished run is reused, never retrained). The summary,
 results/best/ablation.json, puts every variant beside the profile's configuration with its validation
 scores (what a choice between them may use) and its dev scores (reported, not used to choose).
@@ -19,11 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtbert_utils import TASKS, experiments  # noqa: E402
+from mtbert_utils import TASKS, experiments, presets, tables  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
-from mtbert_utils.training import ADDED_LATER  # noqa: E402
+from mtbert_utils.config import ADDED_LATER  # noqa: E402
 
-# name -> overrides of experiments.best_config(); the summary says how each run differs from the profile as it
+# name -> overrides of presets.best_config(); the summary says how each run differs from the profile as it
 # is now, so a variant that has become the profile shows no difference (and is listed once, as the profile)
 CHANGES = {
     "profile": {},
@@ -31,7 +31,7 @@ CHANGES = {
     "no_para_swap": {"para_swap": False},
     "encoder_dropout_0.1": {"encoder_dropout": None},  # the checkpoint's own dropout inside the encoder
     # layer-wise lr decay x0.8 per layer down from a top-layer rate of 3e-5 (the embeddings at 0.8 ** 6 of it)
-    "layer_lr_decay_0.8": {"layer_lr_decay": 0.8, "lr": {**experiments.BEST["lr"], "encoder": 3e-5}},
+    "layer_lr_decay_0.8": {"layer_lr_decay": 0.8, "lr": {**presets.BEST["lr"], "encoder": 3e-5}},
     # the first `best` profile (commit cb5a20d): 4 epochs, encoder dropout 0.1, foreach AdamW, one epoch for all
     # tasks chosen by the validation mean; its run is committed, so this reuses it
     "first_profile": {"epochs": 4, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
@@ -45,7 +45,7 @@ NOT_COMPARED = ("seed", "name", "out_dir", "data_dir", "progress", "write_predic
 
 def differences(config: dict, profile: dict) -> dict:
     """The settings of `config` that differ from the profile's (as {key: value in config}). A run recorded
-    before a knob existed ran with that knob's default (training.ADDED_LATER)."""
+    before a knob existed ran with that knob's default (config.ADDED_LATER)."""
     config = {**ADDED_LATER, **config}
     return {k: v for k, v in config.items() if k not in NOT_COMPARED and profile.get(k) != v}
 
@@ -60,7 +60,7 @@ def summarize(name: str, run: dict, profile: dict) -> dict:
             "val_top1_epoch": top1, "dev": {t: run["dev"][t] for t in TASKS},
             "ensemble_epochs": {t: ens[t]["epochs"] for t in TASKS} if ens else None,
             "selected_epoch": run["selection"]["epoch"],
-            "training_minutes": experiments.wall_minutes(run), "train_loop_minutes": run["train_time_s"] / 60,
+            "training_minutes": tables.wall_minutes(run), "train_loop_minutes": run["train_time_s"] / 60,
             "resumes": run.get("resumes"), "train_examples_per_s": run["train_examples_per_s"]}
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"variants": {}}
     def config_of(name):
         kw = {**({} if args.epochs is None else {"epochs": args.epochs}), **CHANGES[name]}
-        return experiments.best_config(encoder=args.encoder, data_dir=args.data_dir, max_train=args.max_train,
+        return presets.best_config(encoder=args.encoder, data_dir=args.data_dir, max_train=args.max_train,
                                        max_dev=args.max_dev, **kw)
     profile = config_of("profile")
     for name in dict.fromkeys(["profile", *args.change]):  # the profile's run first: the reference

@@ -14,7 +14,7 @@ sweep       candidate settings for the `best` profile (issue: best model on 2 CP
             used to choose (the CPU run re-does the selection on its own validation split).
 bert_base   training examples/s of a bert-base-sized encoder with random weights
             (no download) in bf16 autocast and fp32, and the fraction of the bf16
-            matrix-multiply peak measured on the spot (mtbert_utils.bench).
+            matrix-multiply peak measured on the spot (benchmarks/speed.py).
 
 The training runs of `precision` and `sweep` run as parallel processes (the GPU is
 far from busy with one MiniLM run), so their examples/s are not clean speed numbers;
@@ -33,11 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# the `best` candidates: one change at a time from BASE
-BASE = dict(pooling="mean", dropout=0.1, para_input="joint", sts_head="cosine", sts_loss="sbert_mse",
-            schedule="proportional", batch_size=32, phases=[[6, True]], lr_decay=1.0, lr_decay_epochs=[],
-            lr={"encoder": 2e-5, "shared": 1e-4, "sst": 9.5e-4, "para": 1e-4, "sts": 4e-5},
-            val_fraction=0.1, max_train=None, max_dev=None, precision="fp32")
+from mtbert_utils.presets import SWEEP_BASE as BASE  # noqa: E402  (the `best` candidates: one change at a time from it)
+
 SWEEP = {
     "base": {},
     "para_separate": {"para_input": "separate"},
@@ -67,7 +64,8 @@ PRECISION = dict(pooling="mean", dropout=0.1, sts_loss="sbert_mse", schedule="pr
 
 def child(spec: dict) -> None:
     """Train one config (in its own process) and print its result as one JSON line."""
-    from mtbert_utils.training import TrainConfig, train
+    from mtbert_utils.config import TrainConfig
+    from mtbert_utils.training import train
     r = train(TrainConfig(**spec))
     keep = ("dev", "selection", "train_time_s", "train_examples_per_s", "precision", "device", "examples_seen")
     out = {k: r.get(k) for k in keep}
@@ -116,7 +114,7 @@ def main(argv=None) -> dict:
         ap.error("--minilm and --data-dir are required")
 
     import torch
-    from mtbert_utils.bench import bench_cuda_bert_base
+    from benchmarks.speed import bench_cuda_bert_base
     from mtbert_utils.results import environment, write_json
     assert torch.cuda.is_available(), "these checks need a CUDA GPU"
     logs = Path(args.logs)

@@ -113,6 +113,42 @@ def _graph_nodes(loss: Tensor) -> set:
     return seen
 
 
+def _task_gradients(losses: list[Tensor], shared: list[torch.nn.Parameter], as_views: bool,
+                    scaler, reduce_fn) -> list[Tensor]:
+    """Backward each loss in turn; return flat[t], task t's shared gradient (float32, P-sized), allocated
+    when its backward starts. as_views: the parameters' .grad are views of flat[t] while task t runs."""
+    sizes = [p.numel() for p in shared]
+    P, device = sum(sizes), shared[0].device
+    nodes = [_graph_nodes(loss) for loss in losses]
+    later = [set().union(*nodes[t + 1:]) for t in range(len(losses))]
+    flat: list[Tensor] = []
+    for t, loss in enumerate(losses):
+        flat.append(torch.zeros(P, dtype=torch.float32, device=device))
+        rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
+        if as_views:
+            for p, row in zip(shared, rows):
+                p.grad = row
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        # keep a task's graph only if a later task's graph runs through it (shared activations);
+        # otherwise free it now, as a plain backward would
+        loss.backward(retain_graph=bool(nodes[t] & later[t]))
+        for p, row in zip(shared, rows):
+            if p.grad is None or p.grad is row:  # None: this task does not reach p -> zeros
+                continue
+            row.copy_(p.grad)  # a .grad that autograd (or a hook) replaced instead of accumulating into
+            if as_views:
+                p.grad = None
+            else:
+                p.grad.zero_()
+        if reduce_fn is not None:
+            row = flat[t]
+            reduced = reduce_fn(row)
+            if reduced is not None and reduced is not row:
+                row.copy_(reduced)
+    return flat
+
+
 def pcgrad_backward(
     task_losses: dict[str, Tensor],
     shared_params: list[torch.nn.Parameter],
@@ -160,50 +196,14 @@ def pcgrad_backward(
     shared = list({id(p): p for p in shared_params if p.requires_grad}.values())  # tied weights once
     if not shared:
         raise ValueError("no shared parameter requires grad")
-    sizes = [p.numel() for p in shared]
-    T, P = len(names), sum(sizes)
-    device = shared[0].device
-    flat: list[Tensor] = []  # flat[t]: task t's shared gradient, allocated when its backward starts
+    T, device = len(names), shared[0].device
     # float32 parameters get .grad = a view of their slice of flat[t]: autograd then adds
     # the task's gradient straight into the buffer (no copy, no zeroing, no extra P-sized .grad)
     as_views = all(p.dtype == torch.float32 and p.device == device and p.layout == torch.strided
                    for p in shared)
 
-    # Gradients already in .grad (accumulation) are kept aside and added back at the end.
-    prior = None
-    if any(p.grad is not None for p in shared):
-        prior = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in shared])
-        for p in shared:
-            if p.grad is not None:
-                p.grad = None if as_views else p.grad.zero_()
-
-    nodes = [_graph_nodes(task_losses[n]) for n in names]
-    later = [set().union(*nodes[t + 1:]) for t in range(T)]
-    for t, name in enumerate(names):
-        flat.append(torch.zeros(P, dtype=torch.float32, device=device))
-        rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
-        if as_views:
-            for p, row in zip(shared, rows):
-                p.grad = row
-        loss = task_losses[name]
-        if scaler is not None:
-            loss = scaler.scale(loss)
-        # keep a task's graph only if a later task's graph runs through it (shared activations);
-        # otherwise free it now, as a plain backward would
-        loss.backward(retain_graph=bool(nodes[t] & later[t]))
-        for p, row in zip(shared, rows):
-            if p.grad is None or p.grad is row:  # None: this task does not reach p -> zeros
-                continue
-            row.copy_(p.grad)  # a .grad that autograd (or a hook) replaced instead of accumulating into
-            if as_views:
-                p.grad = None
-            else:
-                p.grad.zero_()
-        if reduce_fn is not None:
-            row = flat[t]
-            reduced = reduce_fn(row)
-            if reduced is not None and reduced is not row:
-                row.copy_(reduced)
+    prior = _take_prior_grads(shared, as_views)  # gradients already in .grad (accumulation): added back at the end
+    flat = _task_gradients([task_losses[n] for n in names], shared, as_views, scaler, reduce_fn)
 
     gram = torch.empty(T, T, dtype=torch.float64)  # T x T dot products; no [T, P] stack
     for i in range(T):
@@ -223,11 +223,27 @@ def pcgrad_backward(
     if prior is not None:
         combined += prior
 
-    for p, g in zip(shared, combined.split(sizes)):
+    _write_grads(shared, combined, as_views)
+    return {"cosines": cosines, "conflicts": conflicts, "projected": bool(project)}
+
+
+def _take_prior_grads(shared: list[torch.nn.Parameter], as_views: bool) -> Tensor | None:
+    """Gradients already in .grad (accumulation), flat, kept aside to be added back at the end; .grad cleared."""
+    if not any(p.grad is not None for p in shared):
+        return None
+    prior = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in shared])
+    for p in shared:
+        if p.grad is not None:
+            p.grad = None if as_views else p.grad.zero_()
+    return prior
+
+
+def _write_grads(shared: list[torch.nn.Parameter], combined: Tensor, as_views: bool) -> None:
+    """The combined flat gradient into the parameters' .grad."""
+    for p, g in zip(shared, combined.split([p.numel() for p in shared])):
         if as_views:
             p.grad = g.view_as(p)  # keeps flat alive until the optimizer's zero_grad(set_to_none=True)
         elif p.grad is None:
             p.grad = g.view_as(p).to(p.dtype).clone()
         else:
             p.grad.copy_(g.view_as(p))
-    return {"cosines": cosines, "conflicts": conflicts, "projected": bool(project)}

@@ -89,8 +89,10 @@ def samplers_single(*, encoder, data_dir, max_train, max_dev, batch_size, epochs
     return {t: replace(base, schedule="rr_over", train_tasks=[t], name=f"single-{t}") for t in TASKS}
 
 
-def _sampler_config(base, sampler, n_epochs, *, temperature, adaptive_power, reference, **extra):
-    params = experiments.schedule_params_for(sampler, n_epochs, T=temperature, reference=reference,
+def _sampler_config(base, sampler, n_epochs, *, temperature, adaptive_power, reference, anneal_epochs=None,
+                    **extra):
+    # anneal_epochs: the epochs an annealed run anneals over (under a budget: those the budget runs, no spare)
+    params = experiments.schedule_params_for(sampler, anneal_epochs or n_epochs, T=temperature, reference=reference,
                                              power=adaptive_power)
     return replace(base, schedule=sampler, schedule_params=params, phases=[[n_epochs, True]], **extra)
 
@@ -131,11 +133,11 @@ def samplers_budget(epoch_runs: dict, reference: dict, *, encoder, data_dir, max
     budget = budget_examples or sequential_examples
     schedules = {s: get_schedule(s, **experiments.schedule_params_for(s, 1, T=temperature, reference=reference,
                                                                        power=adaptive_power)) for s in samplers}
-    budget_epochs = {s: experiments.epochs_for_budget(sch, num_batches, sizes, batch_size, budget)
-                     for s, sch in schedules.items()}
+    budget_epochs = {s: experiments.epochs_for_budget(sch, num_batches, sizes, budget) for s, sch in schedules.items()}
     reused = [s for s in samplers if all(sum(r["examples_seen"].values()) == budget for r in epoch_runs[s])]
     configs = {s: _sampler_config(base, s, budget_epochs[s], temperature=temperature, adaptive_power=adaptive_power,
-                                  reference=reference, examples_budget=budget, name=f"{s}-budget")
+                                  reference=reference, examples_budget=budget, name=f"{s}-budget",
+                                  anneal_epochs=experiments.budget_epochs(schedules[s], num_batches, sizes, budget))
                for s in samplers if s not in reused}
     return SamplerBudget(configs, reused, budget, budget_epochs, schedules, sizes, num_batches)
 

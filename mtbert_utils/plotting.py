@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from mtbert_utils import TASKS  # noqa: E402
+from mtbert_utils.gradients import run_cosines  # noqa: E402
 from mtbert_utils.tasks import TASK_SPECS  # noqa: E402
 
 THEME = dict(style="whitegrid", context="notebook", font_scale=0.9)  # seaborn.set_theme arguments
@@ -129,11 +130,7 @@ def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
     bars = defaultdict(dict)
     for li, (label, run) in enumerate(runs_by_label.items()):
-        values = defaultdict(list)
-        for h in run["history"]:
-            for pair, c in h.get("grad_cosines", {}).items():
-                values[pair].extend(c["values"])
-        for pi, (pair, vals) in enumerate(values.items()):
+        for pi, (pair, vals) in enumerate(run_cosines(run).items()):
             ls = ["-", "--", ":"][pi % 3]
             ax_vals = np.asarray(vals)
             k = max(1, len(ax_vals) // 60)  # moving average for readability

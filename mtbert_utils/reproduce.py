@@ -163,11 +163,43 @@ def notebook_params(profile: dict, name: str, overrides: dict, results_dir: Path
     return params
 
 
+def notebook_modules(nb_path: Path) -> list[Path]:
+    """The package modules a notebook runs: those it imports, those they import (top-level and inside
+    functions), and so on."""
+    import ast
+    pkg = Path(__file__).resolve().parent
+
+    def imported(source: str) -> set[str]:
+        """mtbert_utils modules a piece of code imports (`from mtbert_utils import x`: x where it is a module)."""
+        names = {"__init__"}
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mtbert_utils.")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mtbert_utils":
+                parts = node.module.split(".")
+                names |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        return {n for n in names if (pkg / f"{n}.py").is_file()}
+
+    cells = ["".join(c["source"]) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+    lines = [ln for src in cells for ln in src.splitlines()]
+    # shell (!) and magic (%) lines are not Python: a `pass` at their indent keeps the blocks around them
+    todo = imported("\n".join(ln[:len(ln) - len(ln.lstrip())] + "pass" if ln.lstrip().startswith(("!", "%"))
+                              else ln for ln in lines))
+    done: set[str] = set()
+    while todo:
+        name = todo.pop()
+        done.add(name)
+        todo |= imported((pkg / f"{name}.py").read_text()) - done
+    return [pkg / f"{n}.py" for n in sorted(done)]
+
+
 def code_version(nb_path: Path) -> str:
-    """Hash of the package sources and the notebook: a change to either re-runs the notebook."""
+    """Hash of the notebook, the package modules it runs (notebook_modules) and the package's JSON files
+    (profiles): a change to any of them re-runs the notebook; a change elsewhere (the benchmark, code
+    outside the package) does not."""
     h = hashlib.sha256()
     pkg = Path(__file__).resolve().parent
-    for p in sorted(pkg.rglob("*.py")) + sorted(pkg.rglob("*.json")) + [nb_path]:
+    for p in notebook_modules(nb_path) + sorted(pkg.rglob("*.json")) + [nb_path]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]

@@ -17,10 +17,13 @@ from typing import Iterator
 
 import mtbert_utils
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
+
+
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
@@ -139,3 +142,21 @@ def relativize(obj, root: str | Path = REPO_ROOT):
     if isinstance(obj, dict):
         return {k: relativize(v, root) for k, v in obj.items()}
     return obj
+
+
+def write_index(results_dir: str | Path, notebook: str, runs: dict[str, list[dict]]) -> Path:
+    """Record which result files this notebook produced, by row name (paths relative to results_dir)."""
+    results_dir = Path(results_dir)
+    index = {name: [str(Path(r["result_path"]).resolve().relative_to(results_dir.resolve())) for r in rs]
+             for name, rs in runs.items()}
+    return write_json(results_dir / "runs" / notebook / "index.json", {"notebook": notebook, "runs": index})
+
+
+def load_index(results_dir: str | Path, notebook: str) -> dict[str, list[dict]]:
+    """Row name -> list of run results (read back from their JSON files)."""
+    results_dir = Path(results_dir)
+    path = results_dir / "runs" / notebook / "index.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebooks/{notebook}.ipynb first")
+    index = json.loads(path.read_text())
+    return {name: [json.loads((results_dir / p).read_text()) for p in paths] for name, paths in index["runs"].items()}

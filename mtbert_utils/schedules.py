@@ -19,6 +19,8 @@ import itertools
 import math
 import numbers
 import random
+import re
+import statistics
 from typing import Iterator
 
 SCHEDULES: dict[str, type] = {}
@@ -76,9 +78,11 @@ class Schedule:
         """Exact number of tuples `steps` yields for this epoch."""
         raise NotImplementedError
 
-    def examples_per_epoch(self, num_batches: dict[str, int], batch_size: int, epoch: int = 0) -> int:
-        tasks_per_step = 1 if self.one_task_per_step else len(num_batches)
-        return self.num_steps(num_batches, epoch) * tasks_per_step * batch_size
+    def expected_examples_per_epoch(self, num_batches: dict[str, int], sizes: dict[str, int],
+                                    epoch: int = 0) -> float:
+        """Training examples this epoch feeds the model, in expectation; sizes: task -> training examples
+        (a pass's last batch is short, so a task's mean batch is sizes[t] / num_batches[t])."""
+        raise NotImplementedError
 
     def config(self) -> dict:
         """The params this schedule was built with, for the run's JSON."""
@@ -102,6 +106,8 @@ class Schedule:
 
 
 @register("sequential")
+
+
 class Sequential(Schedule):
     """Random sequential: all batches of one task, then the next (one task per step).
 
@@ -130,6 +136,10 @@ class Sequential(Schedule):
         self._check_order(num_batches)
         return sum(num_batches.values())
 
+    def expected_examples_per_epoch(self, num_batches, sizes, epoch=0):
+        self._check_order(num_batches)
+        return float(sum(sizes[t] for t in num_batches))  # every batch of every task once
+
     def config(self):
         return {"name": self.name, "order": list(self.order)}
 
@@ -144,8 +154,14 @@ class _RoundRobin(Schedule):
         for _ in range(self.num_steps(num_batches, epoch)):
             yield tasks
 
+    def expected_examples_per_epoch(self, num_batches, sizes, epoch=0):
+        # one batch of every task per step
+        return self.num_steps(num_batches, epoch) * sum(sizes[t] / num_batches[t] for t in num_batches)
+
 
 @register("rr_under")
+
+
 class RoundRobinUndersampling(_RoundRobin):
     """Round-robin undersampling: each step holds one batch of every task,
     for as many steps as the smallest task has batches."""
@@ -156,6 +172,8 @@ class RoundRobinUndersampling(_RoundRobin):
 
 
 @register("rr_over")
+
+
 class RoundRobinOversampling(_RoundRobin):
     """Round-robin oversampling: each step holds one batch of every task, for
     `sigma` steps (default: the largest task's batch count); smaller tasks
@@ -200,8 +218,15 @@ class SamplingSchedule(Schedule):
         _check_num_batches(num_batches)
         return sum(num_batches.values())
 
+    def expected_examples_per_epoch(self, num_batches, sizes, epoch=0):
+        # one task per step, drawn with these probabilities
+        probs = self.probabilities(num_batches, epoch)
+        return self.num_steps(num_batches, epoch) * sum(p * sizes[t] / num_batches[t] for t, p in probs.items())
+
 
 @register("proportional")
+
+
 class Proportional(SamplingSchedule):
     """Proportional sampling, p_i ∝ N_i (Sanh et al. 2019, "A hierarchical
     multi-task approach for learning embeddings from semantic tasks";
@@ -212,6 +237,8 @@ class Proportional(SamplingSchedule):
 
 
 @register("temperature")
+
+
 class Temperature(SamplingSchedule):
     """Temperature sampling, p_i ∝ N_i^(1/T) (Arivazhagan et al. 2019, "Massively
     multilingual neural machine translation in the wild"). T=1 is proportional,
@@ -228,11 +255,18 @@ class Temperature(SamplingSchedule):
 
 
 @register("annealed")
+
+
 class Annealed(SamplingSchedule):
     """Annealed sampling (Stickland & Murray 2019, "BERT and PALs"): p_i ∝ N_i^alpha,
     alpha = 1 - 0.8 * epoch / (epochs - 1) with 0-based epoch: proportional in
     the first epoch, flatter (alpha = 0.2) in the last, so small tasks are not
-    forgotten at the end of training."""
+    forgotten at the end of training.
+
+    `epochs` is the number of epochs to anneal over: the epochs the run trains. Under an
+    examples budget that is the epochs the budget runs (budget_epochs), not the ones
+    scheduled with a spare (epochs_for_budget); an epoch past them keeps the final alpha.
+    """
 
     def __init__(self, epochs: int):
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -240,10 +274,11 @@ class Annealed(SamplingSchedule):
         self.epochs = epochs
 
     def alpha(self, epoch: int) -> float:
-        if not 0 <= epoch < self.epochs:
-            raise ValueError(f"epoch {epoch} outside [0, {self.epochs}) for annealed schedule")
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} is negative")
         if self.epochs == 1:
             return 1.0
+        epoch = min(epoch, self.epochs - 1)  # a spare epoch after the last keeps its alpha
         return 1.0 - 0.8 * epoch / (self.epochs - 1)
 
     def _weights(self, num_batches, epoch):
@@ -255,6 +290,8 @@ class Annealed(SamplingSchedule):
 
 
 @register("adaptive")
+
+
 class Adaptive(SamplingSchedule):
     """Adaptive sampling after Jean, Firat & Johnson 2019, "Adaptive scheduling
     for multi-task learning": tasks that lag their single-task reference score
@@ -303,3 +340,45 @@ class Adaptive(SamplingSchedule):
 
     def config(self):
         return {"name": self.name, "reference": dict(self.reference), "power": self.power, "eps": self.eps}
+
+
+# --------------------------------------------------------------------------- parameters
+# what the extension notebooks (09-11) pass to the schedules above
+
+
+def schedule_params_for(sampler: str, epochs: int, *, T: float = 2.0, reference: dict | None = None,
+                        power: float = 1.0) -> dict:
+    """The schedule_params each registered sampler takes in the extension notebooks."""
+    if sampler == "temperature":
+        return {"T": T}
+    if sampler == "annealed":
+        return {"epochs": int(epochs)}  # anneal over the epochs the run trains (under a budget: budget_epochs)
+    if sampler == "adaptive":
+        if not reference:
+            raise ValueError("the adaptive sampler needs single-task reference scores")
+        return {"reference": dict(reference), "power": power}
+    return {}
+
+
+def adaptive_reference(single_task_runs: dict[str, list[dict]], floor: float = 0.05) -> dict[str, float]:
+    """Reference score per task for the adaptive sampler: the mean dev score of its single-task runs.
+
+    The sampler needs a positive reference; a score at or below `floor` (a toy encoder's STS r can be
+    negative) is raised to `floor`.
+    """
+    return {t: max(float(sum(r["dev"][t] for r in runs) / len(runs)), floor) for t, runs in single_task_runs.items()}
+
+
+def resolve_sigma(spec, num_batches: dict[str, int]) -> int:
+    """rr_over's sigma (steps per epoch) from an int, or 'min' / 'median' / 'max' of the tasks' batch
+    counts with an optional factor in front ('2max', '0.5*max')."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"sigma must be >= 1, got {spec}")
+        return spec
+    m = re.fullmatch(r"\s*(\d*\.?\d*)\s*\*?\s*(min|median|max)\s*", str(spec))
+    if not m:
+        raise ValueError(f"sigma {spec!r}: use an int or min/median/max with an optional factor, e.g. '2max'")
+    counts = sorted(num_batches.values())
+    base = {"min": counts[0], "max": counts[-1], "median": float(statistics.median(counts))}[m.group(2)]
+    return max(1, round(float(m.group(1) or 1) * base))

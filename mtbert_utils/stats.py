@@ -37,3 +37,14 @@ def paired_comparison(a, b) -> dict:
         p = float(stats.ttest_rel(a, b).pvalue)
         dz = float(mean / sd)
     return {"n": int(len(d)), "mean_diff": mean, "ci95": half, "p_value": p, "cohens_dz": dz}
+
+
+def verdict(mean_diff: float, ci95: float) -> str:
+    """'holds' if the 95% CI of a - b lies above 0, 'reversed' if below, else 'not resolved'."""
+    if ci95 != ci95:  # nan: a single seed has no interval
+        return "not resolved"
+    if mean_diff - ci95 > 0:
+        return "holds"
+    if mean_diff + ci95 < 0:
+        return "reversed"
+    return "not resolved"

@@ -1,7 +1,8 @@
 """The three tasks declared as data: each task's loss, metric and prediction format.
 
-A task is looked up by name ("sst", "para", "sts") in `TASK_SPECS`; the
-trainer and the evaluator never branch on task names beyond this table.
+A task is looked up by name ("sst", "para", "sts") in `TASK_SPECS` for its metric, title and
+prediction-file header. The losses are not in the table: training.task_loss picks each task's
+loss by name (the STS loss also depends on the config), as predictions_from_outputs does here.
 What the data files hold (columns, valid label ranges) is declared in
 `data` (COLUMNS, LABELS); the task names in the package root (TASKS).
 """

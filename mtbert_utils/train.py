@@ -13,12 +13,12 @@ The result JSON goes to `{out_dir}/{run_name}.json`; the last line printed is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from mtbert_utils import distributed
-from mtbert_utils.training import TrainConfig, train
+from mtbert_utils.config import TrainConfig, check_keys
+from mtbert_utils.training import train
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -35,12 +35,8 @@ def parse_override(text: str) -> tuple[str, object]:
 def build_config(config_path: str | None = None, overrides: list[str] = (), preset: str = "default") -> TrainConfig:
     d = json.loads(Path(config_path).read_text()) if config_path else {}
     d.update(parse_override(o) for o in overrides)
-    if preset == "baseline":
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        if set(d) - names:
-            raise ValueError(f"unknown config keys {sorted(set(d) - names)}; valid keys: {sorted(names)}")
-        return TrainConfig.baseline(**d)
-    return TrainConfig.from_dict(d)
+    check_keys(d)
+    return TrainConfig.baseline(**d) if preset == "baseline" else TrainConfig(**d)
 
 
 def main(argv=None) -> dict:

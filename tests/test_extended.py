@@ -70,6 +70,21 @@ def test_equal_budget_runs_saw_the_same_number_of_examples(extended_run):
     assert epochs["rr_over"].min() > epochs["sequential"].max() > epochs["rr_under"].max()  # why budgets matter
 
 
+def test_annealed_budget_runs_end_at_the_final_alpha(extended_run):
+    """Under an examples budget the annealed sampler anneals over the epochs the budget runs, so the last
+    epoch it trains samples with the final alpha (0.2). Annealing over the scheduled epochs, spare included,
+    would end the run one step short of it (alpha 0.6 after 2 of 3 epochs here)."""
+    results, _, _ = extended_run
+    files = sorted((results / "runs").glob("annealed-budget-*.json"))
+    assert files, "no annealed equal-budget run was trained"
+    for f in files:
+        run = json.loads(f.read_text())
+        schedule = get_schedule("annealed", **run["config"]["schedule_params"])
+        last = len(run["history"]) - 1
+        assert sum(run["examples_seen"].values()) >= run["config"]["examples_budget"]
+        assert schedule.alpha(last) == pytest.approx(0.2), (f.name, last, schedule.epochs)
+
+
 def test_sigma_sweep_order_and_pcgrad_tables(extended_run):
     results, _, _ = extended_run
     orders = pd.read_csv(results / "10_sigma_and_order_order_summary.csv")
@@ -91,7 +106,7 @@ def test_sigma_sweep_order_and_pcgrad_tables(extended_run):
 
 # --- the helpers behind the notebooks, on numbers worked by hand (no data, no training) ---
 
-from mtbert_utils import experiments  # noqa: E402
+from mtbert_utils import budget, experiments  # noqa: E402
 from mtbert_utils.schedules import get_schedule  # noqa: E402
 
 SIZES = {"sst": 40, "para": 88, "sts": 28}   # batch 16: 3, 6, 2 batches; last batches of 8, 8, 12
@@ -99,8 +114,8 @@ NB = {"sst": 3, "para": 6, "sts": 2}
 
 
 def test_batches_and_expected_examples_per_epoch():
-    assert experiments.batches_per_epoch(SIZES, 16) == NB
-    per_epoch = lambda name, **kw: experiments.expected_examples_per_epoch(get_schedule(name, **kw), NB, SIZES, 16)  # noqa: E731
+    assert budget.batches_per_epoch(SIZES, 16) == NB
+    per_epoch = lambda name, **kw: get_schedule(name, **kw).expected_examples_per_epoch(NB, SIZES)  # noqa: E731
     assert per_epoch("sequential") == pytest.approx(156)                       # every example once
     assert per_epoch("rr_under") == pytest.approx(2 * (40 / 3 + 88 / 6 + 28 / 2))  # 2 steps of one batch per task
     assert per_epoch("rr_over", sigma=4) == pytest.approx(4 * (40 / 3 + 88 / 6 + 28 / 2))
@@ -110,10 +125,11 @@ def test_batches_and_expected_examples_per_epoch():
 
 def test_epochs_for_budget_reaches_the_budget_with_one_spare():
     seq = get_schedule("sequential")
-    assert experiments.epochs_for_budget(seq, NB, SIZES, 16, 312) == 3   # 2 epochs exactly, plus the spare
-    assert experiments.epochs_for_budget(seq, NB, SIZES, 16, 313) == 4
+    assert budget.epochs_for_budget(seq, NB, SIZES, 312) == 3   # 2 epochs exactly, plus the spare
+    assert budget.budget_epochs(seq, NB, SIZES, 312) == 2
+    assert budget.epochs_for_budget(seq, NB, SIZES, 313) == 4
     under = get_schedule("rr_under")  # ~84 examples per epoch
-    assert experiments.epochs_for_budget(under, NB, SIZES, 16, 312) == 5
+    assert budget.epochs_for_budget(under, NB, SIZES, 312) == 5
 
 
 def test_resolve_sigma():

@@ -24,7 +24,8 @@ import torch
 from mtbert_utils import training
 from mtbert_utils.data import load_tasks
 from mtbert_utils.results import load_runs
-from mtbert_utils.training import NonFiniteLossError, TrainConfig, load_checkpoint, train
+from mtbert_utils.checkpoint import load_checkpoint
+from mtbert_utils.training import NonFiniteLossError, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,12 +100,12 @@ TRAIN_DRIVER = textwrap.dedent('''
     import io, json, os, sys, time
     import torch
     torch.set_num_threads(1)
-    from mtbert_utils import training
+    from mtbert_utils import checkpoint, training
 
     def say(msg):
         print(msg, flush=True)
 
-    real_step, real_save, real_save_torch = training.training_step, torch.save, training.save_torch
+    real_step, real_save, real_save_torch = training.training_step, torch.save, checkpoint.save_torch
 
     def step(*args, **kw):
         out = real_step(*args, **kw)
@@ -128,7 +129,7 @@ TRAIN_DRIVER = textwrap.dedent('''
         say(f"ckpt-saved {obj['epoch']}")
         return out
 
-    training.training_step, torch.save, training.save_torch = step, slow_save, save_torch
+    training.training_step, torch.save, checkpoint.save_torch = step, slow_save, save_torch
     config = training.TrainConfig.from_dict(json.loads(sys.argv[1]))
     result = training.train(config, resume=True)
     say("done " + json.dumps(result["dev"]))

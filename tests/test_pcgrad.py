@@ -236,3 +236,18 @@ def test_grad_scaler_scale_invariant():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     pcgrad_backward(model.losses(), list(model.trunk.parameters()), shuffle=False, scaler=scaler)
     close(_shared_grad(model) / 1024.0, ref, TINY, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["sum", "pcgrad"])
+def test_grad_methods_by_hand(method):
+    """The gradient-combination registry on two conflicting linear losses: `sum` gives g1 + g2, `pcgrad`
+    (reduction sum) the projections worked out in test_two_conflicting_vectors_by_hand, added."""
+    from types import SimpleNamespace
+
+    from mtbert_utils.gradients import GRAD_METHODS
+    w = nn.Parameter(torch.zeros(2))
+    losses = {"a": w @ T_([1.0, 0.0]), "b": w @ T_([-1.0, 1.0])}  # gradients g1 = [1, 0], g2 = [-1, 1]
+    config = SimpleNamespace(record_grad_cosines=False, pcgrad_reduction="sum")
+    GRAD_METHODS[method](losses, [w], config=config, generator=torch.Generator().manual_seed(0))
+    want = T_([0.0, 1.0]) if method == "sum" else T_([0.5, 0.5]) + T_([0.0, 1.0])
+    close(w.grad, want, BY_HAND)

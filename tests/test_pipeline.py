@@ -101,3 +101,16 @@ def test_cli_list_and_error_exit(capsys):
     assert "smoke" in capsys.readouterr().out
     assert reproduce.main(["--profile", "nope"]) == 1
     assert "unknown profile" in capsys.readouterr().err
+
+
+def test_code_version_covers_the_code_notebooks_run_and_nothing_else():
+    """A notebook re-runs when code it runs changes, not when the benchmark does: the hashed modules are the
+    import closure of the notebook, lazy imports inside functions included."""
+    nb = reproduce.NOTEBOOK_DIR / "01_sequential.ipynb"
+    names = {p.stem for p in reproduce.notebook_modules(nb)}
+    # 01 imports experiments; experiments runs training (imported inside run_seeds), which uses the rest
+    assert {"experiments", "training", "config", "checkpoint", "gradients", "pcgrad", "schedules", "data",
+            "model"} <= names
+    assert "bench" not in names and "reproduce" not in names
+    data_only = {p.stem for p in reproduce.notebook_modules(reproduce.NOTEBOOK_DIR / "00_data.ipynb")}
+    assert "training" not in data_only and "data" in data_only

@@ -77,7 +77,8 @@ def test_rr_under_min_steps_all_tasks():
     steps = run(s)
     assert len(steps) == s.num_steps(NB, 0) == 3
     assert all(t == ALL for t in steps)
-    assert s.examples_per_epoch(NB, batch_size=8) == 3 * 3 * 8
+    full = {t: n * 8 for t, n in NB.items()}  # full batches of 8: one batch of each task per step
+    assert s.expected_examples_per_epoch(NB, full) == 3 * 3 * 8
 
 
 def test_rr_over_default_sigma_is_max():
@@ -123,8 +124,10 @@ def test_annealed_alpha_first_and_last_epoch():
     z = 100**0.2 + 50**0.2 + 10**0.2
     assert s.probabilities(N, epoch=4) == approx_dict({"sst": 100**0.2 / z, "para": 50**0.2 / z, "sts": 10**0.2 / z})
     assert get_schedule("annealed", epochs=1).alpha(0) == 1.0
+    # a spare epoch after the annealed ones (equal-budget runs schedule one) keeps the final alpha
+    assert s.probabilities(N, epoch=5) == s.probabilities(N, epoch=4)
     with pytest.raises(ValueError):
-        s.probabilities(N, epoch=5)
+        s.probabilities(N, epoch=-1)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

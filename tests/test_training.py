@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mtbert_utils.results import load_runs
-from mtbert_utils.training import LR_KEYS, TrainConfig, lr_multiplier, train
+from mtbert_utils.config import LR_KEYS, TrainConfig
+from mtbert_utils.optim import lr_multiplier
+from mtbert_utils.training import train
 
 from conftest import float64_tol
 
@@ -66,10 +68,79 @@ def test_run_name_changes_with_every_parameter_that_changes_numbers():
         assert TrainConfig(**{"encoder": "tiny", **change}).run_name != base.run_name, change
     assert TrainConfig(encoder="tiny", val_fraction=0.1).run_name != base.run_name
     # a knob added after results were committed, at its default, leaves earlier run names as they were
-    from mtbert_utils.training import ADDED_LATER
+    from mtbert_utils.config import ADDED_LATER
     assert TrainConfig(encoder="tiny", **ADDED_LATER).run_name == base.run_name
     # display-only fields do not
     assert TrainConfig(encoder="tiny", progress=False, out_dir="elsewhere").run_name == base.run_name
+
+
+def test_committed_run_names_are_what_their_configs_give():
+    """Every committed run file: the TrainConfig rebuilt from its recorded config has its run name. A change to
+    TrainConfig's fields, defaults or fingerprint that renamed committed runs would make notebooks retrain them."""
+    root = Path(__file__).resolve().parents[1] / "results"
+    checked = 0
+    for f in sorted(root.rglob("*.json")):
+        run = json.loads(f.read_text())
+        if not isinstance(run, dict) or "config" not in run or str(run.get("run_name", "zero-shot")).startswith("zero-shot"):
+            continue
+        assert TrainConfig.from_dict(run["config"]).run_name == run["run_name"].split("-ddp")[0], f
+        checked += 1
+    assert checked >= 100  # the cpu, cpu-extended and best profiles' runs
+
+
+def test_grad_method_follows_the_pcgrad_field_and_stays_out_of_the_config():
+    from mtbert_utils.gradients import GRAD_METHODS
+    assert set(GRAD_METHODS) == {"sum", "pcgrad"}
+    assert (TrainConfig().grad_method, TrainConfig(pcgrad=True).grad_method) == ("sum", "pcgrad")
+    assert "grad_method" not in TrainConfig().to_dict()  # derived: the config dict and run names are as before
+
+
+def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoints_lack(tmp_path):
+    """One field list: a RunState saved and restored into a fresh one carries every progress field; a checkpoint
+    written before wall time, resumes, best and snapshot scores were kept restores their defaults."""
+    import random
+    from mtbert_utils.checkpoint import PROGRESS, RunState
+    from mtbert_utils.schedules import get_schedule
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        return RunState(model=model, optimizer=torch.optim.AdamW(model.parameters()), streams={},
+                        schedule=get_schedule("adaptive", reference={"sst": 0.5}), sched_rng=random.Random(0),
+                        pc_gen=torch.Generator().manual_seed(0))
+    config = TrainConfig(encoder="tiny")
+    state = fresh()
+    state.model.weight.data += 1.0
+    state.schedule.update({"sst": 0.25})
+    state.sched_rng.random()
+    changed = dict(epoch=2, step=17, seen={"sst": 5, "para": 6, "sts": 7}, history=[{"epoch": 1}, {"epoch": 2}],
+                   train_time=3.5, wall_time=4.0, resumes=1, best={"epoch": 2, "score": 0.5, "model": None},
+                   snapshot_val={1: {"sst": [0.1]}})
+    assert set(changed) == set(PROGRESS)
+    for k, v in changed.items():
+        setattr(state, k, v)
+    path = tmp_path / "last.pt"
+    state.save(path, config, session_start=__import__("time").time())
+    back = fresh()
+    back.restore(path, config)
+    for k, v in changed.items():
+        got = getattr(back, k)
+        if k == "wall_time":
+            assert v <= got < v + 60
+        else:
+            assert got == (v if k != "resumes" else v + 1), k
+    assert torch.equal(back.model.weight, state.model.weight)
+    assert back.schedule.state_dict() == state.schedule.state_dict()
+    assert back.sched_rng.getstate() == state.sched_rng.getstate()
+    # an older checkpoint: no wall_time, resumes, best or snapshot_val
+    old = torch.load(path, weights_only=False)
+    for k in ("wall_time", "resumes", "best", "snapshot_val"):
+        del old[k]
+    torch.save(old, path)
+    back = fresh()
+    back.restore(path, config)
+    assert (back.wall_time, back.resumes, back.best["epoch"], back.snapshot_val) == (None, 1, None, {})
+    assert (back.epoch, back.step) == (2, 17)
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +391,8 @@ def test_validation_run_resumes_exactly(tiny_config, tmp_path, one_thread):
 
 
 def test_optimizer_and_encoder_dropout_switches(tiny_config, tmp_path):
-    from mtbert_utils.training import build_model, build_optimizer
+    from mtbert_utils.optim import build_optimizer
+    from mtbert_utils.training import build_model
     for kind, flags in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("forloop", {"foreach": False})):
         c = tiny_config(tmp_path, optimizer=kind)
         opt = build_optimizer(build_model(c), c, torch.device("cpu"))
@@ -339,7 +411,8 @@ def test_optimizer_and_encoder_dropout_switches(tiny_config, tmp_path):
 
 
 def test_layer_lr_decay_gives_each_encoder_depth_its_own_learning_rate(tiny_config, tmp_path):
-    from mtbert_utils.training import build_model, build_optimizer, encoder_depths
+    from mtbert_utils.optim import build_optimizer, encoder_depths
+    from mtbert_utils.training import build_model
     c = tiny_config(tmp_path, layer_lr_decay=0.5, lr_decay=0.7, lr_decay_epochs=[1])
     model = build_model(c)
     opt = build_optimizer(model, c, torch.device("cpu"))

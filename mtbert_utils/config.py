@@ -1,0 +1,257 @@
+"""TrainConfig: every knob of a run, in five sections (model, data, schedule, optimisation, run).
+
+Defaults reproduce the study's tuned setup; the other presets (baseline, best, the benchmark's
+lever sets) live in `presets.py`. The run name is `{name or schedule}-{fingerprint}-seed{seed}`:
+the fingerprint hashes every field that changes the numbers, so an equal name means an equal run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from mtbert_utils import TASKS
+from mtbert_utils.model import ENCODER_NAMES
+from mtbert_utils.schedules import SCHEDULES
+from mtbert_utils.tasks import STS_LOSSES
+
+LR_KEYS = ("encoder", "shared", "sst", "para", "sts")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
+
+# knobs added after results were committed: at their default they stay out of the fingerprint,
+# so the run names (and skip-if-complete) of earlier results do not change
+ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
+               "para_swap": False, "layer_lr_decay": 1.0}
+# what does not change the numbers: out of the fingerprint
+NOT_FINGERPRINTED = ("seed", "name", "out_dir", "progress", "data_dir", "write_predictions")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults reproduce the study's tuned setup; `baseline()` its plain one."""
+    # -- model ------------------------------------------------------------------------
+    encoder: str = "minilm"            # 'minilm' (offline default), 'tiny' (tests), or a HF id / local path
+    pooling: str | None = None         # mean | cls | pooler; None = the encoder's default
+    dropout: float = 0.3               # dropout of the heads
+    encoder_dropout: float | None = None  # dropout inside the encoder; None: the checkpoint's own (0.1)
+    para_input: str = "joint"          # joint: [CLS] a [SEP] b [SEP]; separate: [u; v]; sbert: [u; v; |u-v|; u*v]
+    sts_head: str = "cosine"           # cosine (the study's extension) | linear (its baseline)
+    sts_loss: str | None = None        # mse | cosine_embedding | sbert_mse; None = mse (linear) / cosine_embedding (cosine)
+    sts_threshold: float = 2.5         # cosine-embedding loss: gold score >= threshold counts as a similar pair
+    sts_margin: float = 0.0            # cosine-embedding loss margin for dissimilar pairs
+    class_weights: bool = False        # inverse-frequency class weights for SST cross-entropy
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    compile: bool = False              # torch.compile the encoder
+    # -- data -------------------------------------------------------------------------
+    data_dir: str | None = None        # None: $MTBERT_DATA_DIR, else ./data
+    max_train: int | dict | None = None  # per-task cap on training examples (seeded subsample)
+    max_dev: int | dict | None = None
+    max_length: int = 128
+    val_fraction: float = 0.0          # > 0: carve this share of each train split (by id hash) as validation;
+                                       # epochs are scored on it, the best epoch's weights are kept and dev is
+                                       # scored once, at the end, with them (honest model selection)
+    para_swap: bool = False            # joint paraphrase pairs: train on both orders (a, b) / (b, a) at random,
+                                       # predict with the average of both orders
+    group_by_length: bool = True       # batches of similar length: less padding
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    # -- schedule: which tasks train, in which steps, for how long ----------------------
+    train_tasks: list = field(default_factory=lambda: list(TASKS))  # a subset gives single-task reference runs
+    schedule: str = "rr_over"          # a name in schedules.SCHEDULES
+    schedule_params: dict = field(default_factory=dict)
+    task_weights: dict = field(default_factory=lambda: {"sst": 1.0, "para": 1.0, "sts": 1.0})
+    # phases of [epochs, encoder trainable]: 5 heads only, 20 full, 5 heads only
+    phases: list = field(default_factory=lambda: [[5, False], [20, True], [5, False]])
+    examples_budget: int | None = None  # stop once this many training examples (all tasks) were seen
+    # -- optimisation -----------------------------------------------------------------
+    lr: dict = field(default_factory=lambda: {"encoder": 2e-5, "shared": 1e-4, "sst": 9.5e-4,
+                                              "para": 1e-4, "sts": 4e-5})
+    lr_decay: float = 0.7              # multiply every learning rate by this ...
+    lr_decay_epochs: list = field(default_factory=lambda: [5, 25])  # ... at the start of these epochs
+    layer_lr_decay: float = 1.0        # layer-wise lr decay: encoder layer i of L learns at lr["encoder"] *
+                                       # this ** (L - 1 - i), the embeddings at ** L (1.0: one encoder lr)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    pcgrad: bool = False               # combine the task gradients with PCGrad (gradients.GRAD_METHODS
+                                       # "pcgrad") instead of summing them ("sum"); see grad_method
+    pcgrad_reduction: str = "mean"     # mean (the implementation the study used) | sum (the paper)
+    record_grad_cosines: bool = False  # log task-gradient cosines even without surgery
+    optimizer: str = "auto"            # AdamW implementation: auto (fused on CUDA, foreach on CPU) | foreach |
+                                       # fused | forloop
+    precision: str = "auto"            # auto: bf16 on CUDA if supported (else fp16 + GradScaler), fp32 on CPU
+    freeze_word_embeddings: bool = False
+    # -- run --------------------------------------------------------------------------
+    seed: int = 0
+    name: str | None = None            # prefix of the run name; default: the schedule
+    out_dir: str = "results/runs"
+    snapshot_ensemble: int = 0         # > 0 (needs val_fraction): keep every epoch's weights; per task, average
+                                       # the outputs of the top-k epochs on validation, k <= this, chosen on
+                                       # validation too; dev and test are predicted by that ensemble
+    write_predictions: bool = False    # CS224N prediction files for dev and test
+    progress: bool = True
+    device: str = "auto"               # auto | cpu | cuda
+
+    @classmethod
+    def baseline(cls, **overrides) -> "TrainConfig":
+        """The study's plain setup (presets.BASELINE): full fine-tuning, one learning rate, linear STS head."""
+        from mtbert_utils.presets import BASELINE
+        return cls(**{**BASELINE, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        check_keys(d)
+        return cls(**d)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail early, with the offending value, before any model is loaded."""
+        _validate_model(self)
+        _validate_data(self)
+        _validate_schedule(self)
+        _validate_optimisation(self)
+        _validate_run(self)
+
+    # -- derived ----------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return int(sum(int(p[0]) for p in self.phases))
+
+    @property
+    def grad_method(self) -> str:
+        """The gradients.GRAD_METHODS entry that combines the task gradients. Derived from the `pcgrad` field
+        (not a field of its own), so the config dict and the run names of earlier results stay as they were."""
+        return "pcgrad" if self.pcgrad else "sum"
+
+    def encoder_trainable(self, epoch: int) -> bool:
+        """Whether the encoder trains in this (0-based) epoch."""
+        end = 0
+        for n, trainable in self.phases:
+            end += int(n)
+            if epoch < end:
+                return bool(trainable)
+        return bool(self.phases[-1][1])
+
+    def resolved_sts_loss(self) -> str:
+        return self.sts_loss or ("mse" if self.sts_head == "linear" else "cosine_embedding")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers (not the seed, paths or display)."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in NOT_FINGERPRINTED and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    @property
+    def run_name(self) -> str:
+        return self.named(self.name or self.schedule)
+
+    def named(self, prefix: str) -> str:
+        """The run name of this config under another prefix (the zero-shot floor: 'zero-shot')."""
+        return f"{prefix}-{self.fingerprint()}-seed{self.seed}"
+
+
+def check_keys(d: dict) -> None:
+    """Raise on keys that are not TrainConfig fields, listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+
+
+# ---------------------------------------------------------------------------
+# validation, one function per section
+
+
+def _positive(name, v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+
+def _fraction(name, v, what="in [0, 1)"):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+
+
+def _validate_model(c: TrainConfig) -> None:
+    if c.encoder not in ENCODER_NAMES and not isinstance(c.encoder, str):
+        raise ValueError(f"encoder must be one of {ENCODER_NAMES}, a HF id or a path, got {c.encoder!r}")
+    if not 0 <= c.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.encoder_dropout is not None:
+        _fraction("encoder_dropout", c.encoder_dropout, "None or in [0, 1)")
+    if c.sts_loss is not None and c.sts_loss not in STS_LOSSES:
+        raise ValueError(f"unknown sts_loss {c.sts_loss!r}; choose one of {sorted(STS_LOSSES)}")
+    if c.sts_head == "linear" and c.sts_loss not in (None, "mse"):
+        raise ValueError("the linear STS head is trained with sts_loss='mse'")
+
+
+def _validate_data(c: TrainConfig) -> None:
+    _positive("batch_size", c.batch_size)
+    _positive("eval_batch_size", c.eval_batch_size)
+    _positive("max_length", c.max_length)
+    if not isinstance(c.batch_size, int):
+        raise ValueError(f"batch_size must be an integer, got {c.batch_size!r}")
+    for name in ("max_train", "max_dev"):
+        v = getattr(c, name)
+        vals = v.values() if isinstance(v, dict) else [v]
+        if any(x is not None and (not isinstance(x, int) or x < 1) for x in vals):
+            raise ValueError(f"{name} must be None, a positive int, or a dict task -> positive int; got {v!r}")
+    _fraction("val_fraction", c.val_fraction)
+    if not isinstance(c.para_swap, bool):
+        raise ValueError(f"para_swap must be True or False, got {c.para_swap!r}")
+
+
+def _validate_schedule(c: TrainConfig) -> None:
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {c.schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if not c.train_tasks or any(t not in TASKS for t in c.train_tasks) \
+            or len(set(c.train_tasks)) != len(c.train_tasks):
+        raise ValueError(f"train_tasks must be a non-empty list of distinct tasks from {TASKS}, "
+                         f"got {c.train_tasks!r}")
+    if set(c.task_weights) != set(TASKS):
+        raise ValueError(f"task_weights needs the keys {TASKS}, got {sorted(c.task_weights)}")
+    for k, v in c.task_weights.items():
+        if not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"task_weights[{k!r}] must be >= 0, got {v!r}")
+    if not c.phases or any(len(p) != 2 or int(p[0]) < 0 for p in c.phases) or c.epochs < 1:
+        raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
+                         f"got {c.phases!r}")
+    if c.examples_budget is not None and (not isinstance(c.examples_budget, int)
+                                          or isinstance(c.examples_budget, bool) or c.examples_budget < 1):
+        raise ValueError(f"examples_budget must be None or a positive int, got {c.examples_budget!r}")
+
+
+def _validate_optimisation(c: TrainConfig) -> None:
+    missing = [k for k in LR_KEYS if k not in c.lr]
+    if missing or set(c.lr) - set(LR_KEYS):
+        raise ValueError(f"lr needs exactly the keys {LR_KEYS}, got {sorted(c.lr)}")
+    for k, v in c.lr.items():
+        _positive(f"lr[{k!r}]", v)
+    if not 0 < c.lr_decay <= 1:
+        raise ValueError(f"lr_decay must be in (0, 1], got {c.lr_decay!r}")
+    if not isinstance(c.layer_lr_decay, (int, float)) or not 0 < c.layer_lr_decay <= 1:
+        raise ValueError(f"layer_lr_decay must be in (0, 1], got {c.layer_lr_decay!r}")
+    if c.pcgrad_reduction not in ("mean", "sum"):
+        raise ValueError(f"pcgrad_reduction must be 'mean' or 'sum', got {c.pcgrad_reduction!r}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
+    if c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def _validate_run(c: TrainConfig) -> None:
+    if isinstance(c.snapshot_ensemble, bool) or not isinstance(c.snapshot_ensemble, int) \
+            or c.snapshot_ensemble < 0:
+        raise ValueError(f"snapshot_ensemble must be an int >= 0, got {c.snapshot_ensemble!r}")
+    if c.snapshot_ensemble and not c.val_fraction:
+        raise ValueError("snapshot_ensemble chooses its members on validation: set val_fraction > 0")
+    if c.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
