@@ -133,8 +133,28 @@ def read_task_file(path, task, strict=False, *, warn=True):
     """
     _check_task(task)
     path = Path(path)
+    lines = io.StringIO(_decode(path), newline="").readlines()  # splits at \n, \r\n and \r, as csv does
+    columns = _header_columns(path, task, lines)
+    skips = _Skips(path, strict)
+    examples, rows, continued = _read_records(lines, task, columns, skips)
+    examples, duplicates = _drop_duplicate_ids(examples, skips)
+    first_lines = {r: sorted(ls)[:5] for r, ls in skips.lines.items()}
+    if skips.count and warn:  # one warning per file, not per row (the report always has them)
+        detail = "; ".join(f"{r}: {n} (lines {first_lines[r]})" for r, n in skips.count.items())
+        if duplicates:
+            detail += f"; duplicate ids (lines): {duplicates}"
+        warnings.warn(f"{path}: skipped {sum(skips.count.values())} bad rows, kept {len(examples)}: {detail}",
+                      stacklevel=2)
+    report = {"path": str(path), "kept": len(examples), "skipped": skips.count,
+              "first_lines": first_lines, "labeled": columns["label"] is not None, "rows": rows,
+              "continuation_lines": continued, "duplicates": duplicates}
+    return examples, report
+
+
+def _decode(path: Path) -> str:
+    """The file's text; a clear error for a missing, non-UTF-8 or empty file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{task} data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # -sig: tolerate a BOM from spreadsheet exports
@@ -144,8 +164,11 @@ def read_task_file(path, task, strict=False, *, warn=True):
                          f"re-save it as UTF-8") from None
     if not text.strip():
         raise ValueError(f"{path} is empty; expected a tab-separated header and rows")
+    return text
 
-    lines = io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r, as csv does
+
+def _header_columns(path: Path, task: str, lines: list) -> dict:
+    """Positions of the task's columns in the header: {"n", "id", "text": [..], "label" (None: unlabeled)}."""
     header, _ = _next_record(lines, 0)
     if header is None:
         raise ValueError(f"{path}: line 1: the header cannot be parsed")
@@ -154,20 +177,27 @@ def read_task_file(path, task, strict=False, *, warn=True):
     if any(c not in header for c in needed):
         raise ValueError(f"{path}: header is missing columns for task {task!r}: expected "
                          f"{list(needed)} (+ optional {label_col!r}), found {header}")
-    labeled = label_col in header
-    i_id, i_text = header.index(id_col), [header.index(c) for c in text_cols]
-    i_label = header.index(label_col) if labeled else None
+    return {"n": len(header), "id": header.index(id_col), "text": [header.index(c) for c in text_cols],
+            "label": header.index(label_col) if label_col in header else None}
 
-    examples, skipped, first_lines, rows, continued = [], {}, {}, 0, 0
-    first_seen, conflicted, dup_lines = {}, set(), {}  # id -> index in examples; ids that disagree
 
-    def skip(reason, line, row=None, detail=""):
-        if strict:
-            raise ValueError(f"{path}: line {line}: bad row ({reason}){detail}" + (f": {row!r}" if row else ""))
-        skipped[reason] = skipped.get(reason, 0) + 1
-        first_lines.setdefault(reason, []).append(line)
+class _Skips:
+    """Skipped rows by reason with their line numbers; strict: the first one raises, naming file and line."""
 
-    i = 1
+    def __init__(self, path: Path, strict: bool):
+        self.path, self.strict, self.count, self.lines = path, strict, {}, {}
+
+    def __call__(self, reason: str, line: int, row=None, detail: str = "") -> None:
+        if self.strict:
+            raise ValueError(f"{self.path}: line {line}: bad row ({reason}){detail}" + (f": {row!r}" if row else ""))
+        self.count[reason] = self.count.get(reason, 0) + 1
+        self.lines.setdefault(reason, []).append(line)
+
+
+def _read_records(lines: list, task: str, columns: dict, skip: _Skips) -> tuple[list, int, int]:
+    """Every record after the header as an Example, bad ones skipped. Returns (examples, records read,
+    lines that continued a multi-line record)."""
+    examples, rows, continued, i = [], 0, 0, 1
     while i < len(lines):
         line = i + 1
         if not lines[i].rstrip("\r\n"):  # blank line (e.g. trailing newline): not a record
@@ -175,7 +205,7 @@ def read_task_file(path, task, strict=False, *, warn=True):
             continue
         rows += 1
         row, used = _next_record(lines, i)  # used: lines the record spans, or why it cannot be parsed
-        if row is None or (used > 1 and (len(row) != len(header) or any("\t" in f for f in row))):
+        if row is None or (used > 1 and (len(row) != columns["n"] or any("\t" in f for f in row))):
             # a csv error, or a quote that ran over lines into a record of the wrong shape or over the tabs
             # of other rows: skip this line alone
             skip(used if row is None else "unbalanced_quote", line, detail=f" ({len(lines[i])} characters)")
@@ -183,49 +213,49 @@ def read_task_file(path, task, strict=False, *, warn=True):
             continue
         i += used
         continued += used - 1
-        label, reason = None, None
-        if len(row) != len(header):
-            reason = "wrong_field_count"
-        elif not row[i_id].strip():
-            reason = "missing_id"
-        elif any(not row[k].strip() for k in i_text):
-            reason = "empty_sentence"
-        elif labeled:
-            label, reason = _parse_label(task, row[i_label])
+        label, reason = _row_problem(task, row, columns)
         if reason:
             skip(reason, line, row)
             continue
-        texts = [row[k].strip() for k in i_text]  # SST sentences start with a space
-        ex = Example(row[i_id].strip(), texts[0], texts[1] if len(texts) > 1 else None, label, line)
+        texts = [row[k].strip() for k in columns["text"]]  # SST sentences start with a space
+        examples.append(Example(row[columns["id"]].strip(), texts[0], texts[1] if len(texts) > 1 else None,
+                                label, line))
+    return examples, rows, continued
+
+
+def _row_problem(task: str, row: list, columns: dict) -> tuple:
+    """(label, None) for a usable row, else (None, the reason to skip it)."""
+    if len(row) != columns["n"]:
+        return None, "wrong_field_count"
+    if not row[columns["id"]].strip():
+        return None, "missing_id"
+    if any(not row[k].strip() for k in columns["text"]):
+        return None, "empty_sentence"
+    if columns["label"] is not None:
+        return _parse_label(task, row[columns["label"]])
+    return None, None
+
+
+def _drop_duplicate_ids(examples: list, skip: _Skips) -> tuple[list, dict]:
+    """Exact repeats of an id: later ones skipped; ids whose rows disagree: every row skipped.
+    Returns (the examples kept, {id: line numbers} for the first 5 repeated ids)."""
+    first_seen, conflicted, dup_lines, kept = {}, set(), {}, []
+    for ex in examples:
         if ex.id in first_seen:
-            first = examples[first_seen[ex.id]]
-            dup_lines.setdefault(ex.id, [first.line]).append(line)
+            first = first_seen[ex.id]
+            dup_lines.setdefault(ex.id, [first.line]).append(ex.line)
             same = (first.text_a, first.text_b, first.label) == (ex.text_a, ex.text_b, ex.label)
-            skip("duplicate_id" if same else "conflicting_duplicate_id", line, row,
+            skip("duplicate_id" if same else "conflicting_duplicate_id", ex.line, None,
                  f" (id {ex.id!r} first on line {first.line})")
             if not same:
                 conflicted.add(ex.id)
             continue
-        first_seen[ex.id] = len(examples)
-        examples.append(ex)
-
-    if conflicted:  # the first occurrence of a conflicting id goes too
-        for ex in examples:
-            if ex.id in conflicted:
-                skip("conflicting_duplicate_id", ex.line)
-        examples = [ex for ex in examples if ex.id not in conflicted]
-    first_lines = {r: sorted(ls)[:5] for r, ls in first_lines.items()}
-    duplicates = dict(list(dup_lines.items())[:5])
-    if skipped and warn:  # one warning per file, not per row (the report always has them)
-        detail = "; ".join(f"{r}: {n} (lines {first_lines[r]})" for r, n in skipped.items())
-        if duplicates:
-            detail += f"; duplicate ids (lines): {duplicates}"
-        warnings.warn(f"{path}: skipped {sum(skipped.values())} bad rows, kept {len(examples)}: {detail}",
-                      stacklevel=2)
-    report = {"path": str(path), "kept": len(examples), "skipped": skipped,
-              "first_lines": first_lines, "labeled": labeled, "rows": rows,
-              "continuation_lines": continued, "duplicates": duplicates}
-    return examples, report
+        first_seen[ex.id] = ex
+        kept.append(ex)
+    for ex in kept:  # the first occurrence of a conflicting id goes too
+        if ex.id in conflicted:
+            skip("conflicting_duplicate_id", ex.line)
+    return [ex for ex in kept if ex.id not in conflicted], dict(list(dup_lines.items())[:5])
 
 
 # -----------------------------------------------------------------------------

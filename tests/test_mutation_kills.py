@@ -49,12 +49,14 @@ def test_schedule_config_records_its_params_and_rebuilds_it(name):
 
 
 def test_examples_per_epoch_is_steps_times_tasks_per_step_times_batch():
-    """One task per step (sequential, samplers) vs one batch of every task per step (round robin)."""
+    """One task per step (sequential, samplers) vs one batch of every task per step (round robin): with full
+    batches of 16 (sizes = 16 x batches), an epoch feeds steps x tasks per step x 16 examples."""
+    sizes = {t: 16 * n for t, n in NB.items()}
     for name, params in PARAMS.items():
         s = get_schedule(name, **params)
         per_step = 1 if name not in ("rr_under", "rr_over") else len(NB)
-        assert s.examples_per_epoch(NB, 16) == s.num_steps(NB, 0) * per_step * 16, name
-    assert get_schedule("sequential").examples_per_epoch(NB, 16) == (7 + 11 + 3) * 16
+        assert s.expected_examples_per_epoch(NB, sizes) == pytest.approx(s.num_steps(NB, 0) * per_step * 16), name
+    assert get_schedule("sequential").expected_examples_per_epoch(NB, sizes) == (7 + 11 + 3) * 16
 
 
 @pytest.mark.parametrize("sigma", [0, -1, 2.5, True, "3"])
@@ -127,9 +129,13 @@ def test_annealed_needs_an_int_number_of_epochs(epochs):
         get_schedule("annealed", epochs=epochs)
 
 
-def test_annealed_names_an_epoch_outside_the_schedule():
-    with pytest.raises(ValueError, match=r"epoch 3 outside \[0, 3\) for annealed schedule"):
-        get_schedule("annealed", epochs=3).alpha(3)
+def test_annealed_keeps_its_final_alpha_after_the_schedule_and_rejects_negative_epochs():
+    """A budget run may schedule a spare epoch after the annealing ends (issue #13 item 5): it keeps alpha's
+    final value; a negative epoch is a caller's bug."""
+    s = get_schedule("annealed", epochs=3)
+    assert s.alpha(3) == s.alpha(7) == s.alpha(2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="epoch -1 is negative"):
+        s.alpha(-1)
 
 
 @pytest.mark.parametrize("kw,message", [
