@@ -133,7 +133,7 @@ def read_task_file(path, task, strict=False, *, warn=True):
     """
     _check_task(task)
     path = Path(path)
-    lines = io.StringIO(_decode(path), newline="").readlines()  # splits at \n, \r\n and \r, as csv does
+    lines = io.StringIO(_decode(path, task), newline="").readlines()  # splits at \n, \r\n and \r, as csv does
     columns = _header_columns(path, task, lines)
     skips = _Skips(path, strict)
     examples, rows, continued = _read_records(lines, task, columns, skips)
@@ -151,10 +151,10 @@ def read_task_file(path, task, strict=False, *, warn=True):
     return examples, report
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path, task: str) -> str:
     """The file's text; a clear error for a missing, non-UTF-8 or empty file."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"{task} data file not found: {path}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # -sig: tolerate a BOM from spreadsheet exports
