@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtbert_utils import TASKS, distributed
+from mtbert_utils import TASKS, distributed, progress
 from mtbert_utils.checkpoint import RunState
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks, split_by_hash
@@ -30,7 +30,7 @@ from mtbert_utils.gradients import GRAD_METHODS, summarize_cosines
 from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
 from mtbert_utils.optim import build_optimizer, lr_multiplier
-from mtbert_utils.results import environment, save_torch, write_json
+from mtbert_utils.results import environment, repo_relative, save_torch, write_json
 from mtbert_utils.schedules import get_schedule
 from mtbert_utils.selection import final_model
 from mtbert_utils.tasks import STS_LOSSES, para_loss, sst_loss, sts_cosine_embedding_loss
@@ -87,7 +87,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict:
     key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
            config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased", config.val_fraction)
     if key not in _DATA_CACHE:
-        tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed)
+        tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed,
+                           warn=False)  # skipped rows: recorded in the result (data.skipped); notebook 00 lists them
         check_trainable(tasks)
         val = {}
         if config.val_fraction:
@@ -352,15 +353,14 @@ def set_up_epoch(run: Run, state: RunState, epoch: int) -> tuple[bool, float, li
 def run_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict, list]:
     """Train one epoch (or until the examples budget is spent). Returns (its training record, the task-gradient
     cosines of its steps when the gradient method measured them)."""
-    from tqdm.auto import tqdm
     config = run.config
     trainable, mult, shared = set_up_epoch(run, state, epoch)
     n_steps = state.schedule.num_steps(run.num_batches, epoch)
     loss_sum, loss_n = {t: 0.0 for t in TASKS}, {t: 0 for t in TASKS}
     cos_log, trace = [], []
     trace_every = max(1, n_steps // 50)
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}",
-               disable=not (config.progress and run.main), leave=False)
+    bar = progress.bar(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                       enabled=config.progress and run.main)
     t_epoch = time.time()
     for i, tasks in enumerate(state.schedule.steps(run.num_batches, epoch, state.sched_rng)):
         out, share = optimizer_step(run, state, tasks, shared, f"epoch {epoch + 1}, step {i + 1}")
@@ -413,7 +413,6 @@ def optimizer_step(run: Run, state: RunState, tasks: tuple, shared: list, where:
 def score_epoch(run: Run, state: RunState, epoch: int, record: dict, cos_log: list) -> None:
     """Score the epoch (on validation when selecting, else dev), keep the best or every epoch's weights as
     the run selects, add the record to the history and tell the schedule (an adaptive one uses the scores)."""
-    from tqdm.auto import tqdm
     config, model = run.config, state.model
     split = "val" if run.select else "dev"
     # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere)
@@ -434,7 +433,7 @@ def score_epoch(run: Run, state: RunState, epoch: int, record: dict, cos_log: li
     state.history.append(record)
     state.epoch = epoch
     if config.progress and run.main:
-        tqdm.write(f"epoch {epoch + 1} {split}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
+        progress.write(f"epoch {epoch + 1}/{config.epochs} {split}: " + " ".join(f"{k} {v:.3f}" for k, v in dev.items()))
     # before the checkpoint: it must hold the adaptive schedule's latest scores
     state.schedule.update({t: dev[t] for t in TASKS if t in dev})
 
@@ -469,7 +468,7 @@ def select_and_finish(run: Run, state: RunState) -> dict:
                     state.model, run.enc[split], config.eval_batch_size, run.device, run.amp_dtype,
                     return_predictions=True, symmetric=config.para_swap)
                 write_predictions(out["predictions"], pred_dir, split)
-        result["predictions_dir"] = str(pred_dir)
+        result["predictions_dir"] = repo_relative(pred_dir)
     if run.main:
         write_json(run.result_path, result)
     distributed.barrier()
@@ -479,7 +478,9 @@ def select_and_finish(run: Run, state: RunState) -> dict:
 
 def run_record(config: TrainConfig, run_name: str, device: torch.device, model, data_info: dict) -> dict:
     """The head of every result JSON (trained runs and the zero-shot floor): what ran, on what, on which data."""
-    return {"status": "finished", "run_name": run_name, "config": config.to_dict(),
+    # paths as they travel: out_dir relative to the repository, never the machine's own folders
+    return {"status": "finished", "run_name": run_name,
+            "config": {**config.to_dict(), "out_dir": repo_relative(config.out_dir)},
             "fingerprint": config.fingerprint(), "seed": config.seed,
             "encoder": {"name": config.encoder, "pooling": config.pooling or default_pooling(config.encoder),
                         "parameters": sum(p.numel() for p in model.encoder.parameters())},

@@ -4,7 +4,6 @@ formula's result for that order. The existing test only checks that a result is 
 import itertools
 import math
 
-import pytest
 import torch
 
 from mtbert_utils.pcgrad import pcgrad_backward, project_conflicting

@@ -42,6 +42,31 @@ def test_smoke_profile_writes_every_result_and_figure(smoke_run):
         assert (figures / fig).stat().st_size > 5_000, fig  # a real plot, not an empty canvas
 
 
+def stream_lines(notebook: dict) -> list[str]:
+    return [line for cell in notebook["cells"] for out in cell.get("outputs", []) if out["output_type"] == "stream"
+            for line in "".join(out["text"]).splitlines()]
+
+
+def test_executed_copies_are_concise_and_travel(smoke_run):
+    """An executed copy is a document: one line per training epoch, no progress-bar frames, no repeated
+    data warnings, no path of the machine that ran it (the smoke profile shows progress, as a person would)."""
+    out, _ = smoke_run
+    results = out / "results" / "smoke"
+    for nb in NOTEBOOKS:
+        text = (results / "executed" / f"{nb}.ipynb").read_text()
+        executed = json.loads(text)
+        index = results / "runs" / nb / "index.json"
+        runs = [json.loads((results / p).read_text()) for rs in json.loads(index.read_text())["runs"].values()
+                for p in rs] if index.exists() else []
+        epochs = sum(len(r.get("history", [])) for r in runs)
+        lines = stream_lines(executed)
+        assert len(lines) <= epochs + 10, (nb, len(lines), epochs, lines[:20])
+        assert not any("it/s]" in line or "\r" in line for line in lines), nb  # no bar frames
+        assert "IProgress not found" not in text and "skipped 2 bad rows" not in text or nb == "00_data", nb
+        assert str(reproduce.REPO_ROOT) not in text, nb
+        assert executed["metadata"]["papermill"]["input_path"] == f"notebooks/{nb}.ipynb"
+
+
 def test_table1_has_every_row(smoke_run):
     out, _ = smoke_run
     table = pd.read_csv(out / "results" / "smoke" / "table1.csv")

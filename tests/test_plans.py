@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mtbert_utils import plans, reproduce
+from mtbert_utils import packing, plans, reproduce
 from mtbert_utils.results import REPO_ROOT
 
 
@@ -19,11 +19,11 @@ def planned_run_names(results_dir, notebook, params) -> set[str]:
     """Every stage's runs; a later stage gets the earlier stages' committed runs, as the driver does."""
     names, earlier = set(), []
     for stage in range(len(plans.STAGES[notebook])):
-        runs = reproduce.stage_runs(notebook, params, stage, earlier, results_dir / "runs")
+        runs = packing.stage_runs(notebook, params, stage, earlier, results_dir / "runs")
         names |= {cfg.run_name for _, cfg in runs}
         done = {}
         for key, cfg in runs:
-            done.setdefault(key, []).append(reproduce.finished_run(cfg))
+            done.setdefault(key, []).append(packing.finished_run(cfg))
         assert all(r is not None for rs in done.values() for r in rs), f"{notebook} stage {stage + 1}: runs missing"
         earlier.append(done)
     return names
@@ -37,7 +37,7 @@ def test_plan_run_names_equal_committed_index(profile, data_dir, monkeypatch):
     for notebook, given in plan:
         if notebook not in plans.STAGES:
             continue
-        params = {**reproduce.notebook_defaults(notebook), **given}
+        params = {**packing.notebook_defaults(notebook), **given}
         assert planned_run_names(results_dir, notebook, params) == committed_run_names(results_dir, notebook)
         checked += 1
     assert checked == {"cpu": 5, "cpu-extended": 3, "best": 1}[profile]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mtbert_utils import reproduce
+from mtbert_utils import packing, reproduce
 
 
 def run_files(results_dir):
@@ -26,7 +26,7 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
     trained = run_files(results)
     assert sorted(p for p in trained if "/" not in p) == sorted(f"{r['run_name']}.json" for r in log["runs"])
 
-    again = reproduce.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
+    again = packing.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
     assert (again["trained"], again["reused"]) == (0, 12)
 
     reproduce.run("smoke", out_root=tmp_path)  # the notebooks, with papermill: they find every run
@@ -35,11 +35,11 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
 
 
 def test_shard_arithmetic():
-    assert reproduce.parse_shard("0/8") == (0, 8)
-    assert reproduce.parse_shard("7/8") == (7, 8)
+    assert packing.parse_shard("0/8") == (0, 8)
+    assert packing.parse_shard("7/8") == (7, 8)
     for bad in ("8/8", "-1/8", "1/0", "3", "a/b"):
         with pytest.raises(reproduce.ReproduceError, match="--shard"):
-            reproduce.parse_shard(bad)
+            packing.parse_shard(bad)
     runs = list(range(18))
     shards = [runs[k::8] for k in range(8)]  # what train_only takes of each stage's list
     assert sorted(r for s in shards for r in s) == runs  # every run once, in exactly one shard
@@ -49,8 +49,8 @@ def test_shard_arithmetic():
 def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path, capsys):
     """The shards' lists, together, are the whole list, each run in exactly one shard (nothing trains here)."""
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
-    whole = reproduce.train_only("smoke", out_root=tmp_path, list_only=True)
-    parts = [reproduce.train_only("smoke", out_root=tmp_path, list_only=True, shard=(k, 5)) for k in range(5)]
+    whole = packing.train_only("smoke", out_root=tmp_path, list_only=True)
+    parts = [packing.train_only("smoke", out_root=tmp_path, list_only=True, shard=(k, 5)) for k in range(5)]
     names = [r["run_name"] for p in parts for r in p["runs"]]
     assert sorted(names) == sorted(r["run_name"] for r in whole["runs"]) and len(set(names)) == len(names) == 12
     assert not (tmp_path / "results").exists()  # listing writes nothing
@@ -59,6 +59,6 @@ def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path,
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: several runs share one GPU")
 def test_train_only_runs_share_one_gpu(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
-    summary = reproduce.train_only("smoke", overrides={"seeds": [0]}, out_root=tmp_path, jobs=3)
+    summary = packing.train_only("smoke", overrides={"seeds": [0]}, out_root=tmp_path, jobs=3)
     assert summary["failed"] == 0 and summary["trained"] == 6
     assert {r["device"] for r in summary["runs"]} == {"cuda"}

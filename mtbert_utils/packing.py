@@ -1,0 +1,221 @@
+"""Run packing: every training run a profile's notebooks make, trained without papermill, N at a time.
+
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6      # one GPU, 6 processes
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --shard 3/8   # machine 3 of 8 (0-based)
+    python -m mtbert_utils.reproduce --profile gpu-minilm --list-runs                 # what would train
+
+The runs come from mtbert_utils.plans with the parameters papermill would give each notebook, so their
+names match the notebooks' and a later `reproduce` (on any machine) reuses their result files. Runs are
+listed stage by stage (notebook 09's later stages need its earlier runs); within a stage, notebooks in
+profile order, seed by seed, each run once (notebook 05 reuses 04's runs). See docs/gpu.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from mtbert_utils.reproduce import (ReproduceError, absolute_path, declared_parameters, notebook_path, resolve,
+                                    with_absolute_data_dir)
+from mtbert_utils.results import write_json
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): K is 0-based (0 <= K < N), as a SLURM array's $SLURM_ARRAY_TASK_ID with --array=0-(N-1)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ReproduceError(f"--shard {text!r}: expected K/N with integers, e.g. 0/8") from None
+    if n < 1 or not 0 <= k < n:
+        raise ReproduceError(f"--shard {text!r}: need N >= 1 and 0 <= K < N (K is 0-based)")
+    return k, n
+
+
+def notebook_defaults(name: str) -> dict:
+    return {k: spec["default"] for k, spec in declared_parameters(notebook_path(name)).items()}
+
+
+def finished_run(config) -> dict | None:
+    """The run's result, read from its JSON, if it finished with this config; else None (train() reuses the same)."""
+    path = Path(config.out_dir) / f"{config.run_name}.json"
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
+        return None
+    done["result_path"] = str(path)
+    return done
+
+
+def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: Path) -> list[tuple[str, object]]:
+    """[(key, config with seed and out_dir)] of one stage of a notebook, seed by seed (as experiments.run_grid)."""
+    from mtbert_utils import plans
+    configs = plans.STAGES[notebook][stage](params, earlier)
+    return [(key, dataclasses.replace(cfg, seed=int(seed), out_dir=str(out_dir)))
+            for seed in params["seeds"] for key, cfg in configs.items()]
+
+
+def _cost(config) -> float:
+    """Rough relative cost of a run, to start the long ones first (the list itself keeps its order)."""
+    steps_per_batch = 1 if config.schedule == "sequential" else len(config.train_tasks)
+    return config.epochs * steps_per_batch * (1.5 if config.pcgrad else 1.0)
+
+
+def _init_worker(threads: int, env: dict) -> None:
+    import torch
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _train_worker(config_dict: dict) -> dict:
+    """Train one run in a worker process; failures come back as a record (the pool keeps going)."""
+    import traceback
+    from mtbert_utils.training import TrainConfig, train
+    t0 = time.time()
+    try:
+        result = train(TrainConfig.from_dict(config_dict), resume=True)
+    except Exception as e:  # noqa: BLE001 - reported by name in the summary
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                "seconds": time.time() - t0}
+    return {"status": "trained", "seconds": time.time() - t0, "device": result.get("device"),
+            "resumes": result.get("resumes", 0), "dev_mean": result.get("dev", {}).get("mean")}
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def train_only(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+               out_root: str | Path | None = None, jobs: int = 1, shard: tuple[int, int] = (0, 1),
+               list_only: bool = False) -> dict:
+    """Train every run the profile's notebooks make (plans.STAGES), `jobs` at a time in spawned processes,
+    without papermill; finished runs are reused, interrupted ones resume from their checkpoint.
+
+    With shard (K, N), this process takes runs K, K+N, K+2N, ... of each stage's list. A stage whose earlier
+    runs are not all here (another shard trained them) is left for a later call, after the run files are
+    collected. Returns the summary, also written to {results}/executed/train-only[-shardKofN].json."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from mtbert_utils import plans
+    from mtbert_utils.data import ENV_VAR
+
+    if jobs < 1:
+        raise ReproduceError(f"--jobs must be >= 1, got {jobs}")
+    profile, results_dir, _, plan = resolve(profile_name, only, overrides, out_root)
+    params = {nb: {**notebook_defaults(nb), **with_absolute_data_dir(p)} for nb, p in plan if nb in plans.STAGES}
+    earlier: dict[str, list | None] = {nb: [] for nb in params}
+    threads = max(1, usable_cores() // jobs)
+    records, blocked, t_start = [], [], time.time()
+    # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
+    env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
+    pool = contextlib.nullcontext() if list_only else ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, env))
+    with pool:
+        for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
+            wave = stage_wave(params, earlier, stage, results_dir / "runs", blocked)
+            todo = sort_out(wave[shard[0]::shard[1]], records, list_only)
+            if todo:
+                train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}")
+            advance(params, earlier, stage, results_dir / "runs")
+    count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
+    summary = {"profile": profile["_name"], "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,
+               "threads_per_job": threads, "minutes": round((time.time() - t_start) / 60, 2), **count,
+               "not_listed": blocked, "overrides": overrides or {},
+               "minilm_dir": os.environ.get("MTBERT_MINILM_DIR"), "runs": records}
+    if not list_only:
+        suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+        write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)
+    return summary
+
+
+def stage_wave(params: dict, earlier: dict, stage: int, out_dir: Path, blocked: list) -> list[tuple]:
+    """[(notebook, key, config)] of one stage over the profile's notebooks, each run once; a notebook whose
+    earlier stages are not all here is named in `blocked` instead."""
+    from mtbert_utils import plans
+    wave, seen = [], set()
+    for nb, p in params.items():
+        if stage >= len(plans.STAGES[nb]):
+            continue
+        if earlier[nb] is None:
+            blocked.append(f"{nb} stage {stage + 1}")
+            continue
+        for key, cfg in stage_runs(nb, p, stage, earlier[nb], out_dir):
+            if cfg.run_name not in seen:
+                seen.add(cfg.run_name)
+                wave.append((nb, key, cfg, stage))
+    return wave
+
+
+def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, object]]:
+    """Record the runs that are done (or, listing, still to train); return [(record, config)] to train."""
+    todo = []
+    for nb, key, cfg, stage in wave:
+        rec = {"notebook": nb, "stage": stage + 1, "run_name": cfg.run_name}
+        if finished_run(cfg) is not None:
+            records.append({**rec, "status": "reused"})
+        elif list_only:
+            records.append({**rec, "status": "to train"})
+        else:
+            todo.append((rec, cfg))
+        if list_only:
+            print(f"stage {stage + 1}  {nb:20s} {cfg.run_name:55s} {records[-1]['status']}")
+    return todo
+
+
+def train_wave(pool, todo: list, records: list, desc: str) -> None:
+    """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run."""
+    from concurrent.futures import as_completed
+    from mtbert_utils import progress
+    todo = sorted(todo, key=lambda rc: -_cost(rc[1]))  # longest first: N at a time finish closer together
+    bar = progress.bar(total=len(todo), desc=desc, unit="run")
+    futures = {pool.submit(_train_worker, dataclasses.replace(cfg, progress=False).to_dict()): rec
+               for rec, cfg in todo}
+    for fut in as_completed(futures):
+        rec = futures[fut]
+        try:
+            out = fut.result()
+        except Exception as e:  # noqa: BLE001 - a worker process died (killed, out of memory)
+            out = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
+        records.append({**rec, **out})
+        bar.update()
+        progress.write(f"[{out['status']}] {rec['run_name']}"
+                       + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
+                       + (f": {out['error']}" if out["status"] == "failed" else ""))
+    bar.close()
+
+
+def advance(params: dict, earlier: dict, stage: int, out_dir: Path) -> None:
+    """The next stage of each notebook sees this stage's finished runs, or waits (None) while any is missing."""
+    from mtbert_utils import plans
+    for nb in params:
+        if earlier[nb] is None or stage >= len(plans.STAGES[nb]) - 1:
+            continue
+        runs = {}
+        for key, cfg in stage_runs(nb, params[nb], stage, earlier[nb], out_dir):
+            runs.setdefault(key, []).append(finished_run(cfg))
+        earlier[nb] = None if any(r is None for rs in runs.values() for r in rs) else earlier[nb] + [runs]
+
+
+def print_summary(summary: dict) -> None:
+    print(f"profile {summary['profile']} (shard {summary['shard']}, {summary['jobs']} jobs x "
+          f"{summary['threads_per_job']} threads): {summary['trained']} trained, {summary['reused']} reused, "
+          f"{summary['failed']} failed" + (f", {summary['to train']} to train" if summary["to train"] else "")
+          + f" in {summary['minutes']:.1f} min")
+    for r in summary["runs"]:
+        if r["status"] == "failed":
+            print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")
+    if summary["not_listed"]:
+        print(f"  not listed: {', '.join(summary['not_listed'])} (they need earlier runs that are not all here: "
+              f"failed, or trained by another shard; collect the run files and call again)")
