@@ -244,22 +244,30 @@ QUIET_KERNEL_ENV = {"MTBERT_PROGRESS": "lines", "HF_HUB_DISABLE_PROGRESS_BARS": 
 
 
 @contextlib.contextmanager
-def kernel_env() -> Iterator[None]:
-    """The environment of every notebook kernel this run starts: $MTBERT_DATA_DIR resolved once, here,
-    against the caller's working directory, and no progress bars. The caller's environment is restored."""
-    from mtbert_utils.data import ENV_VAR
-    saved = {k: os.environ.get(k) for k in (ENV_VAR, *QUIET_KERNEL_ENV)}
-    os.environ.update(QUIET_KERNEL_ENV)
-    if saved[ENV_VAR]:
-        os.environ[ENV_VAR] = absolute_path(saved[ENV_VAR])
+def patched_environ(values: dict) -> Iterator[None]:
+    """os.environ with `values` set (a None value: removed) inside the block, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    _set_environ(values)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
+
+
+def _set_environ(values: dict) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def kernel_env():
+    """The environment of every notebook kernel this run starts: $MTBERT_DATA_DIR resolved once, here,
+    against the caller's working directory, and no progress bars. The caller's environment is restored."""
+    from mtbert_utils.data import ENV_VAR
+    given = os.environ.get(ENV_VAR)
+    return patched_environ({**QUIET_KERNEL_ENV, **({ENV_VAR: absolute_path(given)} if given else {})})
 
 
 def notebook_relative(path: Path) -> str:

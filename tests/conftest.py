@@ -64,17 +64,9 @@ def run_profile(data_dir, tmp_path_factory):
 
     def run_once(name: str) -> tuple[Path, Path, list[dict]]:
         out = tmp_path_factory.mktemp(name)
-        saved = {k: os.environ.get(k) for k in ("MTBERT_DATA_DIR", "OMP_NUM_THREADS")}
-        os.environ.update(MTBERT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
-        try:
+        with reproduce.patched_environ({"MTBERT_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}):
             records = reproduce.run(name, out_root=out)
-            return out / "results" / name, out / "figures" / name, records
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return out / "results" / name, out / "figures" / name, records
     return run
 
 

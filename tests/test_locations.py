@@ -2,7 +2,9 @@
 a relative data folder typed in a terminal, a notebook opened from notebooks/, a failed re-run."""
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,20 @@ def test_runs_load_the_data_quietly_and_notebooks_state_the_source_in_one_line(d
     monkeypatch.chdir(data_dir.parent)
     line = data.source_line(data_dir)
     assert "\n" not in line and f"in {data_dir.name};" in line and not Path(line.split()[4]).is_absolute()
+
+
+ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:home|root|work|tmp|Users|mnt|opt|usr|var|srv|scratch|private)/|"
+                      r"\b[A-Za-z]:\\\\")
+
+
+def test_committed_results_name_no_machine_paths():
+    """Result, manifest, index and executed-notebook files travel: paths in them are relative to the repository
+    (or the data folder as the user gave it), never the folders of the machine that made them (issue #15)."""
+    files = subprocess.run(["git", "ls-files", "results"], cwd=reproduce.REPO_ROOT, capture_output=True,
+                           text=True).stdout.split() or \
+        [str(p.relative_to(reproduce.REPO_ROOT)) for p in (reproduce.REPO_ROOT / "results").rglob("*") if p.is_file()]
+    texts = [f for f in files if f.endswith((".json", ".csv", ".md", ".ipynb", ".txt"))]
+    assert texts, "no committed result files found"
+    bad = {f: m.group(0) for f in texts
+           if (m := ABSOLUTE.search((reproduce.REPO_ROOT / f).read_text(encoding="utf-8", errors="replace")))}
+    assert not bad, f"{len(bad)} files name absolute paths, e.g. {dict(list(bad.items())[:5])}"
