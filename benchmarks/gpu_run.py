@@ -11,7 +11,9 @@ plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .
 .git/info/exclude) that travels with `carry: [".gpu"]`. `run` restores it ($MTBERT_MINILM_DIR,
 $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 600):
   1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
-  2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda` (a failure is recorded, not fatal);
+  2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda --accuracy --levers --time-cap B-40`
+     within --bench-max B seconds (default 150; a failure is recorded, not fatal; its JSON is written
+     after every part, so a benchmark stopped at B keeps what it measured);
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6`;
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
@@ -189,7 +191,10 @@ def run(args) -> int:
         "d = {p.dtype for p in e.parameters()}; print(minilm_path(), d); assert d == {torch.float32}, d")],
         min(deadline, time.time() + 60), log_dir, env, root))
     bench_out = log_rel / "bench_cuda.json"
-    steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--out", str(bench_out)],
+    # the CUDA benchmark: fp32 vs bf16, evaluation, MFU, then the accuracy check and each lever alone until its
+    # own time cap (40 s under --bench-max: the last lever may overrun it); it writes its JSON after each part
+    steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--accuracy", "--levers",
+                                    "--time-cap", str(max(args.bench_max - 40, 0)), "--out", str(bench_out)],
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
     reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", str(root)]
     sets = [a for s in args.set for a in ("--set", s)]

@@ -1,6 +1,7 @@
 """Speed benchmark: this repository's training step and evaluation against a plain loop, on this machine.
 
     python -m mtbert_utils.bench [--data-dir D] [--quick] [--levers] [--accuracy] [--out results/bench/bench.json]
+    python -m mtbert_utils.bench --device cuda [--levers] [--accuracy] [--time-cap 150]
 
 (mtbert_utils/bench.py is only the entry point: the code is here, outside the package, so that
 editing it does not change reproduce.code_version and re-run the notebooks.)
@@ -24,6 +25,15 @@ process, on the same data and the same machine:
 --accuracy trains SST briefly with REFERENCE, SPEED and SPEED with the encoder's own dropout kept
            (2 seeds each) and reports dev accuracy, so a lever that costs accuracy shows up.
 
+--device cuda (run_cuda; exits with a message where there is no GPU) measures, in one process: the plain loop
+and this repository's step (CUDA_SPEED: SPEED plus lengths padded to a multiple of 16), each in fp32 and
+bf16 autocast, on the same batches of 32; `precision` names the faster step, and `train_speedup` is that
+step over the plain fp32 loop (target >= 3x); MFU against the fp32 (TF32 off), TF32 and bf16 matmul peaks
+measured on the spot; PCGrad; evaluation (plain vs predict, and predict in fp32 vs bf16); with --accuracy,
+SST dev accuracy of REFERENCE, CUDA_SPEED, +TF32 and +bf16; with --levers, each CUDA_LEVERS switch alone
+(TF32, padding, fused AdamW, bf16, cache_frozen_encoder, CUDA graphs last). --time-cap skips what is left of
+the optional parts once spent, so the whole fits 2-3 minutes of a 10-minute GPU command.
+
 Machines here are shared: variants are interleaved round by round so that load from
 other processes hits both alike, and every throughput is the median over rounds.
 """
@@ -32,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import math
 import os
 import platform
@@ -48,19 +59,19 @@ import torch
 import torch.nn.functional as F
 
 from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks
-from mtbert_utils.evaluation import predict, score
+from mtbert_utils.evaluation import autocast_context, predict, score, to_device
 from mtbert_utils.model import load_tokenizer, minilm_path, tiny_config
 from mtbert_utils.results import environment, write_json
 from mtbert_utils.tasks import predictions_from_outputs
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.optim import build_optimizer
 from mtbert_utils.presets import REFERENCE, SPEED, make_config
-from mtbert_utils.training import build_model, pick_amp, training_step
+from mtbert_utils.training import build_model, pick_amp, tf32_matmuls, training_step, use_cuda_graphs
 
 # REFERENCE (the plain repo config every lever is measured against, one change at a time) and SPEED
 # (the speed config of (b)) are presets: mtbert_utils/presets.py.
 # batch_size is the Sizes' unless a lever set names it
-NOT_IN_CONFIG = ("batch_size",)
+NOT_IN_CONFIG = ("batch_size", "frozen")  # frozen: heads-only steps (the encoder frozen), for cache_frozen_encoder
 
 
 @dataclass
@@ -79,6 +90,8 @@ class Sizes:
     accuracy_steps: int = 120
     accuracy_seeds: tuple = (0, 1)
     peak_n: int = 2048
+    device: str = "cpu"           # cuda: run_cuda (python -m mtbert_utils.bench --device cuda)
+    time_cap_s: float | None = None  # cuda: optional parts (levers, accuracy) stop when this is spent
 
 
 QUICK = Sizes(encoder="tiny", train_steps=2, train_rounds=1, pcgrad_rounds=1, max_dev={t: 48 for t in
@@ -252,10 +265,12 @@ def plain_encoder(name: str, attn_implementation: str | None = None):
 class PlainTrainer:
     """A textbook fine-tuning loop: shuffle, tokenize each batch with padding=True, mean-pool, cross-entropy."""
 
-    def __init__(self, encoder_name: str, tokenizer, sentences: list[str], labels: list[int], batch_size: int):
+    def __init__(self, encoder_name: str, tokenizer, sentences: list[str], labels: list[int], batch_size: int,
+                 device: str = "cpu", amp_dtype=None):
         torch.manual_seed(0)
-        self.encoder = plain_encoder(encoder_name)
-        self.head = torch.nn.Linear(self.encoder.config.hidden_size, 5)
+        self.device, self.amp_dtype = torch.device(device), amp_dtype
+        self.encoder = plain_encoder(encoder_name).to(self.device)
+        self.head = torch.nn.Linear(self.encoder.config.hidden_size, 5).to(self.device)
         self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.head.parameters()), lr=2e-5)
         self.tokenizer, self.sentences, self.labels, self.bs = tokenizer, sentences, labels, batch_size
         self.rng = random.Random(0)
@@ -269,11 +284,12 @@ class PlainTrainer:
         for i in range(0, len(order), self.bs):
             idx = order[i:i + self.bs]
             b = self.tokenizer([self.sentences[j] for j in idx], padding=True, truncation=True, max_length=128,
-                               return_tensors="pt")
-            hidden = self.encoder(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            logits = self.head((hidden * m).sum(1) / m.sum(1))
-            loss = F.cross_entropy(logits, torch.tensor([self.labels[j] for j in idx]))
+                               return_tensors="pt").to(self.device)
+            with autocast_context(self.device, self.amp_dtype):
+                hidden = self.encoder(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).float()
+                logits = self.head((hidden * m).sum(1) / m.sum(1))
+            loss = F.cross_entropy(logits.float(), torch.tensor([self.labels[j] for j in idx], device=self.device))
             loss.backward()
             self.opt.step()
             self.opt.zero_grad()
@@ -281,8 +297,14 @@ class PlainTrainer:
             tokens += int(b["attention_mask"].sum())
             padded += b["attention_mask"].numel()
             flops += train_flops(self.encoder, b["attention_mask"])
+        _sync(self.device)
         return {"examples": n, "tokens": tokens, "padded": padded, "flops": flops,
                 "seconds": time.perf_counter() - t0}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def lever_config(sizes: "Sizes", levers: dict, seed: int = 0, **overrides) -> TrainConfig:
@@ -290,7 +312,7 @@ def lever_config(sizes: "Sizes", levers: dict, seed: int = 0, **overrides) -> Tr
     make_trainer)."""
     cfg = {k: v for k, v in levers.items() if k not in NOT_IN_CONFIG}
     return make_config("tuned", encoder=sizes.encoder, batch_size=levers.get("batch_size", sizes.batch_size),
-                       seed=seed, progress=False, device="cpu", **cfg, **overrides)
+                       seed=seed, progress=False, device=sizes.device, **{**cfg, **overrides})
 
 
 def make_trainer(sizes: "Sizes", levers: dict, source=None, seed: int = 0, **kw) -> "Trainer":
@@ -300,12 +322,13 @@ def make_trainer(sizes: "Sizes", levers: dict, source=None, seed: int = 0, **kw)
 def work_trainer(sizes: "Sizes", levers: dict, enc, work: list[list[int]]) -> "Trainer":
     """A Trainer whose round is one pass over `work`, grouped or not as `levers` say."""
     bs = levers.get("batch_size", sizes.batch_size)
-    source = WorkBatches(enc, work, levers["group_by_length"], bs)
+    pad = levers.get("pad_to_multiple")
+    source = WorkBatches(enc, work, levers["group_by_length"], bs, pad_to_multiple=pad)
     n = sum(len(b) for b in work)
     if levers["group_by_length"] and bs != sizes.batch_size:  # regroup the same sentences at this batch size
         idx = sorted((i for b in work for i in b), key=lambda i: len(enc.single[i]))
-        source = WorkBatches(enc, [idx[i:i + bs] for i in range(0, n, bs)], True, bs)
-    return make_trainer(sizes, levers, source, batches_per_round=math.ceil(n / bs))
+        source = WorkBatches(enc, [idx[i:i + bs] for i in range(0, n, bs)], True, bs, pad_to_multiple=pad)
+    return make_trainer(sizes, levers, source, batches_per_round=math.ceil(n / bs), frozen=levers.get("frozen", False))
 
 
 def grouped_work(enc, batch_size: int, n_batches: int, seed: int = 0) -> list[list[int]]:
@@ -320,8 +343,10 @@ class WorkBatches:
     given length-grouped batches in a new random order, or reshuffles all their examples into
     random batches (group_by_length off), so both variants see exactly the same sentences."""
 
-    def __init__(self, enc, batches: list[list[int]], group_by_length: bool, batch_size: int, seed: int = 0):
+    def __init__(self, enc, batches: list[list[int]], group_by_length: bool, batch_size: int, seed: int = 0,
+                 pad_to_multiple: int | None = None):
         self.enc, self.batches, self.group, self.bs = enc, batches, group_by_length, batch_size
+        self.pad = pad_to_multiple
         self.rng, self.queue = random.Random(seed), []
 
     def __iter__(self):
@@ -336,17 +361,21 @@ class WorkBatches:
                 flat = [i for b in self.batches for i in b]
                 self.rng.shuffle(flat)
                 self.queue = [flat[i:i + self.bs] for i in range(0, len(flat), self.bs)]
-        return collate(self.enc, self.queue.pop(0))
+        return collate(self.enc, self.queue.pop(0), pad_to_multiple=self.pad)
 
 
 class Trainer:
     """This repository's path: build_model, build_optimizer and training_step on SST batches from `source`."""
 
-    def __init__(self, config: TrainConfig, source=None, batches_per_round: int = 1):
-        self.config, self.device = config, torch.device("cpu")
-        self.model = build_model(config)  # applies config.encoder_dropout
-        self.model.set_encoder_trainable(True, config.freeze_word_embeddings)
+    def __init__(self, config: TrainConfig, source=None, batches_per_round: int = 1, frozen: bool = False):
+        self.config, self.device = config, torch.device(config.device)
+        self.model = build_model(config).to(self.device)  # applies config.encoder_dropout
+        use_cuda_graphs(self.model, config, self.device)
+        self.model.set_encoder_trainable(not frozen, config.freeze_word_embeddings)
         self.model.train()
+        if frozen and config.cache_frozen_encoder:  # as training.set_up_epoch does in a heads-only epoch
+            self.model.encoder.eval()
+            self.model.embed_cache = {}
         self.opt = build_optimizer(self.model, config, self.device)  # config.optimizer
         self.amp_dtype, _ = pick_amp(config, self.device)
         self.shared = [p for p in list(self.model.encoder.parameters()) + list(self.model.shared.parameters())
@@ -355,8 +384,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(config.seed)
 
     def step(self, batches: dict) -> dict:
-        return training_step(self.model, self.opt, batches, self.config, shared=self.shared, device=self.device,
-                             amp_dtype=self.amp_dtype, generator=self.gen)
+        with tf32_matmuls(self.config.tf32, self.device):
+            return training_step(self.model, self.opt, to_device(batches, self.device), self.config,
+                                 shared=self.shared, device=self.device, amp_dtype=self.amp_dtype, generator=self.gen)
 
     def round(self) -> dict:
         """batches_per_round SST steps (with WorkBatches: one pass over the work)."""
@@ -370,6 +400,7 @@ class Trainer:
             tokens += int(mask.sum())
             padded += mask.numel()
             flops += train_flops(self.model.encoder, mask)
+        _sync(self.device)
         return {"examples": n, "tokens": tokens, "padded": padded, "flops": flops,
                 "seconds": time.perf_counter() - t0}
 
@@ -431,6 +462,7 @@ class _StepRunner:
         self.trainer.config = self.config
         t0 = time.perf_counter()
         self.trainer.step(self.batches)
+        _sync(self.trainer.device)
         dt = time.perf_counter() - t0
         self.trainer.config = saved
         n = sum(len(b["ids"]) for b in self.batches.values())
@@ -489,13 +521,13 @@ def _plain_eval_batch(tokenizer, task: str, pair_mode: str, exs: list) -> dict:
 
 
 @torch.no_grad()
-def plain_predict(model, tokenizer, task: str, examples: list, batch_size: int) -> torch.Tensor:
+def plain_predict(model, tokenizer, task: str, examples: list, batch_size: int, device="cpu") -> torch.Tensor:
     """The plain evaluation loop: file order, tokenize and pad each batch, model.eval(), no_grad."""
     model.eval()
     outs = []
     for i in range(0, len(examples), batch_size):
         batch = _plain_eval_batch(tokenizer, task, model.pair_mode(task), examples[i:i + batch_size])
-        outs.append(model.forward_task(task, batch).float())
+        outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
     return torch.cat(outs)
 
 
@@ -509,14 +541,14 @@ def bench_eval(sizes: Sizes, tokenizer, dev: dict) -> dict:
     inside its loop. Memory is sampled on a separate, untimed pass over the first
     `sizes.eval_chunk_batches` batches of each task (the sampler's polling thread slows timing).
     """
-    model = build_model(lever_config(sizes, SPEED))
+    model = build_model(lever_config(sizes, SPEED)).to(sizes.device)
     chunk = sizes.eval_chunk_batches * sizes.batch_size
     encoded = {t: encode_task(exs, tokenizer, t) for t, exs in dev.items()}
 
     def run(which: str, t: str, exs: list, enc) -> torch.Tensor:
         if which == "plain":
-            return plain_predict(model, tokenizer, t, exs, sizes.batch_size)
-        return torch.as_tensor(predict(model, enc, sizes.eval_batch_size, "cpu")["raw"])
+            return plain_predict(model, tokenizer, t, exs, sizes.batch_size, sizes.device)
+        return torch.as_tensor(predict(model, enc, sizes.eval_batch_size, sizes.device)["raw"])
 
     rss, step = {"plain": 0, "repo": 0}, {"plain": 0, "repo": 0}
     for t, exs in dev.items():  # warm up both paths, then measure memory on a slice (untimed)
@@ -531,7 +563,7 @@ def bench_eval(sizes: Sizes, tokenizer, dev: dict) -> dict:
     for i, (t, exs) in enumerate(dev.items()):
         for which in (("plain", "repo") if i % 2 == 0 else ("repo", "plain")):
             t0 = time.perf_counter()
-            out = run(which, t, exs, encoded[t])
+            out = run(which, t, exs, encoded[t])  # outputs come back to the CPU: synchronized
             times[which] += time.perf_counter() - t0
             raw[which][t].append(out)
     metrics = {}
@@ -560,11 +592,11 @@ def bench_eval(sizes: Sizes, tokenizer, dev: dict) -> dict:
 # levers, accuracy, CUDA
 
 
-def _lever_pair(sizes, sst_enc, name, base: dict, lever: dict) -> dict:
+def _lever_pair(sizes, sst_enc, name, base: dict, lever: dict, reference: dict = REFERENCE) -> dict:
     work = grouped_work(sst_enc, sizes.batch_size, sizes.lever_steps, seed=1)
     try:
-        res = interleave({"off": work_trainer(sizes, {**REFERENCE, **base}, sst_enc, work),
-                          "on": work_trainer(sizes, {**REFERENCE, **lever}, sst_enc, work)}, sizes.lever_rounds)
+        res = interleave({"off": work_trainer(sizes, {**reference, **base}, sst_enc, work),
+                          "on": work_trainer(sizes, {**reference, **lever}, sst_enc, work)}, sizes.lever_rounds)
     except Exception as e:  # a lever this machine cannot run (e.g. compile without a compiler)
         return {"lever": name, "skipped": f"{type(e).__name__}: {e}"}
     return {"lever": name, "off": base, "on": lever,
@@ -638,26 +670,31 @@ ACCURACY_CONFIGS = {"reference_fp32": REFERENCE, "speed": SPEED,
                     "speed_with_encoder_dropout": dict(SPEED, encoder_dropout=None)}
 
 
-def bench_accuracy(sizes: Sizes, sst_enc, sst_dev_enc, steps: int) -> dict:
-    """SST dev accuracy after `steps` steps (encoder trainable) for each of ACCURACY_CONFIGS, per seed."""
+def bench_accuracy(sizes: Sizes, sst_enc, sst_dev_enc, steps: int, configs: dict = ACCURACY_CONFIGS,
+                   deadline: float | None = None) -> dict:
+    """SST dev accuracy after `steps` steps (encoder trainable) for each of `configs`, per seed."""
     out = {"steps": steps, "batch_size": sizes.batch_size, "task": "sst", "runs": []}
-    for name, levers in ACCURACY_CONFIGS.items():
+    for name, levers in configs.items():
         for seed in sizes.accuracy_seeds:
+            if deadline is not None and time.perf_counter() > deadline:
+                out.setdefault("skipped", []).append(f"{name} seed {seed}: the time cap was spent")
+                continue
             print(f"[bench] accuracy {name} seed {seed}", file=sys.stderr, flush=True)
             stream = TaskBatchStream(sst_enc, sizes.batch_size, seed=seed, group_by_length=levers["group_by_length"])
             tr = make_trainer(sizes, levers, stream, seed=seed, batches_per_round=steps)
             t0 = time.perf_counter()
             tr.round()
             train_s = time.perf_counter() - t0
-            p = predict(tr.model, sst_dev_enc, sizes.eval_batch_size, "cpu")
+            p = predict(tr.model, sst_dev_enc, sizes.eval_batch_size, sizes.device, tr.amp_dtype,
+                        pad_to_multiple=tr.config.pad_to_multiple)
             out["runs"].append({"config": name, "seed": seed, "sst_dev_acc": score("sst", p["pred"], sst_dev_enc),
                                 "train_s": train_s})
-    for name in ACCURACY_CONFIGS:
+    for name in configs:
         accs = [r["sst_dev_acc"] for r in out["runs"] if r["config"] == name]
-        out[f"{name}_mean_acc"] = sum(accs) / len(accs)
-        if name != "reference_fp32":
+        out[f"{name}_mean_acc"] = sum(accs) / len(accs) if accs else None
+        if name != "reference_fp32" and accs and out.get("reference_fp32_mean_acc") is not None:
             out[f"{name}_minus_reference"] = out[f"{name}_mean_acc"] - out["reference_fp32_mean_acc"]
-    out["configs"] = ACCURACY_CONFIGS
+    out["configs"] = configs
     return out
 
 
@@ -699,6 +736,176 @@ def bench_cuda_bert_base(steps: int = 20, batch_size: int = 32, seq_len: int = 1
             "precision": "bf16 autocast" if precision == "bf16" else "fp32",
             "examples_per_s": steps * batch_size / dt, "bf16_matmul_peak_gflops": peak,
             "fraction_of_bf16_peak": flops / dt / (peak * 1e9)}
+
+
+# ---------------------------------------------------------------------------
+# CUDA: python -m mtbert_utils.bench --device cuda
+
+# this repository's training step on CUDA: the CPU speed config plus lengths padded to a multiple of 16
+# (few distinct shapes: bf16 attention pays a first-use cost per new length, CUDA graphs record one per shape)
+CUDA_SPEED = dict(SPEED, pad_to_multiple=16)
+# on one H100/H200 MiniLM runs ~1,500 examples/s: bigger rounds than on CPU, and a cap for the optional parts
+CUDA_SIZES = Sizes(device="cuda", train_steps=32, train_rounds=5, pcgrad_rounds=8, eval_batch_size=128,
+                   lever_steps=16, lever_rounds=3, accuracy_steps=120, peak_n=8192, time_cap_s=150.0)
+CUDA_TARGETS = {"train_speedup": (">=", 3.0)}  # issue 12: the training step >= 3x the plain fp32 loop
+CUDA_ACCURACY_CONFIGS = {"reference_fp32": REFERENCE, "speed": CUDA_SPEED,
+                         "speed_tf32": dict(CUDA_SPEED, tf32=True), "speed_bf16": dict(CUDA_SPEED, precision="bf16")}
+# each alone against REFERENCE (fp32, no grouping, foreach AdamW); (off, on) as in bench_levers
+CUDA_LEVERS = {
+    "pad_to_multiple_16": ({}, {"pad_to_multiple": 16}),
+    "tf32": ({}, {"tf32": True}),
+    "fused_vs_foreach_adamw": ({}, {"optimizer": "fused"}),
+    "group_by_length": ({}, {"group_by_length": True}),
+    "freeze_word_embeddings": ({}, {"freeze_word_embeddings": True}),
+    "bf16_autocast": ({}, {"precision": "bf16"}),
+    "bf16_autocast_padded_16": ({"pad_to_multiple": 16}, {"pad_to_multiple": 16, "precision": "bf16"}),
+    "batch_size_64_vs_32": ({}, {"batch_size": 64}),
+    # heads-only steps (the frozen encoder), outputs reused: what heads-only epochs after a phase's first run
+    "cache_frozen_encoder": ({"frozen": True, "encoder_dropout": 0.0},
+                             {"frozen": True, "encoder_dropout": 0.0, "cache_frozen_encoder": True}),
+    # last: compiling costs seconds per padded shape, so these run only if the time cap allows
+    "cuda_graphs": ({"pad_to_multiple": 16, "group_by_length": True},
+                    {"pad_to_multiple": 16, "group_by_length": True, "cuda_graphs": True}),
+    "cuda_graphs_bf16": ({"pad_to_multiple": 16, "group_by_length": True, "precision": "bf16"},
+                         {"pad_to_multiple": 16, "group_by_length": True, "precision": "bf16", "cuda_graphs": True}),
+}
+
+
+def device_peaks(n: int, device: str) -> dict:
+    """Matrix-multiply peaks measured on the spot, GFLOP/s: fp32 (TF32 off), tf32 (on), bf16."""
+    dev = torch.device(device)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        fp32 = matmul_peak_gflops(torch.float32, n, dev, min_time=0.5)
+        with tf32_matmuls(True, dev):
+            tf32 = matmul_peak_gflops(torch.float32, n, dev, min_time=0.5) if dev.type == "cuda" else fp32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return {"fp32": fp32, "tf32": tf32, "bf16": matmul_peak_gflops(torch.bfloat16, n, dev, min_time=0.5)}
+
+
+def bench_train_precisions(sizes: Sizes, tokenizer, sst_train: list, sst_enc, peaks: dict) -> dict:
+    """(a) the plain loop and (b) this repository's step (CUDA_SPEED), each in fp32 and bf16 autocast, on the
+    same sentences, interleaved. The headline keys are the CPU benchmark's: (b) in its faster precision
+    (named in `precision`) against the plain fp32 loop; MFU against the peak of the precision used."""
+    work = grouped_work(sst_enc, sizes.batch_size, sizes.train_steps, seed=0)
+    subset = [sst_train[i] for b in work for i in b]
+    texts, labels = [e.text_a for e in subset], [e.label for e in subset]
+    runners = {
+        "plain_fp32": PlainTrainer(sizes.encoder, tokenizer, texts, labels, sizes.batch_size, sizes.device),
+        "plain_bf16": PlainTrainer(sizes.encoder, tokenizer, texts, labels, sizes.batch_size, sizes.device,
+                                   torch.bfloat16),
+        "repo_fp32": work_trainer(sizes, CUDA_SPEED, sst_enc, work),
+        "repo_bf16": work_trainer(sizes, dict(CUDA_SPEED, precision="bf16"), sst_enc, work),
+    }
+    res = interleave(runners, sizes.train_rounds)
+    precision = max(("fp32", "bf16"), key=lambda p: res[f"repo_{p}"]["examples_per_s"])
+    plain, repo = res["plain_fp32"], res[f"repo_{precision}"]
+    return {
+        "precision": precision,
+        "train_plain_examples_per_s": plain["examples_per_s"], "train_plain_tokens_per_s": plain["tokens_per_s"],
+        "train_examples_per_s": repo["examples_per_s"], "train_tokens_per_s": repo["tokens_per_s"],
+        "train_speedup": repo["examples_per_s"] / plain["examples_per_s"],
+        "mfu": repo["flops_per_s"] / (peaks[precision] * 1e9),
+        "mfu_plain": plain["flops_per_s"] / (peaks["fp32"] * 1e9),
+        "train_plain_peak_bytes": plain["step_peak_bytes"], "train_peak_bytes": repo["step_peak_bytes"],
+        "train_by_precision": {k: v["examples_per_s"] for k, v in res.items()},
+        "train_detail": {
+            "sentences_per_round": len(subset), "batch_size": sizes.batch_size,
+            "sentences": "the first train_steps batches of a length-grouped pass over SST train",
+            "timed_rounds": sizes.train_rounds, **res, "repo_config": CUDA_SPEED,
+            "mfu_by_precision": {k: v["flops_per_s"] / (peaks[k.split("_")[1]] * 1e9) for k, v in res.items()},
+            "plain_attn_implementation": runners["plain_fp32"].encoder.config._attn_implementation,
+            "per_token_params": per_token_params(runners["repo_fp32"].model.encoder),
+        },
+    }
+
+
+def bench_eval_precisions(sizes: Sizes, dev_enc: dict) -> dict:
+    """evaluation.predict over the three dev sets on the device, fp32 against bf16 autocast, same model."""
+    model = build_model(lever_config(sizes, CUDA_SPEED)).to(sizes.device)
+    secs = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for enc in dev_enc.values():  # warm-up
+            predict(model, enc, sizes.eval_batch_size, sizes.device, dtype, pad_to_multiple=16)
+        t0 = time.perf_counter()
+        for enc in dev_enc.values():
+            predict(model, enc, sizes.eval_batch_size, sizes.device, dtype, pad_to_multiple=16)
+        secs[name] = time.perf_counter() - t0
+    n = sum(len(e) for e in dev_enc.values())
+    return {f"eval_{k}_examples_per_s": n / v for k, v in secs.items()}
+
+
+def bench_cuda_levers(sizes: Sizes, sst_enc, deadline: float) -> dict:
+    """Each CUDA_LEVERS entry alone against REFERENCE, until the time cap is spent."""
+    out = {}
+    for name, (base, lever) in CUDA_LEVERS.items():
+        # compiling CUDA graphs takes seconds per padded shape: start only with 30 s to spare
+        if time.perf_counter() > deadline - (30 if name.startswith("cuda_graphs") else 0):
+            out[name] = {"lever": name, "skipped": "the benchmark's time cap was spent before this lever"}
+            continue
+        print(f"[bench] lever {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out[name] = {**_lever_pair(sizes, sst_enc, name, base, lever),
+                     "wall_s": time.perf_counter() - t0}  # with cuda_graphs: mostly compiling
+    return out
+
+
+def run_cuda(data_dir=None, sizes: Sizes = CUDA_SIZES, levers: bool = False, accuracy: bool = False,
+             accuracy_steps: int | None = None, on_part=None) -> dict:
+    """The CUDA benchmark (sizes.device; tests run it on CPU with QUICK sizes): the CPU benchmark's keys plus
+    `device` and `precision`, the fp32/tf32/bf16 peaks, and the levers as TrainConfig switches.
+    on_part(result so far) after each part: a job that is killed at its time limit keeps what was measured."""
+    on_part = on_part or (lambda r: None)
+    t_start = time.perf_counter()
+    deadline = t_start + (sizes.time_cap_s or float("inf"))
+    log = lambda msg: print(f"[bench] {msg} ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr, flush=True)
+    dev = torch.device(sizes.device)
+    torch.manual_seed(0)
+    peaks = device_peaks(sizes.peak_n, sizes.device)
+    log(f"matmul peaks GFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
+    tokenizer = load_tokenizer(sizes.encoder)
+    tasks = load_tasks(data_dir, max_dev=sizes.max_dev, seed=0)
+    sst_train = tasks["sst"].train
+    dev_sets = {t: td.dev for t, td in tasks.items()}
+    dev_enc = {t: encode_task(exs, tokenizer, t) for t, exs in dev_sets.items()}
+    sst_enc = encode_task(sst_train, tokenizer, "sst")
+    train_enc = {t: encode_task(td.train[:8 * sizes.batch_size], tokenizer, t) for t, td in tasks.items()}
+    result = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else str(dev),
+              "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "encoder": sizes.encoder, "quick": sizes.encoder == "tiny",
+              "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
+              "matmul_peak_gflops_tf32": peaks["tf32"], "time_cap_s": sizes.time_cap_s}
+    result.update(bench_train_precisions(sizes, tokenizer, sst_train, sst_enc, peaks))
+    log(f"train ex/s: {result['train_by_precision']}; faster precision {result['precision']}")
+    on_part(result)
+    result.update(bench_pcgrad(sizes, train_enc))
+    result.update(bench_eval(sizes, tokenizer, dev_sets))
+    result.update(bench_eval_precisions(sizes, dev_enc))
+    log(f"eval: plain {result['eval_plain_examples_per_s']:.0f}, repo {result['eval_examples_per_s']:.0f} ex/s")
+    on_part(result)
+    if accuracy:  # before the levers: the accuracy check matters more than the last lever
+        result["accuracy_check"] = bench_accuracy(sizes, sst_enc, dev_enc["sst"],
+                                                  accuracy_steps or sizes.accuracy_steps, CUDA_ACCURACY_CONFIGS,
+                                                  deadline)
+        log("accuracy check done")
+        on_part(result)
+    if levers:
+        result["levers"] = bench_cuda_levers(sizes, sst_enc, deadline)
+        log("levers done")
+    result["matmul_peak_gflops_start_end"] = [peaks["fp32"], peaks["fp32"]]
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    if dev.type == "cuda":
+        result["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    result["bench_seconds"] = time.perf_counter() - t_start
+    result["targets"] = {k: f"{op} {v}" for k, (op, v) in CUDA_TARGETS.items()}
+    result["targets_met"] = {k: (result[k] >= v if op == ">=" else result[k] <= v) for k, (op, v) in CUDA_TARGETS.items()}
+    result["load_average"] = {"start": None, "end": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    result["environment"] = environment()
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -832,6 +1039,10 @@ def main(argv=None) -> dict:
     p.add_argument("--accuracy", action="store_true", help="also train SST briefly: reference vs speed config")
     p.add_argument("--accuracy-steps", type=int, default=None, help="steps per accuracy run (default 120)")
     p.add_argument("--compile", action="store_true", help="include torch.compile among the levers (slow)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default): the 2-core benchmark; cuda: fp32 vs bf16, CUDA levers (run_cuda)")
+    p.add_argument("--time-cap", type=float, default=None,
+                   help="cuda: seconds after which the optional parts (accuracy, levers) are skipped (default 150)")
     p.add_argument("--out", default="results/bench/bench.json", help="where to write the JSON")
     p.add_argument("--summarize", metavar="JSON", help="print a saved result as a Markdown table and exit")
     args = p.parse_args(argv)
@@ -840,8 +1051,20 @@ def main(argv=None) -> dict:
         text = summary_markdown(json.loads(Path(args.summarize).read_text()))
         print(text, end="")
         return {"summary": text}
-    result = run(args.data_dir, quick=args.quick, levers=args.levers, accuracy=args.accuracy,
-                 with_compile=args.compile, accuracy_steps=args.accuracy_steps)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device cuda: no CUDA device here (torch {torch.__version__}, built for CUDA "
+                             f"{torch.version.cuda or 'none'}); run it on a GPU machine, e.g. through "
+                             f"benchmarks/gpu_run.py, or use --device cpu")
+        sizes = dataclasses.replace(QUICK, device="cuda") if args.quick else CUDA_SIZES
+        if args.time_cap is not None:
+            sizes = dataclasses.replace(sizes, time_cap_s=args.time_cap)
+        result = run_cuda(args.data_dir, sizes, levers=args.levers, accuracy=args.accuracy,
+                          accuracy_steps=args.accuracy_steps,
+                          on_part=lambda r: write_json(args.out, {**r, "partial": True}))
+    else:
+        result = run(args.data_dir, quick=args.quick, levers=args.levers, accuracy=args.accuracy,
+                     with_compile=args.compile, accuracy_steps=args.accuracy_steps)
     write_json(args.out, result)
     import json
     print(json.dumps(result, indent=2, default=str))

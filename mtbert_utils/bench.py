@@ -1,6 +1,7 @@
 """`python -m mtbert_utils.bench`: the speed benchmark, whose code is benchmarks/speed.py.
 
     python -m mtbert_utils.bench [--data-dir D] [--quick] [--levers] [--accuracy] [--out results/bench/bench.json]
+    python -m mtbert_utils.bench --device cuda [--levers] [--accuracy] [--time-cap S]   # on a GPU
 
 Only this entry point is in the package. The benchmark itself lives in benchmarks/, outside what
 the notebooks import, so that editing it does not change reproduce.code_version and re-run them.

@@ -25,9 +25,12 @@ OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
 # knobs added after results were committed: at their default they stay out of the fingerprint,
 # so the run names (and skip-if-complete) of earlier results do not change
 ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
-               "para_swap": False, "layer_lr_decay": 1.0}
+               "para_swap": False, "layer_lr_decay": 1.0, "cache_frozen_encoder": False}
+# how a run executes, not what it computes: the same run names on CPU and GPU (issue 12). Their values are
+# still in the result JSON's config. (pad_to_multiple: masked positions; tf32 and cuda_graphs: rounding only.)
+EXECUTION_ONLY = ("pad_to_multiple", "tf32", "cuda_graphs")
 # what does not change the numbers: out of the fingerprint
-NOT_FINGERPRINTED = ("seed", "name", "out_dir", "progress", "data_dir", "write_predictions")
+NOT_FINGERPRINTED = ("seed", "name", "out_dir", "progress", "data_dir", "write_predictions", *EXECUTION_ONLY)
 
 
 @dataclass
@@ -46,6 +49,11 @@ class TrainConfig:
     class_weights: bool = False        # inverse-frequency class weights for SST cross-entropy
     attn_implementation: str = "sdpa"  # sdpa | eager
     compile: bool = False              # torch.compile the encoder
+    cache_frozen_encoder: bool = False  # heads-only epochs: the frozen encoder runs in eval mode (no dropout)
+                                       # and each training example's pooled output is computed once per
+                                       # frozen phase, then reused. Equal to the uncached run when the
+                                       # encoder has no dropout (encoder_dropout=0.0); else it removes the
+                                       # encoder's dropout noise from those epochs, so it is fingerprinted
     # -- data -------------------------------------------------------------------------
     data_dir: str | None = None        # None: $MTBERT_DATA_DIR, else ./data
     max_train: int | dict | None = None  # per-task cap on training examples (seeded subsample)
@@ -57,6 +65,9 @@ class TrainConfig:
     para_swap: bool = False            # joint paraphrase pairs: train on both orders (a, b) / (b, a) at random,
                                        # predict with the average of both orders
     group_by_length: bool = True       # batches of similar length: less padding
+    pad_to_multiple: int | None = None  # pad every batch's length up to a multiple of this (8, 16, ...): fewer
+                                       # distinct shapes (bf16 attention's first-use cost, CUDA-graph buckets);
+                                       # the extra positions are masked, so the numbers do not change
     batch_size: int = 64
     eval_batch_size: int = 128
     # -- schedule: which tasks train, in which steps, for how long ----------------------
@@ -82,7 +93,14 @@ class TrainConfig:
     record_grad_cosines: bool = False  # log task-gradient cosines even without surgery
     optimizer: str = "auto"            # AdamW implementation: auto (fused on CUDA, foreach on CPU) | foreach |
                                        # fused | forloop
-    precision: str = "auto"            # auto: bf16 on CUDA if supported (else fp16 + GradScaler), fp32 on CPU
+    precision: str = "auto"            # auto: fp32 on CPU and on CUDA. On an H100 train() ran at 1,702
+                                       # examples/s in fp32 against 198 in bf16 autocast (issue 12); the CUDA
+                                       # benchmark measures both again (python -m mtbert_utils.bench --device cuda)
+    tf32: bool = False                 # CUDA, fp32 matmuls on TF32 tensor cores (torch's backend flags, set for
+                                       # the run and restored after); no effect on CPU
+    cuda_graphs: bool = False          # CUDA only: torch.compile(mode="reduce-overhead") on the forward pass,
+                                       # one CUDA graph per padded shape (needs pad_to_multiple); on CPU
+                                       # train() stops with a ValueError
     freeze_word_embeddings: bool = False
     # -- run --------------------------------------------------------------------------
     seed: int = 0
@@ -207,6 +225,9 @@ def _validate_data(c: TrainConfig) -> None:
     _fraction("val_fraction", c.val_fraction)
     if not isinstance(c.para_swap, bool):
         raise ValueError(f"para_swap must be True or False, got {c.para_swap!r}")
+    m = c.pad_to_multiple
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"pad_to_multiple must be None or a positive int (8, 16, ...), got {m!r}")
 
 
 def _validate_schedule(c: TrainConfig) -> None:
@@ -245,6 +266,14 @@ def _validate_optimisation(c: TrainConfig) -> None:
         raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
     if c.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {c.optimizer!r}; choose one of {OPTIMIZERS}")
+    for name in ("tf32", "cuda_graphs", "cache_frozen_encoder"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    if c.cuda_graphs and not c.pad_to_multiple:
+        raise ValueError("cuda_graphs records one graph per batch shape: set pad_to_multiple (e.g. 16) too, "
+                         "else every new padded length compiles a new graph")
+    if c.cuda_graphs and c.device == "cpu":
+        raise ValueError("cuda_graphs=True needs CUDA; device='cpu' was asked for")
 
 
 def _validate_run(c: TrainConfig) -> None:

@@ -528,9 +528,11 @@ def encode_task(examples, tokenizer, task, max_length=128):
     return enc
 
 
-def _pad(seqs, value):
-    """(tensor padded to the longest seq in this batch, attention mask)."""
+def _pad(seqs, value, multiple=None):
+    """(tensor padded to the longest seq in this batch, rounded up to `multiple` if given; attention mask)."""
     width = max((len(s) for s in seqs), default=0)
+    if multiple:
+        width = -(-width // multiple) * multiple
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -539,12 +541,13 @@ def _pad(seqs, value):
     return out, mask
 
 
-def collate(enc, indices, pair_mode="joint", swap=None):
-    """Batch of enc at indices, padded to the batch's longest sequence.
+def collate(enc, indices, pair_mode="joint", swap=None, pad_to_multiple=None):
+    """Batch of enc at indices, padded to the batch's longest sequence (rounded up to pad_to_multiple).
 
     swap: optional booleans, one per index: those pairs go into the joint input as
-    [CLS] b [SEP] a [SEP] (pair-order augmentation / symmetric inference).
+    [CLS] b [SEP] a [SEP] (pair-order augmentation / symmetric inference); kept as batch["swap"].
     """
+    m = pad_to_multiple
     if pair_mode not in PAIR_MODES:
         raise ValueError(f"unknown pair_mode {pair_mode!r}; valid: {PAIR_MODES}")
     indices = [int(i) for i in indices]
@@ -552,21 +555,23 @@ def collate(enc, indices, pair_mode="joint", swap=None):
         raise ValueError(f"swap has {len(swap)} flags for {len(indices)} examples")
     batch = {}
     if enc.single is not None:
-        batch["input_ids"], batch["attention_mask"] = _pad([enc.single[i] for i in indices], enc.pad_id)
+        batch["input_ids"], batch["attention_mask"] = _pad([enc.single[i] for i in indices], enc.pad_id, m)
     else:
         if pair_mode in ("joint", "both"):
             joint = [(enc.joint[i], enc.joint_types[i]) for i in indices]
             if swap is not None:
                 joint = [(enc.swapped_joint(i) or j) if s else j for i, j, s in zip(indices, joint, swap)]
-            batch["input_ids"], batch["attention_mask"] = _pad([j[0] for j in joint], enc.pad_id)
-            batch["token_type_ids"], _ = _pad([j[1] for j in joint], 0)
+            batch["input_ids"], batch["attention_mask"] = _pad([j[0] for j in joint], enc.pad_id, m)
+            batch["token_type_ids"], _ = _pad([j[1] for j in joint], 0, m)
         if pair_mode in ("separate", "both"):
-            batch["input_ids_a"], batch["attention_mask_a"] = _pad([enc.a[i] for i in indices], enc.pad_id)
-            batch["input_ids_b"], batch["attention_mask_b"] = _pad([enc.b[i] for i in indices], enc.pad_id)
+            batch["input_ids_a"], batch["attention_mask_a"] = _pad([enc.a[i] for i in indices], enc.pad_id, m)
+            batch["input_ids_b"], batch["attention_mask_b"] = _pad([enc.b[i] for i in indices], enc.pad_id, m)
     if enc.labels is not None:
         batch["labels"] = enc.labels[indices]
     batch["ids"] = [enc.ids[i] for i in indices]
     batch["index"] = torch.tensor(indices, dtype=torch.long)
+    if swap is not None:
+        batch["swap"] = [bool(x) for x in swap]
     return batch
 
 
@@ -609,7 +614,7 @@ class TaskBatchStream:
     """
 
     def __init__(self, enc, batch_size, seed, pair_mode="joint", group_by_length=False,
-                 rank=0, world_size=1, swap_pairs=False):
+                 rank=0, world_size=1, swap_pairs=False, pad_to_multiple=None):
         if len(enc) == 0:
             raise ValueError(f"task {enc.task!r} has no examples to batch")
         if not 0 <= rank < world_size:
@@ -617,6 +622,7 @@ class TaskBatchStream:
         self.enc, self.batch_size, self.seed = enc, batch_size, seed
         self.pair_mode, self.group_by_length = pair_mode, group_by_length
         self.rank, self.world_size = rank, world_size
+        self.pad_to_multiple = pad_to_multiple
         # pair-order augmentation: each joint pair is fed as (b, a) with probability 1/2, drawn from
         # (seed, pass, position) so that a resumed stream swaps exactly as the uninterrupted one
         self.swap_pairs = bool(swap_pairs) and enc.single is None and pair_mode == "joint"
@@ -646,7 +652,7 @@ class TaskBatchStream:
         if self.position == len(self.order):  # pass done: reshuffle now so state_dict is simple
             self.passes += 1
             self._new_pass()
-        return collate(self.enc, chunk.tolist(), self.pair_mode, swap)
+        return collate(self.enc, chunk.tolist(), self.pair_mode, swap, self.pad_to_multiple)
 
     def state_dict(self):
         return {"rng_state": self.rng.getstate(), "order": [list(b) for b in self.order],
@@ -664,12 +670,13 @@ class TaskBatchStream:
         self.position, self.passes = state["position"], state["passes"]
 
 
-def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True, swap=False) -> Iterator[dict]:
+def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True, swap=False,
+                 pad_to_multiple=None) -> Iterator[dict]:
     """Every example once, sorted by length for speed; batch["index"] restores file order.
     swap=True: every joint pair as (b, a)."""
     lengths = enc.lengths(pair_mode) if sort_by_length else None
     for idx in batch_indices(len(enc), batch_size, None, lengths, sort_by_length):
-        yield collate(enc, idx, pair_mode, [True] * len(idx) if swap else None)
+        yield collate(enc, idx, pair_mode, [True] * len(idx) if swap else None, pad_to_multiple)
 
 
 # -----------------------------------------------------------------------------

@@ -27,11 +27,12 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dtype=None,
-            sort_by_length: bool = True, symmetric: bool = False) -> dict:
+            sort_by_length: bool = True, symmetric: bool = False, pad_to_multiple: int | None = None) -> dict:
     """Run one task's examples through the model. Returns ids, raw outputs and predictions, in file order.
 
     symmetric=True: a pair fed jointly ([CLS] a [SEP] b [SEP]) is also fed as (b, a) and the two raw
     outputs are averaged (paraphrase is symmetric; the joint encoder is not). Other tasks are unchanged.
+    Runs on `device` (the model's) under autocast to amp_dtype; pad_to_multiple as in data.collate.
     """
     was_training = model.training
     model.eval()
@@ -40,7 +41,7 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
         # embed every sentence on its own, sorted by its own length (the two sides of a pair
         # often differ a lot in length, so padding them together wastes compute), then the head
         n = len(enc)
-        emb = _embed_sentences(model, enc.a + enc.b, enc.pad_id, batch_size, device, amp_dtype)
+        emb = _embed_sentences(model, enc.a + enc.b, enc.pad_id, batch_size, device, amp_dtype, pad_to_multiple)
         with autocast_context(device, amp_dtype):
             raw = model.pair_output(task, emb[:n], emb[n:]).float().cpu()
     else:
@@ -49,7 +50,7 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
         for swap in orders:
             outs, index = [], []
             for batch in eval_batches(enc, batch_size, pair_mode=model.pair_mode(task),
-                                      sort_by_length=sort_by_length, swap=swap):
+                                      sort_by_length=sort_by_length, swap=swap, pad_to_multiple=pad_to_multiple):
                 index.append(batch["index"])
                 with autocast_context(device, amp_dtype):
                     outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
@@ -61,11 +62,12 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
     return {"ids": list(enc.ids), "raw": raw.numpy(), "pred": preds, "gold": gold}
 
 
-def _embed_sentences(model, seqs: list, pad_id: int, batch_size: int, device, amp_dtype) -> torch.Tensor:
+def _embed_sentences(model, seqs: list, pad_id: int, batch_size: int, device, amp_dtype,
+                     pad_to_multiple: int | None = None) -> torch.Tensor:
     """Pooled embeddings of tokenized single sentences, in length-sorted batches; returned in input order."""
     single = EncodedTask("sentences", ids=list(range(len(seqs))), labels=None, single=seqs, pad_id=pad_id)
     embs, index = [], []
-    for batch in eval_batches(single, batch_size):
+    for batch in eval_batches(single, batch_size, pad_to_multiple=pad_to_multiple):
         index.append(batch["index"])
         b = to_device(batch, device)
         with autocast_context(device, amp_dtype):
@@ -78,11 +80,12 @@ def score(task: str, pred: np.ndarray, enc: EncodedTask) -> float:
 
 
 def evaluate(model, encoded: dict[str, EncodedTask], batch_size: int = 128, device="cpu",
-             amp_dtype=None, return_predictions: bool = False, symmetric: bool = False) -> dict:
+             amp_dtype=None, return_predictions: bool = False, symmetric: bool = False,
+             pad_to_multiple: int | None = None) -> dict:
     """Dev metrics for every task, plus the study's mean and the CS224N overall score."""
     metrics, predictions = {}, {}
     for task, enc in encoded.items():
-        p = predict(model, enc, batch_size, device, amp_dtype, symmetric=symmetric)
+        p = predict(model, enc, batch_size, device, amp_dtype, symmetric=symmetric, pad_to_multiple=pad_to_multiple)
         predictions[task] = p
         if enc.labels is not None:
             metrics[task] = score(task, p["pred"], enc)

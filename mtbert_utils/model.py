@@ -143,6 +143,10 @@ class MultitaskBert(nn.Module):
             raise ValueError("pooling='pooler' needs an encoder with a pooler layer; use 'mean' or 'cls'")
         self.encoder, self.pooling = encoder, pooling
         self.encoder_frozen = False
+        # cache_frozen_encoder: (task, part, example index, swapped) -> pooled output, while the encoder is
+        # frozen and in training (never in evaluation: its indices are another split's); None = off
+        self.embed_cache: dict | None = None
+        self.graphed_encoder = None  # cuda_graphs: the encoder's forward compiled for training steps
         self.para_input, self.sts_head_kind = para_input, sts_head
         h = encoder.config.hidden_size
         self.shared = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(dropout))
@@ -151,10 +155,21 @@ class MultitaskBert(nn.Module):
         self.sts_head = nn.Linear(2 * h, 1) if sts_head == "linear" else None
 
     # -- encoder ---------------------------------------------------------------------
-    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def embed(self, input_ids, attention_mask, token_type_ids=None, keys=None) -> torch.Tensor:
+        """Pooled encoder outputs. keys (one per row, see cache_keys): read and fill embed_cache."""
+        cache = self.embed_cache if keys is not None and self.encoder_frozen and self.training else None
+        if cache is not None and all(k in cache for k in keys):
+            return torch.stack([cache[k] for k in keys])
+        emb = self._embed(input_ids, attention_mask, token_type_ids)
+        if cache is not None:
+            cache.update(zip(keys, emb.detach()))
+        return emb
+
+    def _embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        encoder = self.graphed_encoder if self.graphed_encoder is not None and self.training else self.encoder
         # a frozen encoder needs no autograd graph: heads-only epochs run at inference speed
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            out = encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if self.pooling == "pooler":
             return out.pooler_output
         hidden = out.last_hidden_state
@@ -163,28 +178,39 @@ class MultitaskBert(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def embed_pair(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache_keys(self, task: str, batch: dict, part: str) -> list | None:
+        """The embed_cache keys of a batch's rows (None while the cache is off)."""
+        if self.embed_cache is None or "index" not in batch:
+            return None
+        index = batch["index"].tolist()
+        swap = batch.get("swap") or [False] * len(index)
+        return [(task, part, i, s) for i, s in zip(index, swap)]
+
+    def embed_pair(self, batch, task: str = "pair") -> tuple[torch.Tensor, torch.Tensor]:
         """Embed both sentences of a pair in one encoder call (pad a and b to one length)."""
         a, b = batch["input_ids_a"], batch["input_ids_b"]
         ma, mb = batch["attention_mask_a"], batch["attention_mask_b"]
         L = max(a.shape[1], b.shape[1])
         ids = torch.cat([F.pad(a, (0, L - a.shape[1])), F.pad(b, (0, L - b.shape[1]))])
         mask = torch.cat([F.pad(ma, (0, L - ma.shape[1])), F.pad(mb, (0, L - mb.shape[1]))])
-        emb = self.embed(ids, mask)
+        ka, kb = self.cache_keys(task, batch, "a"), self.cache_keys(task, batch, "b")
+        emb = self.embed(ids, mask, keys=ka + kb if ka is not None else None)
         return emb[: a.shape[0]], emb[a.shape[0]:]
 
     # -- heads -----------------------------------------------------------------------
     def forward_task(self, task: str, batch: dict) -> torch.Tensor:
         """Raw outputs: sst logits [B, 5]; para logit [B]; sts score [B] (cos in [-1, 1] for the cosine head)."""
         if task == "sst":
-            return self.sst_head(self.shared(self.embed(batch["input_ids"], batch["attention_mask"])))
+            keys = self.cache_keys(task, batch, "single")
+            return self.sst_head(self.shared(self.embed(batch["input_ids"], batch["attention_mask"], keys=keys)))
         if task == "para":
             if self.para_input == "joint":
-                emb = self.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                emb = self.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                 keys=self.cache_keys(task, batch, "joint"))
                 return self.para_head(self.shared(emb)).squeeze(-1)
-            return self.pair_output(task, *self.embed_pair(batch))
+            return self.pair_output(task, *self.embed_pair(batch, task))
         if task == "sts":
-            return self.pair_output(task, *self.embed_pair(batch))
+            return self.pair_output(task, *self.embed_pair(batch, task))
         raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
 
     def pair_output(self, task: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

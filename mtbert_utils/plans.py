@@ -22,49 +22,63 @@ from dataclasses import replace
 from typing import Callable
 
 from mtbert_utils import TASKS, experiments
+from mtbert_utils.config import EXECUTION_ONLY
 from mtbert_utils.experiments import best_config, make_config
+
+
+def execution(speed: dict | None) -> dict:
+    """A notebook's `speed` parameter: TrainConfig switches that change how a run executes, not its numbers
+    (config.EXECUTION_ONLY: pad_to_multiple, tf32, cuda_graphs), so not its run name either."""
+    bad = sorted(set(speed or {}) - set(EXECUTION_ONLY))
+    if bad:
+        raise ValueError(f"speed may only hold the execution-only switches {EXECUTION_ONLY}, got {bad}")
+    return dict(speed or {})
 
 
 # -- Table 1 (notebooks 01-05) -------------------------------------------------------------------
 
 
-def sequential(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, order, progress) -> dict:
+def sequential(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, order, progress, speed=None) -> dict:
     """01: tasks one after another within each epoch, the study's plain setup."""
     return {"sequential-baseline": make_config(
         "baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev, batch_size=batch_size,
         progress=progress, schedule="sequential", schedule_params={"order": order}, phases=[[epochs, True]],
-        name="sequential-baseline")}
+        name="sequential-baseline", **execution(speed))}
 
 
-def rr_undersampling(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, progress) -> dict:
+def rr_undersampling(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, progress, speed=None) -> dict:
     """02: round robin until the smallest task runs out."""
     return {"rr_under-baseline": make_config(
         "baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev, batch_size=batch_size,
-        progress=progress, schedule="rr_under", schedule_params={}, phases=[[epochs, True]], name="rr_under-baseline")}
+        progress=progress, schedule="rr_under", schedule_params={}, phases=[[epochs, True]], name="rr_under-baseline",
+        **execution(speed))}
 
 
-def rr_oversampling(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, progress) -> dict:
+def rr_oversampling(*, encoder, data_dir, max_train, max_dev, batch_size, epochs, progress, speed=None) -> dict:
     """03: round robin until the largest task runs out (the smaller ones cycle)."""
     return {"rr_over-baseline": make_config(
         "baseline", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev, batch_size=batch_size,
-        progress=progress, schedule="rr_over", schedule_params={}, phases=[[epochs, True]], name="rr_over-baseline")}
+        progress=progress, schedule="rr_over", schedule_params={}, phases=[[epochs, True]], name="rr_over-baseline",
+        **execution(speed))}
 
 
-def cosine_sts(*, encoder, data_dir, max_train, max_dev, batch_size, phases, lr_decay_epochs, progress) -> dict:
+def cosine_sts(*, encoder, data_dir, max_train, max_dev, batch_size, phases, lr_decay_epochs, progress,
+               speed=None) -> dict:
     """04: the tuned setup with the cosine STS head, and the same with the linear head."""
     tuned = make_config("tuned", encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev,
                         batch_size=batch_size, progress=progress, schedule="rr_over", phases=phases,
                         lr_decay_epochs=lr_decay_epochs, sts_head="cosine", record_grad_cosines=True,
-                        write_predictions=True, name="rr_over-tuned-cosine")
+                        write_predictions=True, name="rr_over-tuned-cosine", **execution(speed))
     linear = replace(tuned, sts_head="linear", sts_loss=None, write_predictions=False, name="rr_over-tuned-linear")
     return {"rr_over-tuned-cosine": tuned, "rr_over-tuned-linear": linear}
 
 
 def pcgrad_ablation(*, encoder, data_dir, max_train, max_dev, batch_size, phases, lr_decay_epochs, pcgrad_reduction,
-                    progress) -> dict:
+                    progress, speed=None) -> dict:
     """05: notebook 04's cosine row (the same runs) without and with PCGrad."""
     base = cosine_sts(encoder=encoder, data_dir=data_dir, max_train=max_train, max_dev=max_dev, batch_size=batch_size,
-                      phases=phases, lr_decay_epochs=lr_decay_epochs, progress=progress)["rr_over-tuned-cosine"]
+                      phases=phases, lr_decay_epochs=lr_decay_epochs, progress=progress,
+                      speed=speed)["rr_over-tuned-cosine"]
     return {"rr_over-tuned-cosine": base,
             "rr_over-tuned-cosine-pcgrad": replace(base, pcgrad=True, pcgrad_reduction=pcgrad_reduction,
                                                    write_predictions=False, name="rr_over-tuned-cosine-pcgrad")}
@@ -189,8 +203,10 @@ def pcgrad_weights(*, encoder, data_dir, max_train, max_dev, batch_size, phases,
 
 
 def call(fn: Callable, params: dict, *args):
-    """fn(*args, **the notebook parameters fn names): a notebook's parameters include others (seeds, results_dir)."""
-    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    """fn(*args, **the notebook parameters fn names): a notebook's parameters include others (seeds, results_dir).
+    A parameter with a default in fn (speed) may be missing: a notebook without it."""
+    sig = inspect.signature(fn).parameters.values()
+    names = [p.name for p in sig if p.kind is p.KEYWORD_ONLY and (p.default is p.empty or p.name in params)]
     missing = [n for n in names if n not in params]
     if missing:
         raise TypeError(f"{fn.__name__} needs the notebook parameters {missing}")

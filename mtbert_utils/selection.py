@@ -32,7 +32,8 @@ def final_model(run, state) -> tuple[dict, dict | None, dict]:
         if main:
             load_model_state(model, state.best["model"], run.ckpt_path)
             dev_eval = evaluate(model, run.enc["dev"], config.eval_batch_size, run.device, run.amp_dtype,
-                                return_predictions=True, symmetric=config.para_swap)
+                                return_predictions=True, symmetric=config.para_swap,
+                   pad_to_multiple=config.pad_to_multiple)
         distributed.broadcast_module_(model)
     final_dev = distributed.broadcast_object(dev_eval["metrics"] if main else None)
     best = state.best["epoch"]
@@ -60,7 +61,8 @@ def snapshot_ensemble(model, enc: dict, snap_val: dict, snap_dir: Path, config: 
             need = {t: enc[split][t] for t in tasks if t in enc[split] and e in chosen[t]["members"]}
             if need:
                 preds[split][e] = evaluate(model, need, config.eval_batch_size, device, amp_dtype,
-                                           return_predictions=True, symmetric=config.para_swap)["predictions"]
+                                           return_predictions=True, symmetric=config.para_swap,
+                   pad_to_multiple=config.pad_to_multiple)["predictions"]
     out = {}
     for split in preds:
         out[split] = {t: ensemble_prediction(t, [preds[split][e][t] for e in chosen[t]["members"]],

@@ -11,6 +11,7 @@ The knobs are TrainConfig's (config.py); the presets are in presets.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -49,12 +50,14 @@ def pick_device(config: TrainConfig) -> torch.device:
 
 
 def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to use a GradScaler)."""
+    """(autocast dtype or None, whether to use a GradScaler).
+
+    "auto" is fp32 everywhere: on an H100, train() ran at 1,702 examples/s in fp32 against 198 in bf16
+    autocast (MiniLM, SST, batch 32; issue 12), as bf16 attention pays a first-use cost per new padded
+    length and the step is launch-bound. `python -m mtbert_utils.bench --device cuda` measures both again."""
     p = config.precision
     if p == "auto":
-        if device.type != "cuda":
-            return None, False
-        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return None, False
     if p == "fp32":
         return None, False
     if p == "fp16":
@@ -123,6 +126,34 @@ def build_model(config: TrainConfig) -> MultitaskBert:
     return model
 
 
+def use_cuda_graphs(model: MultitaskBert, config: TrainConfig, device: torch.device) -> None:
+    """cuda_graphs: the encoder's forward in training steps becomes torch.compile(mode="reduce-overhead"),
+    i.e. CUDA graphs, one per padded shape (pad_to_multiple keeps them few); evaluation stays eager, as its
+    batch sizes and lengths would record graphs of their own. training_step marks each step's start."""
+    if not config.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs CUDA; this run is on {device.type} (set cuda_graphs=False)")
+    import torch._dynamo
+    # one graph per (padded length, batch size, task input, grad mode): more than dynamo's default of 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model.graphed_encoder = torch.compile(model.encoder, mode="reduce-overhead", dynamic=False)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool, device: torch.device):
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA while the block runs; the flags restored."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def sst_class_weights(labels: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(labels, minlength=5).float().clamp(min=1)
     return counts.sum() / (5 * counts)
@@ -158,6 +189,8 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     Returns {"losses": {task: unweighted loss}, "cosines": pairwise task-gradient cosines or None}.
     Raises NonFiniteLossError naming the task and batch when a loss is NaN or infinite.
     """
+    if config.cuda_graphs:  # a new step: the CUDA graphs may reuse the previous step's output memory
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast_context(device, amp_dtype):
         outs = model(batches)
     losses, raw = {}, {}
@@ -214,6 +247,13 @@ def train(config: TrainConfig, resume: bool = False, max_epochs: int | None = No
     run = Run.start(config)
     if resume and (done := finished_result(run)) is not None:  # a re-run after a crash redoes nothing
         return done
+    with tf32_matmuls(config.tf32, run.device):
+        return train_run(run, resume, max_epochs)
+
+
+def train_run(run: "Run", resume: bool, max_epochs: int | None) -> dict:
+    """train()'s body, once the run is set up: build or restore the state, the epochs, the result."""
+    config = run.config
     state = build_state(run)
     if resume and distributed.broadcast_object(run.ckpt_path.exists()):  # every process loads rank 0's file
         state.restore(run.ckpt_path, config)
@@ -262,6 +302,8 @@ class Run:
         random.seed(config.seed)
         np.random.seed(config.seed)
         device = pick_device(config)
+        if config.cuda_graphs and device.type != "cuda":  # fail before any data or model is loaded
+            raise ValueError(f"cuda_graphs=True needs CUDA; this run is on {device.type} (set cuda_graphs=False)")
         distributed.init_from_env(device.type)  # no-op unless torchrun started more than one process
         world, rank = distributed.world_size(), distributed.rank()
         if device.type == "cuda" and world > 1:
@@ -309,6 +351,7 @@ def build_state(run: Run) -> RunState:
     config = run.config
     run.enc, run.data_info = prepare_data(config, load_tokenizer(config.encoder))
     model = build_model(config).to(run.device)
+    use_cuda_graphs(model, config, run.device)
     if run.rank > 0:
         torch.manual_seed(config.seed * 1000 + run.rank)  # own dropout masks on every process
     optimizer = build_optimizer(model, config, run.device)
@@ -318,7 +361,8 @@ def build_state(run: Run) -> RunState:
         run.class_weights = sst_class_weights(run.enc["train"]["sst"].labels).to(run.device)
     streams = {t: TaskBatchStream(run.enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
                                   pair_mode=model.pair_mode(t), group_by_length=config.group_by_length,
-                                  rank=run.rank, world_size=run.world, swap_pairs=config.para_swap and t == "para")
+                                  rank=run.rank, world_size=run.world, swap_pairs=config.para_swap and t == "para",
+                                  pad_to_multiple=config.pad_to_multiple)
                for i, t in enumerate(TASKS) if t in config.train_tasks}
     run.num_batches = {t: s.num_batches for t, s in streams.items()}
     # Data parallel: plain steps go through DDP; PCGrad (and gradient cosines) needs each task's
@@ -347,6 +391,13 @@ def set_up_epoch(run: Run, state: RunState, epoch: int) -> tuple[bool, float, li
     for g in state.optimizer.param_groups:
         g["lr"] = g["base_lr"] * mult
     model.train()
+    if config.cache_frozen_encoder:  # one cache per frozen phase: the encoder's weights change in between
+        if trainable:
+            model.embed_cache = None
+        else:
+            model.encoder.eval()  # no dropout: its outputs are the same every epoch, so they can be reused
+            if model.embed_cache is None:
+                model.embed_cache = {}
     return trainable, mult, shared
 
 
@@ -396,7 +447,8 @@ def optimizer_step(run: Run, state: RunState, tasks: tuple, shared: list, where:
         batch, n_global = next_global_batch(state.streams[t])
         share[t] = len(batch["ids"]) / n_global  # this process's part of the global batch
         if not batch["ids"]:  # a stand-in example, weighted 0: every process joins every collective
-            batch = collate(state.streams[t].enc, [0], state.streams[t].pair_mode)
+            batch = collate(state.streams[t].enc, [0], state.streams[t].pair_mode,
+                            pad_to_multiple=run.config.pad_to_multiple)
         batches[t] = to_device(batch, run.device)
         state.seen[t] += n_global
     try:
@@ -419,7 +471,8 @@ def score_epoch(run: Run, state: RunState, epoch: int, record: dict, cos_log: li
     ev = None
     if run.main:
         ev = evaluate(model, run.enc[split], config.eval_batch_size, run.device, run.amp_dtype,
-                      return_predictions=True, symmetric=config.para_swap)
+                      return_predictions=True, symmetric=config.para_swap,
+                   pad_to_multiple=config.pad_to_multiple)
         if config.snapshot_ensemble:  # this epoch's weights are a candidate member
             state.snapshot_val[epoch + 1] = {t: p["raw"].tolist() for t, p in ev["predictions"].items()}
             save_torch(run.ckpt_path.parent / f"epoch{epoch + 1}.pt", model.state_dict())
@@ -466,7 +519,8 @@ def select_and_finish(run: Run, state: RunState) -> dict:
             if run.enc[split]:
                 out = kept[split] if kept[split] is not None else evaluate(
                     state.model, run.enc[split], config.eval_batch_size, run.device, run.amp_dtype,
-                    return_predictions=True, symmetric=config.para_swap)
+                    return_predictions=True, symmetric=config.para_swap,
+                   pad_to_multiple=config.pad_to_multiple)
                 write_predictions(out["predictions"], pred_dir, split)
         result["predictions_dir"] = repo_relative(pred_dir)
     if run.main:

@@ -123,3 +123,60 @@ def test_pcgrad_keeps_shared_graphs_until_the_last_task():
     for p, g in zip(trunk.parameters(), ref):
         # Linear(4, 4), a relu, Linear(4, 1), a sum of 3 and the 2 tasks added
         assert (p.grad - g).abs().max() <= float32_tol(4 + 4 + 3 + 2) * g.abs().max()
+
+
+# the top-level keys of a CPU report (--levers --accuracy), as before the CUDA benchmark was added
+CPU_KEYS = {"machine", "encoder", "quick", "matmul_peak_gflops", "matmul_peak_gflops_bf16",
+            "train_plain_examples_per_s", "train_plain_tokens_per_s", "train_examples_per_s", "train_tokens_per_s",
+            "train_speedup", "mfu", "mfu_plain", "train_plain_peak_bytes", "train_peak_bytes", "train_detail",
+            "pcgrad_step_ratio", "pcgrad_extra_bytes", "pcgrad_detail", "eval_plain_examples_per_s",
+            "eval_examples_per_s", "eval_speedup", "eval_plain_peak_bytes", "eval_peak_bytes", "eval_detail",
+            "levers", "accuracy_check", "matmul_peak_gflops_start_end", "peak_rss_bytes", "bench_seconds",
+            "targets_met", "load_average", "environment"} | ({"cuda_bert_base"} if torch.cuda.is_available() else set())
+
+
+def test_cpu_report_keys_are_unchanged(report):
+    _, saved = report
+    assert set(saved) == CPU_KEYS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_a_gpu_exits_with_a_clear_message(tmp_path):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
+        bench_main(["--device", "cuda", "--quick", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def device_report(data_dir, one_thread):
+    """The CUDA benchmark's code path, run on CPU with the quick sizes (what --device cuda runs on a GPU)."""
+    import dataclasses
+    sizes = dataclasses.replace(bench.QUICK, device="cpu", time_cap_s=600.0)
+    return bench.run_cuda(str(data_dir), sizes, levers=True, accuracy=True)
+
+
+def test_device_benchmark_reports_the_cpu_keys_plus_device_and_precision(device_report, report):
+    _, cpu = report
+    r = device_report
+    assert set(r) >= set(REQUIRED) | {"device", "precision", "train_detail", "pcgrad_detail", "eval_detail",
+                                      "levers", "accuracy_check", "targets_met"}
+    assert r["device"] == "cpu" and r["precision"] in ("fp32", "bf16")
+    by = r["train_by_precision"]
+    assert set(by) == {"plain_fp32", "plain_bf16", "repo_fp32", "repo_bf16"}
+    assert r["train_examples_per_s"] == max(by["repo_fp32"], by["repo_bf16"])  # the faster precision is named
+    assert r["train_speedup"] == pytest.approx(r["train_examples_per_s"] / by["plain_fp32"])
+    for key in REQUIRED:
+        assert math.isfinite(r[key]), key
+    assert r["targets_met"].keys() == bench.CUDA_TARGETS.keys()
+
+
+def test_device_benchmark_levers_skip_cleanly_on_cpu(device_report):
+    levers = device_report["levers"]
+    assert set(levers) == set(bench.CUDA_LEVERS)
+    for name in ("cuda_graphs", "cuda_graphs_bf16"):  # CUDA only: skipped with the config's reason
+        assert "needs CUDA" in levers[name]["skipped"], levers[name]
+    for name in set(levers) - {"cuda_graphs", "cuda_graphs_bf16"}:
+        assert math.isfinite(levers[name]["speedup"]) and levers[name]["speedup"] > 0, levers[name]
+    acc = device_report["accuracy_check"]
+    assert {r["config"] for r in acc["runs"]} == set(bench.CUDA_ACCURACY_CONFIGS)

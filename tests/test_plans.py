@@ -55,3 +55,34 @@ def test_parameters_cell_read_without_papermill():
     assert declared["temperature"] == {"name": "temperature", "inferred_type_name": "float", "default": 2.0,
                                        "help": "T of the temperature sampler; 1 is proportional, large T is uniform"}
     assert declared["max_train"]["default"] == {"sst": 1200, "para": 2400, "sts": 900}
+
+
+def _notebook_defaults(notebook: str) -> dict:
+    # reproduce.notebook_defaults; on main it has moved to mtbert_utils.packing
+    import importlib
+    home = reproduce if hasattr(reproduce, "notebook_defaults") else importlib.import_module("mtbert_utils.packing")
+    return home.notebook_defaults(notebook)
+
+
+@pytest.mark.parametrize("profile", ["gpu-minilm", "paper-minilm"])
+def test_speed_switches_reach_the_configs_and_leave_the_run_names(profile):
+    """The GPU profiles' `speed` parameter sets execution-only switches: the same run names as without it,
+    so a run trained on a GPU with them is found by a CPU render of the notebooks, and vice versa."""
+    _, _, _, plan = reproduce.resolve(profile, None, None, REPO_ROOT)
+    checked = 0
+    for notebook, given in plan:
+        if notebook not in plans.STAGES:
+            continue
+        params = {**_notebook_defaults(notebook), **given}
+        assert params["speed"], f"{profile} sets no speed switches for {notebook}"
+        fast = plans.STAGES[notebook][0](params, [])
+        plain = plans.STAGES[notebook][0]({**params, "speed": {}}, [])
+        assert {k: c.run_name for k, c in fast.items()} == {k: c.run_name for k, c in plain.items()}
+        assert all(getattr(c, k) == v for c in fast.values() for k, v in params["speed"].items())
+        checked += 1
+    assert checked == 5
+
+
+def test_speed_refuses_switches_that_change_the_numbers():
+    with pytest.raises(ValueError, match="execution-only"):
+        plans.execution({"cache_frozen_encoder": True})

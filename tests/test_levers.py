@@ -1,0 +1,183 @@
+"""The GPU speed levers as TrainConfig switches (issue 12): what each may and may not change, on CPU.
+
+pad_to_multiple and cache_frozen_encoder are checked against the plain path within float tolerances;
+tf32 and cuda_graphs are CUDA-only: on CPU tf32 is a no-op and cuda_graphs stops train() early.
+"""
+import pytest
+import torch
+
+from conftest import TINY_FORWARD, float32_tol
+from mtbert_utils import TASKS
+from mtbert_utils.config import TrainConfig
+from mtbert_utils.data import collate, encode_task, eval_batches, load_tasks
+from mtbert_utils.evaluation import predict
+from mtbert_utils.model import load_tokenizer
+from mtbert_utils.training import build_model, pick_amp, tf32_matmuls, train, training_step
+
+
+# -- run names ------------------------------------------------------------------------------------------
+
+
+def test_execution_levers_leave_the_run_name_alone():
+    base = TrainConfig()
+    fast = TrainConfig(pad_to_multiple=16, tf32=True, cuda_graphs=True)
+    assert fast.run_name == base.run_name  # the same profile names its runs alike on CPU and GPU
+    assert fast.to_dict()["tf32"] is True  # ... and the result JSON still records how it ran
+
+
+def test_cache_frozen_encoder_changes_the_run_name_only_when_on():
+    assert TrainConfig(cache_frozen_encoder=False).run_name == TrainConfig().run_name
+    assert TrainConfig(cache_frozen_encoder=True).run_name != TrainConfig().run_name
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(pad_to_multiple=0), "pad_to_multiple"), (dict(pad_to_multiple=True), "pad_to_multiple"),
+    (dict(pad_to_multiple="16"), "pad_to_multiple"), (dict(tf32="yes"), "tf32"),
+    (dict(cache_frozen_encoder=1), "cache_frozen_encoder"),
+    (dict(cuda_graphs=True), "pad_to_multiple"),  # without buckets every length records a graph
+    (dict(cuda_graphs=True, pad_to_multiple=16, device="cpu"), "cuda_graphs"),
+])
+def test_invalid_lever_values_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_auto_precision_is_fp32_on_cuda_and_cpu():
+    # measured on an H100 (issue 12): train() 1,702 examples/s in fp32, 198 in bf16 autocast
+    for device in ("cpu", "cuda"):
+        assert pick_amp(TrainConfig(), torch.device(device)) == (None, False)
+    assert pick_amp(TrainConfig(precision="bf16"), torch.device("cuda")) == (torch.bfloat16, False)
+
+
+# -- CUDA-only switches on CPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graphs_on_cpu_fails_fast_naming_the_switch(tmp_path):
+    # device auto on a machine without CUDA: refused before any data is read (the data folder does not exist)
+    config = TrainConfig(encoder="tiny", cuda_graphs=True, pad_to_multiple=16, data_dir=str(tmp_path / "none"),
+                         out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs CUDA"):
+        train(config)
+
+
+def test_tf32_sets_the_flags_for_the_block_and_restores_them():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with pytest.raises(RuntimeError):
+            with tf32_matmuls(True, torch.device("cuda")):  # the flags exist without a GPU
+                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                raise RuntimeError("the run fails")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with tf32_matmuls(True, torch.device("cpu")):  # no effect on CPU
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# -- pad_to_multiple: a shape change, not a numbers change -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoded(small_data_dir):
+    tasks = load_tasks(small_data_dir, max_train=40, max_dev=40, seed=0)
+    tok = load_tokenizer("tiny")
+    return {t: encode_task(td.train, tok, t, max_length=64) for t, td in tasks.items()}
+
+
+def test_collate_pads_to_the_multiple_and_masks_the_extra(encoded):
+    for t, enc in encoded.items():
+        for mode in ("joint", "separate") if t != "sst" else ("joint",):
+            plain, padded = collate(enc, range(7), mode), collate(enc, range(7), mode, pad_to_multiple=16)
+            for k in [k for k in plain if k.startswith(("input_ids", "attention_mask", "token_type_ids"))]:
+                assert padded[k].shape[1] % 16 == 0 and padded[k].shape[1] >= plain[k].shape[1]
+                w = plain[k].shape[1]
+                assert torch.equal(padded[k][:, :w], plain[k])  # the real tokens where they were
+                if k.startswith("attention_mask"):
+                    assert padded[k][:, w:].sum() == 0  # ... and the extra positions masked out
+
+
+@pytest.mark.parametrize("para_input", ["joint", "separate"])
+def test_padding_to_a_multiple_leaves_outputs_and_losses_unchanged(encoded, para_input, one_thread):
+    model = build_model(TrainConfig(encoder="tiny", para_input=para_input, sts_head="linear", sts_loss=None))
+    model.eval()
+    # per output value: one tiny forward pass (TINY_FORWARD sequential roundings), then the heads (<= 2 x 64)
+    tol = float32_tol(TINY_FORWARD + 128)
+    with torch.no_grad():
+        for t, enc in encoded.items():
+            idx = list(range(len(enc)))
+            mode = model.pair_mode(t)
+            a = model.forward_task(t, collate(enc, idx, mode))
+            b = model.forward_task(t, collate(enc, idx, mode, pad_to_multiple=16))
+            scale = a.abs().max().item() + 1
+            assert (a - b).abs().max().item() <= tol * scale, t
+            la = TrainConfig(encoder="tiny")
+            from mtbert_utils.training import task_loss
+            labels = enc.labels[idx]
+            assert abs(task_loss(t, a, labels, la).item() - task_loss(t, b, labels, la).item()) <= tol * scale * 4
+
+
+def test_predict_with_padding_to_a_multiple_matches(encoded, one_thread):
+    model = build_model(TrainConfig(encoder="tiny", para_input="separate"))
+    for t, enc in encoded.items():
+        assert all(b["input_ids" if "input_ids" in b else "input_ids_a"].shape[1] % 8 == 0
+                   for b in eval_batches(enc, 16, model.pair_mode(t), pad_to_multiple=8))
+        a, b = predict(model, enc, 16), predict(model, enc, 16, pad_to_multiple=8)
+        assert abs(a["raw"] - b["raw"]).max() <= float32_tol(TINY_FORWARD + 128) * (abs(a["raw"]).max() + 1)
+
+
+# -- cache_frozen_encoder --------------------------------------------------------------------------------
+
+
+def _count_encoder_calls(model):
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_heads_only_step_with_cache_skips_the_encoder_once_filled(encoded, one_thread):
+    model = build_model(TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, para_input="joint"))
+    model.set_encoder_trainable(False)
+    model.train()
+    model.embed_cache = {}
+    calls = _count_encoder_calls(model)
+    first = model({t: collate(enc, range(8), model.pair_mode(t)) for t, enc in encoded.items()})
+    assert len(calls) == len(TASKS)  # one encoder call per task fills the cache
+    perm = [7, 3, 0, 5, 1, 2, 6, 4]
+    again = model({t: collate(enc, perm, model.pair_mode(t)) for t, enc in encoded.items()})
+    assert len(calls) == len(TASKS)  # the same examples in another order: no encoder call ...
+    for t in TASKS:  # ... and the outputs of those examples (heads only: <= 2 x 64 roundings per value)
+        assert torch.allclose(again[t], first[t][perm], rtol=float32_tol(128), atol=float32_tol(128))
+    model.eval()  # evaluation never reads the cache (its indices are another split's)
+    model({t: collate(enc, range(8), model.pair_mode(t)) for t, enc in encoded.items()})
+    assert len(calls) == 2 * len(TASKS)
+
+
+def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path, one_thread, monkeypatch):
+    """With no encoder dropout the cache changes nothing but speed: the same losses and dev scores, with
+    fewer encoder calls (the second epoch of each heads-only phase reads the cache)."""
+    import mtbert_utils.training as training
+    calls, build = [], training.build_model
+
+    def counted(config):
+        model = build(config)
+        model.encoder.register_forward_hook(lambda m, i, o: calls.append(m.training))
+        return model
+    monkeypatch.setattr(training, "build_model", counted)
+    common = dict(phases=[[2, False], [1, True], [2, False]], lr_decay_epochs=[2], encoder_dropout=0.0)
+    plain = train(tiny_config(tmp_path / "plain", **common))
+    n_plain, calls[:] = len(calls), []
+    cached = train(tiny_config(tmp_path / "cached", cache_frozen_encoder=True, **common))
+    steps_per_epoch = plain["history"][0]["steps"]
+    # epochs 2 and 5 (the second of each frozen phase) call the encoder for no training step
+    assert len(calls) <= n_plain - steps_per_epoch
+    assert plain["steps"] == cached["steps"]
+    # heads trained by Adam over every step of the run: each step's rounding (TINY_FORWARD per value)
+    # may carry into the next, so the tolerance grows with the number of steps
+    tol = float32_tol(TINY_FORWARD * plain["steps"])
+    for t in TASKS:
+        assert abs(plain["dev"][t] - cached["dev"][t]) <= max(tol, 1e-6) * 10, t
+    for p_rec, c_rec in zip(plain["history"], cached["history"]):
+        for t, v in p_rec["train_loss"].items():
+            assert abs(v - c_rec["train_loss"][t]) <= tol * (abs(v) + 1), (p_rec["epoch"], t)
