@@ -58,7 +58,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mtbert_utils.data import TaskBatchStream, collate, encode_task, load_tasks
+from mtbert_utils.data import load_tasks
+from mtbert_utils.batching import TaskBatchStream, collate, encode_task
 from mtbert_utils.evaluation import autocast_context, predict, score, to_device
 from mtbert_utils.model import load_tokenizer, minilm_path, tiny_config
 from mtbert_utils.results import environment, write_json

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtbert_utils.data import EncodedTask, eval_batches
+from mtbert_utils.batching import EncodedTask, eval_batches
 from mtbert_utils.results import write_text
 from mtbert_utils.tasks import TASK_SPECS, cs224n_overall, predictions_from_outputs, study_mean
 
@@ -32,7 +32,7 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
 
     symmetric=True: a pair fed jointly ([CLS] a [SEP] b [SEP]) is also fed as (b, a) and the two raw
     outputs are averaged (paraphrase is symmetric; the joint encoder is not). Other tasks are unchanged.
-    Runs on `device` (the model's) under autocast to amp_dtype; pad_to_multiple as in data.collate.
+    Runs on `device` (the model's) under autocast to amp_dtype; pad_to_multiple as in batching.collate.
     """
     was_training = model.training
     model.eval()

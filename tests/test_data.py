@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtbert_utils import data
+from mtbert_utils import batching, data
 from mtbert_utils.data import Example
 
 
@@ -24,7 +24,7 @@ def sst_train(data_dir):
 
 @pytest.fixture(scope="session")
 def sst_enc(sst_train, tokenizer):
-    return data.encode_task(sst_train, tokenizer, "sst")
+    return batching.encode_task(sst_train, tokenizer, "sst")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def sts_dev(data_dir):
 
 @pytest.fixture(scope="session")
 def sts_enc(sts_dev, tokenizer):
-    return data.encode_task(sts_dev, tokenizer, "sts")
+    return batching.encode_task(sts_dev, tokenizer, "sts")
 
 
 def write(tmp_path, name, lines, encoding="utf-8"):
@@ -344,7 +344,7 @@ def test_download_verifies_and_replaces_atomically(tmp_path, monkeypatch):
 def test_collate_pads_to_longest_in_batch(sst_enc, sts_enc, sts_dev, tokenizer):
     lengths = sst_enc.lengths()
     idx = [lengths.index(min(lengths)), 5, 7]
-    b = data.collate(sst_enc, idx)
+    b = batching.collate(sst_enc, idx)
     longest = max(lengths[i] for i in idx)
     assert b["input_ids"].shape == (3, longest) and longest < 128
     assert b["attention_mask"].sum(1).tolist() == [lengths[i] for i in idx]
@@ -353,7 +353,7 @@ def test_collate_pads_to_longest_in_batch(sst_enc, sts_enc, sts_dev, tokenizer):
     assert b["labels"].dtype == torch.long and b["index"].tolist() == idx
     assert b["ids"] == [sst_enc.ids[i] for i in idx]
 
-    b = data.collate(sts_enc, [0, 1], pair_mode="both")
+    b = batching.collate(sts_enc, [0, 1], pair_mode="both")
     assert b["labels"].dtype == torch.float
     joint = tokenizer(sts_dev[0].text_a, sts_dev[0].text_b)  # the reference: HF's own pair encoding
     n = len(joint["input_ids"])
@@ -364,21 +364,21 @@ def test_collate_pads_to_longest_in_batch(sst_enc, sts_enc, sts_dev, tokenizer):
         seqs = getattr(sts_enc, side)
         assert b[f"input_ids_{side}"].shape[1] == max(len(seqs[0]), len(seqs[1]))
         assert b[f"attention_mask_{side}"].sum(1).tolist() == [len(seqs[0]), len(seqs[1])]
-    assert set(data.collate(sts_enc, [0], "separate")) == {
+    assert set(batching.collate(sts_enc, [0], "separate")) == {
         "input_ids_a", "attention_mask_a", "input_ids_b", "attention_mask_b", "labels", "ids", "index"}
-    assert "input_ids_a" not in data.collate(sts_enc, [0], "joint")
+    assert "input_ids_a" not in batching.collate(sts_enc, [0], "joint")
 
 
 def test_encode_unlabeled_and_truncation(data_dir, tokenizer):
     examples, _ = data.read_task_file(data_dir / "sts-test-student.csv", "sts")
-    enc = data.encode_task(examples[:50], tokenizer, "sts", max_length=16)
-    assert enc.labels is None and "labels" not in data.collate(enc, [0, 1])
+    enc = batching.encode_task(examples[:50], tokenizer, "sts", max_length=16)
+    assert enc.labels is None and "labels" not in batching.collate(enc, [0, 1])
     assert max(enc.lengths("joint")) <= 16 and max(len(s) for s in enc.a) <= 16
     assert enc.lengths("both") == [j + len(a) + len(b) for j, a, b in zip(enc.lengths(), enc.a, enc.b)]
 
 
 def test_stream_covers_each_example_once_per_pass_and_reshuffles(sts_enc):
-    s = data.TaskBatchStream(sts_enc, batch_size=64, seed=0)
+    s = batching.TaskBatchStream(sts_enc, batch_size=64, seed=0)
     assert s.num_batches == -(-len(sts_enc) // 64)
     passes = []
     for _ in range(2):
@@ -389,22 +389,22 @@ def test_stream_covers_each_example_once_per_pass_and_reshuffles(sts_enc):
 
 
 def test_stream_state_dict_resumes_exactly(sts_enc):
-    s = data.TaskBatchStream(sts_enc, batch_size=32, seed=1, group_by_length=True)
+    s = batching.TaskBatchStream(sts_enc, batch_size=32, seed=1, group_by_length=True)
     for _ in range(s.num_batches + 3):  # into the second pass
         next(s)
     buf = io.BytesIO()
     torch.save(s.state_dict(), buf)
     expected = [next(s)["index"].tolist() for _ in range(s.num_batches)]  # crosses a pass boundary
     buf.seek(0)
-    r = data.TaskBatchStream(sts_enc, batch_size=32, seed=999, group_by_length=True)
+    r = batching.TaskBatchStream(sts_enc, batch_size=32, seed=999, group_by_length=True)
     r.load_state_dict(torch.load(buf))
     assert r.passes == 1
     assert [next(r)["index"].tolist() for _ in range(r.num_batches)] == expected
 
 
 def test_stream_data_parallel_ranks_split_the_global_batch(sts_enc):
-    single = data.TaskBatchStream(sts_enc, batch_size=16, seed=5)
-    ranks = [data.TaskBatchStream(sts_enc, batch_size=8, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    single = batching.TaskBatchStream(sts_enc, batch_size=16, seed=5)
+    ranks = [batching.TaskBatchStream(sts_enc, batch_size=8, seed=5, rank=r, world_size=2) for r in (0, 1)]
     assert ranks[0].num_batches == single.num_batches
     for _ in range(single.num_batches + 2):
         chunks = [next(s)["index"].tolist() for s in ranks]
@@ -417,18 +417,18 @@ def test_group_by_length_reduces_padding(sst_enc):
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    rand = data.batch_indices(len(lengths), 32, random.Random(0))
-    grouped = data.batch_indices(len(lengths), 32, random.Random(0), lengths, group_by_length=True)
+    rand = batching.batch_indices(len(lengths), 32, random.Random(0))
+    grouped = batching.batch_indices(len(lengths), 32, random.Random(0), lengths, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
     assert padding(grouped) < 0.2 * padding(rand)
     # without rng: fully sorted, for evaluation
-    ordered = data.batch_indices(len(lengths), 32, None, lengths, group_by_length=True)
+    ordered = batching.batch_indices(len(lengths), 32, None, lengths, group_by_length=True)
     flat = [lengths[i] for b in ordered for i in b]
     assert flat == sorted(flat)
 
 
 def test_eval_batches_cover_everything_once(sts_enc):
-    batches = list(data.eval_batches(sts_enc, 100))
+    batches = list(batching.eval_batches(sts_enc, 100))
     idx = [i for b in batches for i in b["index"].tolist()]
     assert sorted(idx) == list(range(len(sts_enc)))
     widths = [b["input_ids"].shape[1] for b in batches]

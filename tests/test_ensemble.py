@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert_utils.data import EncodedTask, TaskBatchStream, collate, eval_batches
+from mtbert_utils.batching import EncodedTask, TaskBatchStream, collate, eval_batches
 from mtbert_utils.evaluation import combine_outputs, ensemble_prediction, predict, score, select_members
 from mtbert_utils.training import TrainConfig, train
 
@@ -87,7 +87,8 @@ def test_collate_swaps_the_pair_order():
 
 
 def test_stream_swaps_about_half_and_resumes_exactly(small_data_dir):
-    from mtbert_utils.data import encode_task, load_task
+    from mtbert_utils.batching import encode_task
+    from mtbert_utils.data import load_task
     from mtbert_utils.model import load_tokenizer
     enc = encode_task(load_task("para", small_data_dir).train[:200], load_tokenizer("tiny"), "para")
     s = TaskBatchStream(enc, 16, seed=3, swap_pairs=True)

@@ -9,10 +9,11 @@ import torch
 from conftest import TINY_FORWARD, float32_tol
 from mtbert_utils import TASKS
 from mtbert_utils.config import TrainConfig
-from mtbert_utils.data import collate, encode_task, eval_batches, load_tasks
+from mtbert_utils.data import load_tasks
+from mtbert_utils.batching import collate, encode_task, eval_batches
 from mtbert_utils.evaluation import predict
 from mtbert_utils.model import load_tokenizer
-from mtbert_utils.training import build_model, pick_amp, tf32_matmuls, train, training_step
+from mtbert_utils.training import build_model, pick_amp, tf32_matmuls, train
 
 
 # -- run names ------------------------------------------------------------------------------------------

@@ -57,13 +57,6 @@ def test_parameters_cell_read_without_papermill():
     assert declared["max_train"]["default"] == {"sst": 1200, "para": 2400, "sts": 900}
 
 
-def _notebook_defaults(notebook: str) -> dict:
-    # reproduce.notebook_defaults; on main it has moved to mtbert_utils.packing
-    import importlib
-    home = reproduce if hasattr(reproduce, "notebook_defaults") else importlib.import_module("mtbert_utils.packing")
-    return home.notebook_defaults(notebook)
-
-
 @pytest.mark.parametrize("profile", ["gpu-minilm", "paper-minilm"])
 def test_speed_switches_reach_the_configs_and_leave_the_run_names(profile):
     """The GPU profiles' `speed` parameter sets execution-only switches: the same run names as without it,
@@ -73,7 +66,7 @@ def test_speed_switches_reach_the_configs_and_leave_the_run_names(profile):
     for notebook, given in plan:
         if notebook not in plans.STAGES:
             continue
-        params = {**_notebook_defaults(notebook), **given}
+        params = {**packing.notebook_defaults(notebook), **given}
         assert params["speed"], f"{profile} sets no speed switches for {notebook}"
         fast = plans.STAGES[notebook][0](params, [])
         plain = plans.STAGES[notebook][0]({**params, "speed": {}}, [])

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import pearsonr
 from torch import nn
 
-from mtbert_utils.data import EncodedTask
+from mtbert_utils.batching import EncodedTask
 from mtbert_utils.evaluation import ensemble_prediction, evaluate, select_members
 from mtbert_utils.tasks import TASK_SPECS, pearson, predictions_from_outputs
 

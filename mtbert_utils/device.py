@@ -1,0 +1,68 @@
+"""Where and how a run computes: the device, the precision (autocast dtype, GradScaler), TF32 and CUDA graphs.
+
+Each is a TrainConfig switch (config.py, section "speed"); training.py calls these once per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mtbert_utils.config import TrainConfig
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available here")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a GradScaler).
+
+    "auto" is fp32 everywhere: on an H100, train() ran at 1,702 examples/s in fp32 against 198 in bf16
+    autocast (MiniLM, SST, batch 32; issue 12), as bf16 attention pays a first-use cost per new padded
+    length and the step is launch-bound. `python -m mtbert_utils.bench --device cuda` measures both again."""
+    p = config.precision
+    if p == "auto":
+        return None, False
+    if p == "fp32":
+        return None, False
+    if p == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 needs CUDA; use precision='bf16' or 'fp32' on CPU")
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+
+
+def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
+    """cuda_graphs: the encoder's forward in training steps becomes torch.compile(mode="reduce-overhead"),
+    i.e. CUDA graphs, one per padded shape (pad_to_multiple keeps them few); evaluation stays eager, as its
+    batch sizes and lengths would record graphs of their own. training_step marks each step's start."""
+    if not config.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs CUDA; this run is on {device.type} (set cuda_graphs=False)")
+    import torch._dynamo
+    # one graph per (padded length, batch size, task input, grad mode): more than dynamo's default of 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model.graphed_encoder = torch.compile(model.encoder, mode="reduce-overhead", dynamic=False)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool, device: torch.device):
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA while the block runs; the flags restored."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
