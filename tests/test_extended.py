@@ -132,25 +132,8 @@ def test_epochs_for_budget_reaches_the_budget_with_one_spare():
     assert budget.epochs_for_budget(under, NB, SIZES, 312) == 5
 
 
-def test_resolve_sigma():
-    assert [experiments.resolve_sigma(s, NB) for s in ("min", "median", "max", "2max", "0.5*max", 7)] == [2, 3, 6, 12, 3, 7]
-    with pytest.raises(ValueError, match="sigma"):
-        experiments.resolve_sigma("biggest", NB)
-    with pytest.raises(ValueError, match=">= 1"):
-        experiments.resolve_sigma(0, NB)
-
-
-def test_verdict_from_the_paired_interval():
-    assert experiments.verdict(0.05, 0.02) == "holds"
-    assert experiments.verdict(-0.05, 0.02) == "reversed"
-    assert experiments.verdict(0.01, 0.02) == "not resolved"
-    assert experiments.verdict(0.0, 0.0) == "not resolved"
-    assert experiments.verdict(0.3, float("nan")) == "not resolved"  # one seed: no interval
-
-
-def test_adaptive_reference_floors_non_positive_scores():
-    runs = {"sst": [{"dev": {"sst": 0.4}}, {"dev": {"sst": 0.5}}], "sts": [{"dev": {"sts": -0.2}}]}
-    assert experiments.adaptive_reference(runs) == {"sst": pytest.approx(0.45), "sts": 0.05}
+# resolve_sigma, verdict, adaptive_reference and schedule_params_for: tests/test_schedules.py and
+# tests/test_stats.py (fast unit tests, in the mutation run's selection)
 
 
 def test_grad_conflicts_statistics():

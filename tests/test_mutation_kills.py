@@ -503,3 +503,158 @@ def test_pcgrad_backward_gives_every_shared_parameter_a_grad_of_its_dtype():
     pcgrad_backward({"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + 1) ** 2}, [v, w, u])
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in (v, w, u))
     assert torch.equal(u.grad, torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcgrad_backward_adds_back_grads_accumulated_on_every_shared_parameter(dtype):
+    """Gradient accumulation when every shared parameter already holds a .grad: the prior gradient is
+    added back after the surgery, on the views (float32) and the copy path alike, not dropped and not
+    projected as part of the first task's gradient."""
+    v = torch.nn.Parameter(torch.tensor([0.3, -0.1], dtype=dtype))
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": ((w * x.flip(0)).sum() + v.sum() + 1) ** 2}  # noqa: E731
+    want = _reference(losses, [v, w])
+    prior = torch.tensor([0.5, -1.5, 0.25, 2.0, -0.75], dtype=dtype)
+    v.grad, w.grad = prior[:2].clone(), prior[2:].clone()
+    assert pcgrad_backward(losses(), [v, w], shuffle=False)["conflicts"] == 1  # the surgery changes g_a
+    got = torch.cat([v.grad.reshape(-1), w.grad.reshape(-1)])
+    # float32 buffers inside pcgrad_backward; products of O(10) numbers
+    torch.testing.assert_close(got.double(), (want + prior).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_pcgrad_backward_buffers_are_float32_whatever_the_default_dtype():
+    """The per-task buffers are float32 as documented, not torch's default dtype: float32 parameters
+    work (and get float32 .grad) in a program that set the default dtype to float64."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": -((w * x.flip(0)).sum() + v.sum()) ** 2}  # noqa: E731
+    want = _reference(losses, [w, v])
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pcgrad_backward(losses(), [w, v], shuffle=False)
+    finally:
+        torch.set_default_dtype(before)
+    assert w.grad.dtype == v.grad.dtype == torch.float32
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- reading task files: errors and shapes
+
+
+def _task_file(tmp_path, text, name="sst.csv"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_missing_file_error_names_the_task_and_the_path(tmp_path):
+    import re
+
+    from mtbert_utils.data import read_task_file
+    path = tmp_path / "nope.csv"
+    with pytest.raises(FileNotFoundError, match=f"^para data file not found: {re.escape(str(path))}$"):
+        read_task_file(path, "para")
+
+
+def test_a_header_that_cannot_be_parsed_is_refused_at_line_1(tmp_path):
+    from mtbert_utils.data import read_task_file
+    path = _task_file(tmp_path, '\tid\t"sentence\tsentiment\n0\ta1\tgood\t3\n')  # the quote never closes
+    with pytest.raises(ValueError, match=r"sst\.csv: line 1: the header cannot be parsed$"):
+        read_task_file(path, "sst")
+
+
+@pytest.mark.parametrize("task,text,want", [
+    ("sst", "\tid\tsentence\n0\ta1\t good \n", [("a1", "good", None, None, 2)]),
+    ("para", "\tid\tsentence1\tsentence2\n0\tp1\t one \t two \n", [("p1", "one", "two", None, 2)]),
+])
+def test_a_file_without_its_label_column_reads_as_unlabeled(tmp_path, task, text, want):
+    """The test splits have no label column: read with label None and report labeled False."""
+    from mtbert_utils.data import read_task_file
+    examples, report = read_task_file(_task_file(tmp_path, text), task)
+    assert [(e.id, e.text_a, e.text_b, e.label, e.line) for e in examples] == want
+    assert report["labeled"] is False and report["skipped"] == {}
+
+
+@pytest.mark.parametrize("task,label_col,label,want", [("para", "is_duplicate", "1.0", 1.0),
+                                                       ("sts", "similarity", "3.2", 3.2)])
+def test_pair_tasks_keep_both_sentences(tmp_path, task, label_col, label, want):
+    """A sentence-pair row becomes text_a and text_b, each stripped, in the header's column order."""
+    from mtbert_utils.data import read_task_file
+    text = f"\tid\tsentence1\tsentence2\t{label_col}\n0\tq1\t first one \t second one \t{label}\n"
+    examples, _ = read_task_file(_task_file(tmp_path, text), task)
+    assert [(e.text_a, e.text_b, e.label) for e in examples] == [("first one", "second one", want)]
+
+
+def test_strict_errors_name_file_line_reason_and_the_evidence(tmp_path):
+    """strict=True raises on the first bad row with '<path>: line N: bad row (<reason>)', then the row as
+    parsed when there is one, the line's length when it could not be parsed, or the first occurrence of
+    a repeated id; nothing else."""
+    from mtbert_utils.data import read_task_file
+    header = "\tid\tsentence\tsentiment\n"
+    cases = {
+        "missing_label": (header + "0\ta1\tgood\t\n", "line 2: bad row (missing_label): ['0', 'a1', 'good', '']"),
+        "unbalanced": (header + '0\ta1\t"open\t3\n', "line 2: bad row (unbalanced_quote) (13 characters)"),
+        "duplicate": (header + "0\ta1\tgood\t3\n1\ta1\tgood\t3\n",
+                      "line 3: bad row (duplicate_id) (id 'a1' first on line 2)"),
+        "conflict": (header + "0\ta1\tgood\t3\n1\ta1\tbad\t0\n",
+                     "line 3: bad row (conflicting_duplicate_id) (id 'a1' first on line 2)"),
+    }
+    for name, (text, message) in cases.items():
+        path = _task_file(tmp_path, text, f"{name}.csv")
+        with pytest.raises(ValueError) as e:
+            read_task_file(path, "sst", strict=True)
+        assert str(e.value) == f"{path}: {message}", name
+
+
+def test_every_line_with_content_is_a_record(tmp_path):
+    """Only an empty line is blank: a line holding any character (a space, a tab, a letter, a quote) is a
+    record, kept or skipped with a reason, so rows = kept + skipped counts it and the next row still reads."""
+    import string
+
+    from mtbert_utils.data import read_task_file
+    for c in sorted(set(string.printable) - set("\r\n")):
+        path = _task_file(tmp_path, f"\tid\tsentence\tsentiment\n{c}\n0\ta1\tgood\t3\n")
+        examples, report = read_task_file(path, "sst", warn=False)
+        assert report["rows"] == 2 and report["kept"] + sum(report["skipped"].values()) == 2, repr(c)
+        assert [(e.id, e.line) for e in examples] == [("a1", 3)], repr(c)
+
+
+@pytest.mark.parametrize("blank", [1, 2, 3])
+def test_any_run_of_blank_lines_between_records_is_skipped(tmp_path, blank):
+    from mtbert_utils.data import read_task_file
+    path = _task_file(tmp_path, "\tid\tsentence\tsentiment\n0\ta1\tgood\t3\n" + "\n" * blank + "1\ta2\tfine\t2\n")
+    examples, report = read_task_file(path, "sst")
+    assert [(e.id, e.line) for e in examples] == [("a1", 2), ("a2", 3 + blank)]
+    assert report["rows"] == 2 and report["skipped"] == {}
+
+
+def test_report_lists_the_first_five_repeated_ids(tmp_path):
+    """duplicates: {id: its line numbers} for the first five ids that repeat, in file order."""
+    from mtbert_utils.data import read_task_file
+    rows = [f"{i}\td{i}\tsame\t1" for i in range(7)] * 2  # seven ids, each repeated exactly once
+    path = _task_file(tmp_path, "\tid\tsentence\tsentiment\n" + "\n".join(rows) + "\n")
+    examples, report = read_task_file(path, "sst", warn=False)
+    assert len(examples) == 7 and report["skipped"] == {"duplicate_id": 7}
+    assert report["duplicates"] == {f"d{i}": [2 + i, 9 + i] for i in range(5)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device():
+    """On a GPU the per-task buffers live on the parameters' device and a CUDA generator draws the task
+    orders there: pcgrad_backward and project_conflicting work with CUDA tensors and a CUDA generator,
+    and give the surgery's result (two tasks: the visiting order cannot change it)."""
+    from mtbert_utils.pcgrad import project_conflicting
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], device="cuda"))
+    v = torch.nn.Parameter(torch.tensor([0.3, 0.1], device="cuda"))
+    x = torch.tensor([1.0, 2.0, 3.0], device="cuda")
+    losses = lambda: {"a": (w * x).sum() ** 2 + v.sum(), "b": -((w * x.flip(0)).sum() + v.sum()) ** 2}  # noqa: E731
+    want = _reference(losses, [w, v])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    assert pcgrad_backward(losses(), [w, v], generator=gen)["conflicts"] == 1
+    assert w.grad.device.type == v.grad.device.type == "cuda"
+    torch.testing.assert_close(torch.cat([w.grad, v.grad]), want, rtol=1e-5, atol=1e-5)
+    g = [torch.tensor([1.0, 0.0], device="cuda"), torch.tensor([-1.0, 1.0], device="cuda")]
+    out = project_conflicting(g, generator=gen)
+    torch.testing.assert_close(out[0].cpu(), torch.tensor([0.5, 0.5]))  # g_a - (g_a.g_b / |g_b|^2) g_b

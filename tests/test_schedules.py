@@ -6,7 +6,14 @@ from collections import Counter
 
 import pytest
 
-from mtbert_utils.schedules import SCHEDULES, Schedule, get_schedule
+from mtbert_utils.schedules import (
+    SCHEDULES,
+    Schedule,
+    adaptive_reference,
+    get_schedule,
+    resolve_sigma,
+    schedule_params_for,
+)
 
 NB = {"sst": 7, "para": 11, "sts": 3}
 ALL = ("sst", "para", "sts")
@@ -188,3 +195,69 @@ def test_adaptive_state_dict_round_trip():
     assert fresh.probabilities(N) == s.probabilities(N)
     assert run(fresh, N, seed=9) == run(s, N, seed=9)
     assert get_schedule("rr_under").state_dict() == {}
+
+
+# --------------------------------------------------------------------------- schedule parameters
+# (the helpers the extension notebooks build their schedules with; numbers worked by hand)
+
+SIGMA_NB = {"sst": 3, "para": 6, "sts": 2}  # sorted batch counts 2, 3, 6
+
+
+def test_resolve_sigma():
+    """sigma is an int >= 1 taken as is, or a factor times the min / median / max batch count, rounded,
+    never below one step; anything else is refused by name."""
+    assert [resolve_sigma(s, SIGMA_NB) for s in ("min", "median", "max", "2max", "0.5*max", " 1.5 * min ", 7, 1)] \
+        == [2, 3, 6, 12, 3, 3, 7, 1]
+    assert resolve_sigma("0.1min", SIGMA_NB) == 1  # round(0.2) = 0 steps: an epoch has at least one
+    assert resolve_sigma("median", {"a": 1, "b": 4, "c": 9, "d": 30}) == 6  # even count: mean of the middle two
+    for bad in ("biggest", "MAX", "", True):  # True is not one step; names are lower case
+        with pytest.raises(ValueError, match="sigma .*: use an int or min/median/max"):
+            resolve_sigma(bad, SIGMA_NB)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"^sigma must be >= 1, got {bad}$"):
+            resolve_sigma(bad, SIGMA_NB)
+
+
+def test_adaptive_reference_floors_non_positive_scores():
+    """The reference is the mean dev score of a task's own single-task runs, raised to the floor (0.05
+    by default) so the adaptive sampler gets a positive number."""
+    runs = {"sst": [{"dev": {"sst": 0.4, "sts": 9.0}}, {"dev": {"sst": 0.5, "sts": 9.0}}],
+            "sts": [{"dev": {"sts": -0.2}}], "para": [{"dev": {"para": 0.03}}]}
+    assert adaptive_reference(runs) == {"sst": pytest.approx(0.45), "sts": 0.05, "para": 0.05}
+    assert adaptive_reference(runs, floor=0.01) == {"sst": pytest.approx(0.45), "sts": 0.01, "para": 0.03}
+
+
+def test_schedule_params_for_builds_every_registered_sampler():
+    """Each sampler gets the params it takes; with the defaults the schedule is the one get_schedule builds
+    with its own defaults; annealing runs over the epochs given; adaptive without references is refused."""
+    ref = {"sst": 0.5, "para": 0.8, "sts": 0.7}
+    for name in SCHEDULES:
+        s = get_schedule(name, **schedule_params_for(name, 4, reference=ref))
+        assert s.name == name
+    assert schedule_params_for("temperature", 4) == {"T": 2.0}
+    assert get_schedule("temperature", **schedule_params_for("temperature", 4)).config() \
+        == get_schedule("temperature").config()
+    assert schedule_params_for("temperature", 4, T=5.0) == {"T": 5.0}
+    assert schedule_params_for("annealed", 4.0) == {"epochs": 4} and type(schedule_params_for("annealed", 4.0)["epochs"]) is int
+    params = schedule_params_for("adaptive", 4, reference=ref)
+    assert params == {"reference": ref, "power": 1.0} and params["reference"] is not ref  # a copy
+    assert get_schedule("adaptive", **params).config() == get_schedule("adaptive", reference=ref).config()
+    assert schedule_params_for("adaptive", 4, reference=ref, power=2.0)["power"] == 2.0
+    for name in ("sequential", "rr_under", "rr_over", "proportional"):
+        assert schedule_params_for(name, 4, T=5.0, reference=ref) == {}
+    for missing in (None, {}):
+        with pytest.raises(ValueError, match="^the adaptive sampler needs single-task reference scores$"):
+            schedule_params_for("adaptive", 4, reference=missing)
+
+
+def test_expected_examples_of_annealed_sampling_follow_the_epoch():
+    """Annealed sampling's expected examples per epoch use that epoch's probabilities, the first
+    epoch (0) by default: proportional there, so every example once in expectation."""
+    sizes = {"sst": 40, "para": 88, "sts": 28}
+    s = get_schedule("annealed", epochs=3)
+    assert s.expected_examples_per_epoch(SIGMA_NB, sizes) == pytest.approx(156)
+    for epoch in (1, 2):
+        a = 1 - 0.8 * epoch / 2
+        w = {t: n**a for t, n in SIGMA_NB.items()}
+        want = 11 * sum(w[t] / sum(w.values()) * sizes[t] / SIGMA_NB[t] for t in SIGMA_NB)
+        assert s.expected_examples_per_epoch(SIGMA_NB, sizes, epoch) == pytest.approx(want)

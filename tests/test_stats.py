@@ -77,3 +77,16 @@ def test_paired_comparison_without_spread():
 def test_paired_comparison_rejects_unpaired_or_single_seeds(a, b):
     with pytest.raises(ValueError, match="paired comparison needs"):
         paired_comparison(a, b)
+
+
+def test_verdict_from_the_paired_interval():
+    """'holds' only if the whole 95% interval of a - b lies above 0, 'reversed' only if wholly below;
+    an interval that touches 0, or none (nan: one seed), is 'not resolved'."""
+    from mtbert_utils.stats import verdict
+    assert verdict(0.05, 0.02) == "holds"
+    assert verdict(-0.05, 0.02) == "reversed"
+    assert verdict(0.01, 0.02) == verdict(-0.01, 0.02) == "not resolved"
+    assert verdict(0.25, 0.25) == verdict(-0.25, 0.25) == "not resolved"  # the interval ends at 0 exactly
+    assert verdict(0.0, 0.0) == "not resolved"
+    assert verdict(2.0, 0.5) == "holds" and verdict(-2.0, 0.5) == "reversed"  # far from 0 too
+    assert verdict(0.3, float("nan")) == "not resolved"  # one seed: no interval
