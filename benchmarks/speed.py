@@ -866,17 +866,8 @@ def run_cuda(data_dir=None, sizes: Sizes = CUDA_SIZES, levers: bool = False, acc
     torch.manual_seed(0)
     peaks = device_peaks(sizes.peak_n, sizes.device)
     log(f"matmul peaks GFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
-    tokenizer = load_tokenizer(sizes.encoder)
-    tasks = load_tasks(data_dir, max_dev=sizes.max_dev, seed=0)
-    sst_train = tasks["sst"].train
-    dev_sets = {t: td.dev for t, td in tasks.items()}
-    dev_enc = {t: encode_task(exs, tokenizer, t) for t, exs in dev_sets.items()}
-    sst_enc = encode_task(sst_train, tokenizer, "sst")
-    train_enc = {t: encode_task(td.train[:8 * sizes.batch_size], tokenizer, t) for t, td in tasks.items()}
-    result = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else str(dev),
-              "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    tokenizer, sst_train, dev_sets, dev_enc, sst_enc, train_enc = bench_data(sizes, data_dir)
+    result = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else str(dev), "machine": _machine(),
               "encoder": sizes.encoder, "quick": sizes.encoder == "tiny",
               "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
               "matmul_peak_gflops_tf32": peaks["tf32"], "time_cap_s": sizes.time_cap_s}
@@ -939,19 +930,10 @@ def _run(data_dir, quick, levers, accuracy, with_compile, accuracy_steps) -> dic
              "bf16": matmul_peak_gflops(torch.bfloat16, min(sizes.peak_n, 512), min_time=0.2)}
     log(f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.1f}")
 
-    tokenizer = load_tokenizer(sizes.encoder)
-    tasks = load_tasks(data_dir, max_dev=sizes.max_dev, seed=0)
-    sst_train = tasks["sst"].train
-    dev = {t: td.dev for t, td in tasks.items()}
-    dev_enc = {t: encode_task(exs, tokenizer, t) for t, exs in dev.items()}
-    sst_enc = encode_task(sst_train, tokenizer, "sst")
-    # three task batches for the PCGrad comparison: a slice of each train split is enough
-    train_enc = {t: encode_task(td.train[:8 * sizes.batch_size], tokenizer, t) for t, td in tasks.items()}
+    tokenizer, sst_train, dev, dev_enc, sst_enc, train_enc = bench_data(sizes, data_dir)
     log("data ready")
 
-    result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    result = {"machine": _machine(),
               "encoder": sizes.encoder, "quick": quick,
               "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"]}
     result.update(bench_train(sizes, tokenizer, sst_train, sst_enc, peaks["fp32"]))
@@ -985,6 +967,25 @@ def _run(data_dir, quick, levers, accuracy, with_compile, accuracy_steps) -> dic
     result["load_average"] = {"start": load_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     result["environment"] = environment()
     return result
+
+
+def bench_data(sizes: "Sizes", data_dir) -> tuple:
+    """What every benchmark part measures on: (tokenizer, SST train examples, dev examples per task, dev encoded,
+    SST train encoded, a slice of each train split encoded: three task batches for the PCGrad comparison)."""
+    tokenizer = load_tokenizer(sizes.encoder)
+    tasks = load_tasks(data_dir, max_dev=sizes.max_dev, seed=0)
+    sst_train = tasks["sst"].train
+    dev = {t: td.dev for t, td in tasks.items()}
+    dev_enc = {t: encode_task(exs, tokenizer, t) for t, exs in dev.items()}
+    sst_enc = encode_task(sst_train, tokenizer, "sst")
+    train_enc = {t: encode_task(td.train[:8 * sizes.batch_size], tokenizer, t) for t, td in tasks.items()}
+    return tokenizer, sst_train, dev, dev_enc, sst_enc, train_enc
+
+
+def _machine() -> dict:
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _cpu_name() -> str:
