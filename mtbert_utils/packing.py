@@ -39,6 +39,13 @@ def notebook_defaults(name: str) -> dict:
     return {k: spec["default"] for k, spec in declared_parameters(notebook_path(name)).items()}
 
 
+def training_notebooks(plan: list[tuple[str, dict]]) -> dict[str, dict]:
+    """notebook -> its full parameters (parameters-cell defaults overlaid by the profile's), for the notebooks of
+    `plan` (reproduce.resolve's) that train; a relative data_dir resolved against the caller's directory."""
+    from mtbert_utils import plans
+    return {nb: {**notebook_defaults(nb), **with_absolute_data_dir(p)} for nb, p in plan if nb in plans.STAGES}
+
+
 def finished_run(config) -> dict | None:
     """The run's result, read from its JSON, if it finished with this config; else None (train() reuses the same)."""
     path = Path(config.out_dir) / f"{config.run_name}.json"
@@ -113,7 +120,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     if jobs < 1:
         raise ReproduceError(f"--jobs must be >= 1, got {jobs}")
     profile, results_dir, _, plan = resolve(profile_name, only, overrides, out_root)
-    params = {nb: {**notebook_defaults(nb), **with_absolute_data_dir(p)} for nb, p in plan if nb in plans.STAGES}
+    params = training_notebooks(plan)
     earlier: dict[str, list | None] = {nb: [] for nb in params}
     threads = max(1, usable_cores() // jobs)
     records, blocked, t_start = [], [], time.time()

@@ -34,10 +34,7 @@ def test_plan_run_names_equal_committed_index(profile, data_dir, monkeypatch):
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))  # 09 and 10 read the training-set sizes
     _, results_dir, _, plan = reproduce.resolve(profile, None, None, REPO_ROOT)
     checked = 0
-    for notebook, given in plan:
-        if notebook not in plans.STAGES:
-            continue
-        params = {**packing.notebook_defaults(notebook), **given}
+    for notebook, params in packing.training_notebooks(plan).items():
         assert planned_run_names(results_dir, notebook, params) == committed_run_names(results_dir, notebook)
         checked += 1
     assert checked == {"cpu": 5, "cpu-extended": 3, "best": 1}[profile]
@@ -63,10 +60,7 @@ def test_speed_switches_reach_the_configs_and_leave_the_run_names(profile):
     so a run trained on a GPU with them is found by a CPU render of the notebooks, and vice versa."""
     _, _, _, plan = reproduce.resolve(profile, None, None, REPO_ROOT)
     checked = 0
-    for notebook, given in plan:
-        if notebook not in plans.STAGES:
-            continue
-        params = {**packing.notebook_defaults(notebook), **given}
+    for notebook, params in packing.training_notebooks(plan).items():
         assert params["speed"], f"{profile} sets no speed switches for {notebook}"
         fast = plans.STAGES[notebook][0](params, [])
         plain = plans.STAGES[notebook][0]({**params, "speed": {}}, [])
