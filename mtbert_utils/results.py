@@ -17,13 +17,10 @@ from typing import Iterator
 
 import mtbert_utils
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-
-
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)

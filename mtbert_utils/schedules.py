@@ -106,8 +106,6 @@ class Schedule:
 
 
 @register("sequential")
-
-
 class Sequential(Schedule):
     """Random sequential: all batches of one task, then the next (one task per step).
 
@@ -160,8 +158,6 @@ class _RoundRobin(Schedule):
 
 
 @register("rr_under")
-
-
 class RoundRobinUndersampling(_RoundRobin):
     """Round-robin undersampling: each step holds one batch of every task,
     for as many steps as the smallest task has batches."""
@@ -172,8 +168,6 @@ class RoundRobinUndersampling(_RoundRobin):
 
 
 @register("rr_over")
-
-
 class RoundRobinOversampling(_RoundRobin):
     """Round-robin oversampling: each step holds one batch of every task, for
     `sigma` steps (default: the largest task's batch count); smaller tasks
@@ -225,8 +219,6 @@ class SamplingSchedule(Schedule):
 
 
 @register("proportional")
-
-
 class Proportional(SamplingSchedule):
     """Proportional sampling, p_i ∝ N_i (Sanh et al. 2019, "A hierarchical
     multi-task approach for learning embeddings from semantic tasks";
@@ -237,8 +229,6 @@ class Proportional(SamplingSchedule):
 
 
 @register("temperature")
-
-
 class Temperature(SamplingSchedule):
     """Temperature sampling, p_i ∝ N_i^(1/T) (Arivazhagan et al. 2019, "Massively
     multilingual neural machine translation in the wild"). T=1 is proportional,
@@ -255,8 +245,6 @@ class Temperature(SamplingSchedule):
 
 
 @register("annealed")
-
-
 class Annealed(SamplingSchedule):
     """Annealed sampling (Stickland & Murray 2019, "BERT and PALs"): p_i ∝ N_i^alpha,
     alpha = 1 - 0.8 * epoch / (epochs - 1) with 0-based epoch: proportional in
@@ -290,8 +278,6 @@ class Annealed(SamplingSchedule):
 
 
 @register("adaptive")
-
-
 class Adaptive(SamplingSchedule):
     """Adaptive sampling after Jean, Firat & Johnson 2019, "Adaptive scheduling
     for multi-task learning": tasks that lag their single-task reference score
