@@ -45,6 +45,7 @@ PACK_DIR = ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
 RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
+CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
 
 
 # -- pack (here) ------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(args.root).resolve()
     sub = load_profile(args.profile).get("out_subdir", "") or "."
-    log_rel = Path("results") / sub / "gpu_run"
+    log_rel = Path("results") / sub / args.log_name
     log_dir = root / log_rel
     if log_dir.exists():
         shutil.rmtree(log_dir)
@@ -182,6 +183,10 @@ def run(args) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     restored = restore(Path(args.pack_dir), env, Path(args.tmp))
+    # a second call on the same warm machine: the tree sent anew may have dropped the first call's untracked
+    # run files (its checkpoints, ignored, stay); they were kept in the pack folder, which that call does not carry
+    carried = Path(args.pack_dir) / CARRIED
+    kept = unpack(carried, root) if carried.exists() else []
     before = snapshot(root)
     py, steps = sys.executable, []
     steps.append(run_step("nvidia-smi", ["nvidia-smi"], deadline, log_dir, env, root))
@@ -206,6 +211,12 @@ def run(args) -> int:
             deadline - args.pack_reserve, log_dir, env, root))
     elif args.then:
         steps.append({"step": f"train-{args.then}", "status": f"skipped: under {args.then_min}s left"})
+    for summary in sorted((root / "results").glob("*/executed/train-only*.json")):  # this call's, beside its logs
+        if summary.stat().st_mtime >= t0:
+            shutil.copy2(summary, log_dir / f"{summary.parent.parent.name}-{summary.name}")
+    if args.pytest:  # CUDA-only tests, with whatever time is left
+        steps.append(run_step("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest],
+                              deadline - args.pack_reserve, log_dir, env, ROOT))  # from the repository
     if monitor is not None:
         monitor.terminate()
         monitor.wait()
@@ -215,9 +226,14 @@ def run(args) -> int:
                "restored": restored, "steps": steps, "new_files": len(new)}
     (log_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     archive = out / ARCHIVE
+    logs = sorted(str(p.relative_to(root)) for p in log_dir.rglob("*") if p.is_file())
     with tarfile.open(archive, "w:gz") as tar:
-        for p in new + sorted(str(p.relative_to(root)) for p in log_dir.rglob("*") if p.is_file()):
+        for p in new + logs:
             tar.add(root / p, arcname=p)
+    with tarfile.open(carried, "w:gz") as tar:  # for a next call: everything so far
+        for p in sorted(set(kept + new + logs)):
+            if (root / p).is_file():
+                tar.add(root / p, arcname=p)
     size = archive.stat().st_size
     print(f"[gpu_run] {archive}: {len(new)} result files + logs, {size / 2**20:.1f} MiB"
           + (" -- OVER the 16 MiB a returned file may have" if size > RETURN_LIMIT else "")
@@ -284,6 +300,10 @@ def main(argv=None) -> int:
     r.add_argument("--bench-max", type=float, default=150, help="seconds the benchmark may take at most")
     r.add_argument("--pack-reserve", type=float, default=30, help="seconds kept for packing the results")
     r.add_argument("--pack-dir", default=str(PACK_DIR))
+    r.add_argument("--log-name", default="gpu_run",
+                   help="folder under results/PROFILE/ for this call's logs (a second call on a warm machine: gpu_run-2)")
+    r.add_argument("--pytest", nargs="*", default=[], metavar="TEST",
+                   help="pytest node ids run last, if time remains (the CUDA-only tests)")
     r.add_argument("--root", default=str(ROOT), help="folder whose results/ and figures/ receive the runs")
     r.add_argument("--tmp", default="/tmp/gpu_run", help="where the data are unpacked")
     r.add_argument("--out", default=None, help="where the archive goes (default: $OUT)")

@@ -108,3 +108,25 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert len(list((into / "results" / "smoke-best" / "runs").glob("best-*-seed1.json"))) == 1
     assert (into / "results" / "smoke" / "gpu_run" / "train-smoke.log").exists()
     assert (into / "results" / "smoke" / "executed" / "train-only.json").exists()
+
+    # a second call on the same (warm) machine, whose new copy of the tree lacks the first call's run files:
+    # they come back from the pack folder and are reused, its logs go to their own folder, the CUDA-only tests
+    # run last (skipped on CPU), and the archive holds only what changed
+    assert (pack / gpu_run.CARRIED).exists()
+    for f in (root / "results" / "smoke" / "runs").glob("*.json"):
+        f.unlink()
+    rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "",
+                       "--bench-max", "0", "--log-name", "gpu_run-2", "--budget", "200", "--pack-dir", str(pack),
+                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out),
+                       "--pytest", "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_"
+                       "the_parameters_device"])
+    second = json.loads((root / "results" / "smoke" / "gpu_run-2" / "timings.json").read_text())
+    steps = {s["step"]: s["status"] for s in second["steps"]}
+    assert rc == 0 and steps["train-smoke"] == steps["pytest"] == "ok", steps
+    assert steps["bench"].startswith("skipped")
+    summary = json.loads((root / "results" / "smoke" / "gpu_run-2" / "smoke-train-only.json").read_text())
+    assert summary["reused"] == 6 and summary["trained"] == 0
+    with tarfile.open(out / gpu_run.ARCHIVE) as tar:
+        names = tar.getnames()
+    assert not [n for n in names if "/runs/" in n]  # nothing retrained, so no run file travels back again
+    assert (into / "results" / "smoke" / "gpu_run" / "timings.json").exists()  # the first call's logs stay
