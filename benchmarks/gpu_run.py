@@ -203,8 +203,10 @@ def run(args) -> int:
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
     reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", str(root)]
     sets = [a for s in args.set for a in ("--set", s)]
-    steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs", str(args.jobs)]
-                          + sets, deadline - args.pack_reserve, log_dir, env, root))
+    if not args.no_train:
+        steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",
+                                                                     str(args.jobs)] + sets,
+                              deadline - args.pack_reserve, log_dir, env, root))
     if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
         steps.append(run_step(f"train-{args.then}", reproduce + [
             "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"],
@@ -302,6 +304,7 @@ def main(argv=None) -> int:
     r.add_argument("--pack-dir", default=str(PACK_DIR))
     r.add_argument("--log-name", default="gpu_run",
                    help="folder under results/PROFILE/ for this call's logs (a second call on a warm machine: gpu_run-2)")
+    r.add_argument("--no-train", action="store_true", help="the benchmark (and --then, --pytest) only")
     r.add_argument("--pytest", nargs="*", default=[], metavar="TEST",
                    help="pytest node ids run last, if time remains (the CUDA-only tests)")
     r.add_argument("--root", default=str(ROOT), help="folder whose results/ and figures/ receive the runs")

@@ -386,7 +386,8 @@ class Trainer:
 
     def step(self, batches: dict) -> dict:
         with tf32_matmuls(self.config.tf32, self.device):
-            return training_step(self.model, self.opt, to_device(batches, self.device), self.config,
+            return training_step(self.model, self.opt, {t: to_device(b, self.device) for t, b in batches.items()},
+                                 self.config,
                                  shared=self.shared, device=self.device, amp_dtype=self.amp_dtype, generator=self.gen)
 
     def round(self) -> dict:

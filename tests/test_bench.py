@@ -180,3 +180,19 @@ def test_device_benchmark_levers_skip_cleanly_on_cpu(device_report):
         assert math.isfinite(levers[name]["speedup"]) and levers[name]["speedup"] > 0, levers[name]
     acc = device_report["accuracy_check"]
     assert {r["config"] for r in acc["runs"]} == set(bench.CUDA_ACCURACY_CONFIGS)
+
+
+def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):
+    """Trainer.step gets {task: batch}: every task's tensors go to the device, not the outer dict (whose values
+    are dicts, which a CPU run cannot tell apart; on CUDA the first embedding lookup failed)."""
+    from types import SimpleNamespace
+    moved = []
+    monkeypatch.setattr(bench, "to_device", lambda b, d: moved.append((b, d)) or {k: ("moved", v) for k, v in b.items()})
+    monkeypatch.setattr(bench, "training_step", lambda model, opt, batches, config, **kw: batches)
+    tr = object.__new__(bench.Trainer)
+    tr.config, tr.device = SimpleNamespace(tf32=False), torch.device("cpu")
+    tr.model = tr.opt = tr.shared = tr.amp_dtype = tr.gen = None
+    batches = {t: {"ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2)} for t in ("sst", "para")}
+    out = tr.step(batches)
+    assert [b for b, _ in moved] == list(batches.values()) and {d for _, d in moved} == {tr.device}
+    assert out == {t: {k: ("moved", v) for k, v in b.items()} for t, b in batches.items()}
