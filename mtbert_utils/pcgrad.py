@@ -75,7 +75,7 @@ def project_conflicting(
     out = []
     for i, g in enumerate(grads):
         if C[i].any():
-            out.append((flat[i] - C[i].to(dtype) @ flat).reshape(shape).to(g.dtype))
+            out.append((flat[i] - C[i].to(flat.device, dtype) @ flat).reshape(shape).to(g.dtype))  # C is on the CPU
         else:
             out.append(g.clone())  # no conflict: returned unchanged
     return out
