@@ -113,12 +113,13 @@ JOB_START = time.time()
 def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dict, cwd: Path) -> dict:
     """Run `cmd` into log_dir/{name}.log; at the deadline its whole process group is terminated."""
     t0 = time.time()
-    record = {"step": name, "command": " ".join(cmd), "started_s": round(t0 - JOB_START, 1)}
+    shown = [Path(cmd[0]).name, *cmd[1:]]  # "python3 ...": no folder of the machine that ran it
+    record = {"step": name, "command": " ".join(shown), "started_s": round(t0 - JOB_START, 1)}
     left = deadline - t0
     if left <= 5:
         return {**record, "status": "skipped (no time left)"}
     log = log_dir / f"{name}.log"
-    print(f"[gpu_run] {name}: {' '.join(cmd)} (at most {left:.0f}s)", flush=True)
+    print(f"[gpu_run] {name}: {' '.join(shown)} (at most {left:.0f}s)", flush=True)
     with open(log, "w") as f:
         try:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
@@ -152,17 +153,18 @@ def start_monitor(path: Path):
 
 def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
     """Point the environment at the packed MiniLM and data; returns what was restored."""
+    from mtbert_utils.results import repo_relative
     done = {}
     if (pack_dir / "minilm" / "config.json").exists():
         env["MTBERT_MINILM_DIR"] = str((pack_dir / "minilm").resolve())
-        done["minilm"] = env["MTBERT_MINILM_DIR"]
+        done["minilm"] = repo_relative(env["MTBERT_MINILM_DIR"])
     if (pack_dir / "data.tar.xz").exists():
         data = tmp / "cs224n"
         data.mkdir(parents=True, exist_ok=True)
         with tarfile.open(pack_dir / "data.tar.xz") as tar:
             tar.extractall(data, filter="data") if sys.version_info >= (3, 12) else tar.extractall(data)
         env["MTBERT_DATA_DIR"] = str(data)
-        done["data"] = str(data)
+        done["data"] = "(--tmp)/cs224n"  # recorded without the machine's folders
     return done
 
 
@@ -201,7 +203,7 @@ def run(args) -> int:
     steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--accuracy", "--levers",
                                     "--time-cap", str(max(args.bench_max - 40, 0)), "--out", str(bench_out)],
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
-    reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", str(root)]
+    reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", "."]  # run in root
     sets = [a for s in args.set for a in ("--set", s)]
     if not args.no_train:
         steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mtbert_utils.reproduce import (ReproduceError, absolute_path, declared_parameters, notebook_path, resolve,
                                     with_absolute_data_dir)
-from mtbert_utils.results import write_json
+from mtbert_utils.results import repo_relative, write_json
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -124,6 +124,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     earlier: dict[str, list | None] = {nb: [] for nb in params}
     threads = max(1, usable_cores() // jobs)
     records, blocked, t_start = [], [], time.time()
+    minilm_dir = os.environ.get("MTBERT_MINILM_DIR")
     # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
     env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
@@ -140,7 +141,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     summary = {"profile": profile["_name"], "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,
                "threads_per_job": threads, "minutes": round((time.time() - t_start) / 60, 2), **count,
                "not_listed": blocked, "overrides": overrides or {},
-               "minilm_dir": os.environ.get("MTBERT_MINILM_DIR"), "runs": records}
+               "minilm_dir": minilm_dir and repo_relative(minilm_dir), "runs": records}
     if not list_only:
         suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
         write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)

@@ -5,6 +5,7 @@ No timing asserts: speed depends on the machine; this checks the report is compl
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,16 @@ def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):
     out = tr.step(batches)
     assert [b for b, _ in moved] == list(batches.values()) and {d for _, d in moved} == {tr.device}
     assert out == {t: {k: ("moved", v) for k, v in b.items()} for t, b in batches.items()}
+
+
+def test_summary_of_the_committed_cuda_benchmark_names_its_device_target_and_precisions():
+    """The GPU benchmark that gpu_run brought back (an H200) summarizes with the CUDA target (3x), not the CPU's."""
+    path = Path(__file__).resolve().parents[1] / "results" / "gpu-minilm" / "gpu_run-bench" / "bench_cuda.json"
+    r = json.loads(path.read_text())
+    text = bench.summary_markdown(r)
+    assert text.startswith(f"Device: {r['device']}.")
+    assert f"| training speedup b/a | {r['train_speedup']:.2f}x | target >= 3.0x |" in text
+    assert f"faster repo precision: {r['precision']}" in text
+    by = r["train_by_precision"]
+    assert r["precision"] == max(("fp32", "bf16"), key=lambda p: by[f"repo_{p}"])
+    assert r["train_speedup"] == pytest.approx(by[f"repo_{r['precision']}"] / by["plain_fp32"])

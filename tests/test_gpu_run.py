@@ -99,7 +99,9 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok"
     if not torch.cuda.is_available():
         assert steps["bench"] != "ok"  # recorded, not fatal
-    assert timings["restored"]["data"].endswith("cs224n")
+    assert timings["restored"]["data"] == "(--tmp)/cs224n"  # the machine's folders are not recorded
+    assert all(not s["command"].startswith("/") for s in timings["steps"] if "command" in s)  # "python3 -m ..."
+    assert "--train-only --out . " in next(s["command"] for s in timings["steps"] if s["step"] == "train-smoke")
 
     names = gpu_run.unpack(out / gpu_run.ARCHIVE, into)
     assert not [n for n in names if "checkpoints" in n or n.endswith(".pt")]
