@@ -169,8 +169,9 @@ def plot_table_bars(table, study: dict | None = None, row_col: str = "row") -> p
         ax.set_title(_metric_label(task))
         ax.set_yticks(y, rows)
         ax.invert_yaxis()
-    axes[0].legend(frameon=False, fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()  # below the panels: inside one it covered the last bar
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False, fontsize=9)
     return fig
 
 

@@ -72,3 +72,6 @@ def test_every_figure_draws_from_tidy_results():
             plotting.plot_sts_scatter(np.array([1.0, 2.0, 4.5]), np.array([0.5, 2.5, 5.0]))]
     assert all(isinstance(f, plt.Figure) for f in figs)
     assert "r = 0.9" in figs[-1].axes[0].get_title()
+    bars = figs[-2]
+    assert not any(ax.get_legend() for ax in bars.axes) and len(bars.legends) == 1  # one legend, outside the panels
+    assert sorted(t.get_text() for t in bars.legends[0].get_texts()) == ["ours (mean, 95% CI)", "study (bert-base)"]
