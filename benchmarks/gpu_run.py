@@ -207,7 +207,7 @@ def run(args) -> int:
     sets = [a for s in args.set for a in ("--set", s)]
     if not args.no_train:
         steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",
-                                                                     str(args.jobs)] + sets,
+                                                                     str(args.jobs), "--shard", args.shard] + sets,
                               deadline - args.pack_reserve, log_dir, env, root))
     if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
         steps.append(run_step(f"train-{args.then}", reproduce + [
@@ -296,6 +296,8 @@ def main(argv=None) -> int:
     r.add_argument("--budget", type=float, default=540, help="seconds for everything, packing included")
     r.add_argument("--profile", default="gpu-minilm")
     r.add_argument("--jobs", type=int, default=6, help="runs at once on the GPU")
+    r.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="train runs K, K+N, ... of --profile (a profile too long for one call, over several)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --profile")
     r.add_argument("--then", default="best", help="profile trained next if time remains ('' for none)")
     r.add_argument("--then-seeds", default="1,2", help="its seeds")

@@ -118,6 +118,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     for f in (root / "results" / "smoke" / "runs").glob("*.json"):
         f.unlink()
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "",
+                       "--shard", "1/2",
                        "--bench-max", "0", "--log-name", "gpu_run-2", "--budget", "200", "--pack-dir", str(pack),
                        "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out),
                        "--pytest", "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_"
@@ -126,8 +127,8 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     steps = {s["step"]: s["status"] for s in second["steps"]}
     assert rc == 0 and steps["train-smoke"] == steps["pytest"] == "ok", steps
     assert steps["bench"].startswith("skipped")
-    summary = json.loads((root / "results" / "smoke" / "gpu_run-2" / "smoke-train-only.json").read_text())
-    assert summary["reused"] == 6 and summary["trained"] == 0
+    summary = json.loads((root / "results" / "smoke" / "gpu_run-2" / "smoke-train-only-shard1of2.json").read_text())
+    assert summary["shard"] == "1/2" and summary["reused"] == 3 and summary["trained"] == 0  # every 2nd run of 6
     with tarfile.open(out / gpu_run.ARCHIVE) as tar:
         names = tar.getnames()
     assert not [n for n in names if "/runs/" in n]  # nothing retrained, so no run file travels back again
