@@ -16,6 +16,7 @@ $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 6
      after every part, so a benchmark stopped at B keeps what it measured);
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6`;
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
+  5. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
 interrupted one is lost (its checkpoint does not come back). Every new or changed file under results/ and
 figures/ (not checkpoints), the logs, nvidia-smi's output and the timings go into one $OUT/gpu_results.tar.gz
@@ -45,6 +46,8 @@ PACK_DIR = ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
 RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
+CUDA_TESTS = ["tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device",
+              "tests/test_train_only.py::test_train_only_runs_share_one_gpu"]  # skipped on a CPU
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
 
 
@@ -231,13 +234,8 @@ def run(args) -> int:
     (log_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     archive = out / ARCHIVE
     logs = sorted(str(p.relative_to(root)) for p in log_dir.rglob("*") if p.is_file())
-    with tarfile.open(archive, "w:gz") as tar:
-        for p in new + logs:
-            tar.add(root / p, arcname=p)
-    with tarfile.open(carried, "w:gz") as tar:  # for a next call: everything so far
-        for p in sorted(set(kept + new + logs)):
-            if (root / p).is_file():
-                tar.add(root / p, arcname=p)
+    write_tar(archive, root, new + logs)
+    write_tar(carried, root, sorted(set(kept + new + logs)))  # for a next call: everything so far
     size = archive.stat().st_size
     print(f"[gpu_run] {archive}: {len(new)} result files + logs, {size / 2**20:.1f} MiB"
           + (" -- OVER the 16 MiB a returned file may have" if size > RETURN_LIMIT else "")
@@ -245,6 +243,13 @@ def run(args) -> int:
     failed = [s["step"] for s in steps if str(s.get("status", "")).startswith("failed") and s["step"] != "bench"
               and s["step"] != "nvidia-smi"]
     return 1 if failed or size > RETURN_LIMIT else 0
+
+
+def write_tar(path: Path, root: Path, files: list[str]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for p in files:
+            if (root / p).is_file():
+                tar.add(root / p, arcname=p)
 
 
 def gpu_name() -> str:
@@ -310,8 +315,8 @@ def main(argv=None) -> int:
     r.add_argument("--log-name", default="gpu_run",
                    help="folder under results/PROFILE/ for this call's logs (a second call on a warm machine: gpu_run-2)")
     r.add_argument("--no-train", action="store_true", help="the benchmark (and --then, --pytest) only")
-    r.add_argument("--pytest", nargs="*", default=[], metavar="TEST",
-                   help="pytest node ids run last, if time remains (the CUDA-only tests)")
+    r.add_argument("--pytest", nargs="*", default=CUDA_TESTS, metavar="TEST",
+                   help="pytest node ids run last, if time remains (default: the CUDA-only tests; none: --pytest)")
     r.add_argument("--root", default=str(ROOT), help="folder whose results/ and figures/ receive the runs")
     r.add_argument("--tmp", default="/tmp/gpu_run", help="where the data are unpacked")
     r.add_argument("--out", default=None, help="where the archive goes (default: $OUT)")

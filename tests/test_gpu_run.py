@@ -91,12 +91,12 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
 
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "smoke-best",
                        "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--pack-dir", str(pack),
-                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out)])
+                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out), "--pytest"])
     timings = json.loads((root / "results" / "smoke" / "gpu_run" / "timings.json").read_text())
     steps = {s["step"]: s["status"] for s in timings["steps"]}
     assert rc == 0, steps
     assert steps["minilm-check"] == "ok"  # the fp16 copy loads as fp32 from the restored folder
-    assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok"
+    assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok" and "pytest" not in steps  # none asked
     if not torch.cuda.is_available():
         assert steps["bench"] != "ok"  # recorded, not fatal
     assert timings["restored"]["data"] == "(--tmp)/cs224n"  # the machine's folders are not recorded
@@ -113,19 +113,19 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
 
     # a second call on the same (warm) machine, whose new copy of the tree lacks the first call's run files:
     # they come back from the pack folder and are reused, its logs go to their own folder, the CUDA-only tests
-    # run last (skipped on CPU), and the archive holds only what changed
+    # run last (the default list; skipped on CPU), and the archive holds only what changed
     assert (pack / gpu_run.CARRIED).exists()
     for f in (root / "results" / "smoke" / "runs").glob("*.json"):
         f.unlink()
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "",
                        "--shard", "1/2",
                        "--bench-max", "0", "--log-name", "gpu_run-2", "--budget", "200", "--pack-dir", str(pack),
-                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out),
-                       "--pytest", "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_"
-                       "the_parameters_device"])
+                       "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out)])
     second = json.loads((root / "results" / "smoke" / "gpu_run-2" / "timings.json").read_text())
     steps = {s["step"]: s["status"] for s in second["steps"]}
-    assert rc == 0 and steps["train-smoke"] == steps["pytest"] == "ok", steps
+    assert rc == 0 and steps["train-smoke"] == steps["pytest"] == "ok", steps  # the default CUDA tests, skipped here
+    log = (root / "results" / "smoke" / "gpu_run-2" / "pytest.log").read_text()
+    assert f"{len(gpu_run.CUDA_TESTS)} skipped" in log  # each default node id exists (a missing one is an error)
     assert steps["bench"].startswith("skipped")
     summary = json.loads((root / "results" / "smoke" / "gpu_run-2" / "smoke-train-only-shard1of2.json").read_text())
     assert summary["shard"] == "1/2" and summary["reused"] == 3 and summary["trained"] == 0  # every 2nd run of 6
