@@ -37,6 +37,14 @@ def sts_enc(sts_dev, tokenizer):
     return batching.encode_task(sts_dev, tokenizer, "sts")
 
 
+def read_warning_once(path, task="sst"):
+    """read_task_file, which must warn exactly once (naming what it skipped); returns examples, report, message."""
+    with pytest.warns(UserWarning) as rec:
+        examples, report = data.read_task_file(path, task)
+    assert len(rec) == 1
+    return examples, report, str(rec[0].message)
+
+
 def write(tmp_path, name, lines, encoding="utf-8"):
     path = tmp_path / name
     path.write_bytes("".join(line + "\n" for line in lines).encode(encoding))
@@ -108,10 +116,7 @@ def test_each_bad_row_reason_is_counted(tmp_path):
         "11\ta12\tafter\t0",         # line 14
         "",                          # trailing blank line: not a record
     ])
-    with pytest.warns(UserWarning) as rec:
-        examples, report = data.read_task_file(path, "sst")
-    assert len(rec) == 1
-    msg = str(rec[0].message)
+    examples, report, msg = read_warning_once(path)
     assert "sst.csv" in msg and "skipped 8" in msg and "label_out_of_range: 2 (lines [10, 11])" in msg
     assert report["skipped"] == {"wrong_field_count": 1, "missing_id": 1, "empty_sentence": 1,
                                  "missing_label": 1, "non_numeric_label": 2, "label_out_of_range": 2}
@@ -182,10 +187,7 @@ def test_hostile_rows_are_skipped_with_their_lines(tmp_path):
         '8\ta7\t"two\nlines"\t1',           # lines 10-11: one quoted multi-line record, kept
         "9\ta8\tlast\t0",                   # line 12
     ])
-    with pytest.warns(UserWarning) as rec:
-        examples, report = data.read_task_file(path, "sst")
-    assert len(rec) == 1
-    msg = str(rec[0].message)
+    examples, report, msg = read_warning_once(path)
     assert "sst.csv" in msg and "field_too_long: 1 (lines [3])" in msg and "'a6': [8, 9]" in msg
     assert report["skipped"] == {"field_too_long": 1, "bad_quoting": 1, "duplicate_id": 1,
                                  "conflicting_duplicate_id": 2}

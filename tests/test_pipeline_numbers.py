@@ -68,6 +68,15 @@ def check_summary_row(row, runs, metrics=(*TASKS, "mean")):
         assert row[f"{m}_ci95"] == approx(t_half_width(vals)), m
 
 
+def check_summary_file(path: Path, runs: dict, key) -> pd.DataFrame:
+    """Every row of a summary CSV against the runs its row names (key(row) -> index name); returns the table."""
+    table = pd.read_csv(path)
+    assert len(table)
+    for _, row in table.iterrows():
+        check_summary_row(row, runs[key(row)])
+    return table
+
+
 def check_runs_table(df: pd.DataFrame, results: Path):
     """Every row of a tidy runs table against the result file it names."""
     assert len(df)
@@ -200,9 +209,8 @@ def test_sampler_tables_and_reading(extended):
     single = pd.read_csv(extended / "09_samplers_single_task.csv")
     check_runs_table(single, extended)
     assert set(single["task"]) == set(TASKS)
-    summary = pd.read_csv(extended / "09_samplers_summary.csv")
-    for _, row in summary.iterrows():
-        check_summary_row(row, runs[f"{row['sampler']} | {row['budget_mode']}"])
+    check_summary_file(extended / "09_samplers_summary.csv", runs,
+                       lambda row: f"{row['sampler']} | {row['budget_mode']}")
     table = pd.read_csv(extended / "09_samplers_paired.csv")
     for _, row in table.iterrows():
         mode = row["budget_mode"]
@@ -220,12 +228,10 @@ def test_sigma_and_order_tables_and_reading(extended):
     runs = index_runs(extended, "10_sigma_and_order")
     check_runs_table(pd.read_csv(extended / "10_sigma_and_order_sigma_runs.csv"), extended)
     check_runs_table(pd.read_csv(extended / "10_sigma_and_order_order_runs.csv"), extended)
-    sigma = pd.read_csv(extended / "10_sigma_and_order_sigma_summary.csv")
-    for _, row in sigma.iterrows():
-        check_summary_row(row, runs[f"rr_over sigma {int(row['sigma'])}"])
-    orders = pd.read_csv(extended / "10_sigma_and_order_order_summary.csv")
-    for _, row in orders.iterrows():
-        check_summary_row(row, runs[f"sequential {row['order']}"])
+    sigma = check_summary_file(extended / "10_sigma_and_order_sigma_summary.csv", runs,
+                               lambda row: f"rr_over sigma {int(row['sigma'])}")
+    check_summary_file(extended / "10_sigma_and_order_order_summary.csv", runs,
+                       lambda row: f"sequential {row['order']}")
     # a task's score by its position in the order, and last vs first, paired by seed
     by_pos = {}
     for name, rs in runs.items():
@@ -252,9 +258,8 @@ def test_sigma_and_order_tables_and_reading(extended):
 def test_pcgrad_weighting_tables_and_reading(extended):
     runs = index_runs(extended, "11_pcgrad_weights")
     check_runs_table(pd.read_csv(extended / "11_pcgrad_weights_runs.csv"), extended)
-    summary = pd.read_csv(extended / "11_pcgrad_weights_summary.csv")
-    for _, row in summary.iterrows():
-        check_summary_row(row, runs[f"{row['weighting']} | {row['arm']}"])
+    check_summary_file(extended / "11_pcgrad_weights_summary.csv", runs,
+                       lambda row: f"{row['weighting']} | {row['arm']}")
     table = pd.read_csv(extended / "11_pcgrad_weights_paired.csv")
     for _, row in table.iterrows():
         w = row["weighting"]
