@@ -93,6 +93,14 @@ def evaluate(model, encoded: dict[str, EncodedTask], batch_size: int = 128, devi
     return {"metrics": metrics, "predictions": predictions} if return_predictions else metrics
 
 
+def evaluate_run(model, encoded: dict[str, EncodedTask], config, device, amp_dtype=None) -> dict:
+    """evaluate() with a training run's settings (config.eval_batch_size, symmetric Quora pairs when
+    config.para_swap, config.pad_to_multiple), predictions included: every epoch's score, the final
+    prediction files and the snapshot ensemble's members all evaluate this way."""
+    return evaluate(model, encoded, config.eval_batch_size, device, amp_dtype, return_predictions=True,
+                    symmetric=config.para_swap, pad_to_multiple=config.pad_to_multiple)
+
+
 def add_summary_metrics(metrics: dict) -> dict:
     """Add the study's mean and the CS224N overall score once all three task metrics are there."""
     if all(t in metrics for t in ("sst", "para", "sts")):

@@ -12,7 +12,7 @@ import torch
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.checkpoint import load_model_state
 from mtbert_utils.config import TrainConfig
-from mtbert_utils.evaluation import add_summary_metrics, ensemble_prediction, evaluate, score, select_members
+from mtbert_utils.evaluation import add_summary_metrics, ensemble_prediction, evaluate_run, score, select_members
 
 
 def final_model(run, state) -> tuple[dict, dict | None, dict]:
@@ -31,9 +31,7 @@ def final_model(run, state) -> tuple[dict, dict | None, dict]:
     else:  # the best epoch on validation, scored on dev once (predictions kept for the files)
         if main:
             load_model_state(model, state.best["model"], run.ckpt_path)
-            dev_eval = evaluate(model, run.enc["dev"], config.eval_batch_size, run.device, run.amp_dtype,
-                                return_predictions=True, symmetric=config.para_swap,
-                   pad_to_multiple=config.pad_to_multiple)
+            dev_eval = evaluate_run(model, run.enc["dev"], config, run.device, run.amp_dtype)
         distributed.broadcast_module_(model)
     final_dev = distributed.broadcast_object(dev_eval["metrics"] if main else None)
     best = state.best["epoch"]
@@ -60,9 +58,7 @@ def snapshot_ensemble(model, enc: dict, snap_val: dict, snap_dir: Path, config: 
         for split in preds:
             need = {t: enc[split][t] for t in tasks if t in enc[split] and e in chosen[t]["members"]}
             if need:
-                preds[split][e] = evaluate(model, need, config.eval_batch_size, device, amp_dtype,
-                                           return_predictions=True, symmetric=config.para_swap,
-                   pad_to_multiple=config.pad_to_multiple)["predictions"]
+                preds[split][e] = evaluate_run(model, need, config, device, amp_dtype)["predictions"]
     out = {}
     for split in preds:
         out[split] = {t: ensemble_prediction(t, [preds[split][e][t] for e in chosen[t]["members"]],

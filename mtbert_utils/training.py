@@ -27,7 +27,7 @@ from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import load_tasks, split_by_hash
 from mtbert_utils.device import pick_amp, pick_device, tf32_matmuls, use_cuda_graphs  # noqa: F401 (also training.*)
 from mtbert_utils.batching import TaskBatchStream, collate, encode_task
-from mtbert_utils.evaluation import autocast_context, evaluate, to_device, write_predictions
+from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
 from mtbert_utils.gradients import GRAD_METHODS, summarize_cosines
 from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
@@ -417,9 +417,7 @@ def score_epoch(run: Run, state: RunState, epoch: int, record: dict, cos_log: li
     # rank 0 evaluates, the others wait for its scores (an adaptive schedule needs them everywhere)
     ev = None
     if run.main:
-        ev = evaluate(model, run.enc[split], config.eval_batch_size, run.device, run.amp_dtype,
-                      return_predictions=True, symmetric=config.para_swap,
-                   pad_to_multiple=config.pad_to_multiple)
+        ev = evaluate_run(model, run.enc[split], config, run.device, run.amp_dtype)
         if config.snapshot_ensemble:  # this epoch's weights are a candidate member
             state.snapshot_val[epoch + 1] = {t: p["raw"].tolist() for t, p in ev["predictions"].items()}
             save_torch(run.ckpt_path.parent / f"epoch{epoch + 1}.pt", model.state_dict())
@@ -464,10 +462,8 @@ def select_and_finish(run: Run, state: RunState) -> dict:
         pred_dir = Path(config.out_dir) / "predictions" / run.name
         for split in ("dev", "test"):
             if run.enc[split]:
-                out = kept[split] if kept[split] is not None else evaluate(
-                    state.model, run.enc[split], config.eval_batch_size, run.device, run.amp_dtype,
-                    return_predictions=True, symmetric=config.para_swap,
-                   pad_to_multiple=config.pad_to_multiple)
+                out = kept[split] if kept[split] is not None else evaluate_run(
+                    state.model, run.enc[split], config, run.device, run.amp_dtype)
                 write_predictions(out["predictions"], pred_dir, split)
         result["predictions_dir"] = repo_relative(pred_dir)
     if run.main:
