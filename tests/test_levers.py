@@ -182,3 +182,60 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
     for p_rec, c_rec in zip(plain["history"], cached["history"]):
         for t, v in p_rec["train_loss"].items():
             assert abs(v - c_rec["train_loss"][t]) <= tol * (abs(v) + 1), (p_rec["epoch"], t)
+
+
+# -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
+
+
+def test_cuda_graphs_path_traces_one_graph_per_input_shape_and_trains_like_eager(encoded, one_thread,
+                                                                                  monkeypatch):
+    """use_cuda_graphs compiles the encoder for training steps. A CPU has no CUDA graphs, so torch.compile
+    gets dynamo's aot_eager backend here: it traces the same graphs reduce-overhead would record (one per
+    encoder input shape and grad mode, over batch sizes, padded lengths, full and heads-only steps), but
+    runs eager kernels. No graph break, no recompile beyond one per distinct input, and the steps give the
+    eager model's losses and weights."""
+    import copy
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from mtbert_utils.device import use_cuda_graphs
+    from mtbert_utils.optim import build_optimizer
+    from mtbert_utils.training import training_step
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, dynamic=None: compile_(m, backend="aot_eager",
+                                                                                      dynamic=dynamic))
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    torch._dynamo.reset()
+    counters.clear()
+    common = dict(encoder="tiny", dropout=0.0, encoder_dropout=0.0, pad_to_multiple=16, progress=False)
+    eager_cfg, graph_cfg = TrainConfig(**common), TrainConfig(cuda_graphs=True, **common)
+    eager = build_model(eager_cfg)
+    graphed = copy.deepcopy(eager)
+    use_cuda_graphs(graphed, graph_cfg, torch.device("cuda"))  # a stand-in device: the model stays on CPU
+    assert graphed.graphed_encoder is not None
+    inputs = set()  # the distinct encoder inputs: (name, shape) of each tensor argument, and the grad mode
+    eager.encoder.register_forward_pre_hook(lambda m, args, kw: inputs.add((
+        tuple((k, tuple(v.shape)) for k, v in kw.items() if v is not None), torch.is_grad_enabled())),
+        with_kwargs=True)
+    cpu, models, cfgs = torch.device("cpu"), (eager, graphed), (eager_cfg, graph_cfg)
+    opts = [build_optimizer(m, eager_cfg, cpu) for m in models]
+    shared = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    losses = [[], []]
+    for step in range(6):
+        for m in models:
+            m.train()
+            m.set_encoder_trainable(step < 4)  # the last two steps: heads only (no grad through the encoder)
+        start, size = 8 * (step % 3), 8 * (1 + step % 2)  # batch sizes 8 and 16, several padded lengths
+        batches = {t: collate(enc, range(start, start + size), eager.pair_mode(t), pad_to_multiple=16)
+                   for t, enc in encoded.items()}
+        for i in range(2):
+            out = training_step(models[i], opts[i], batches, cfgs[i], shared=shared[i], device=cpu)
+            losses[i].append(out["losses"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 0 < counters["stats"]["unique_graphs"] <= len(inputs)
+    # 6 Adam steps, each value after TINY_FORWARD sequential roundings per step (aot_eager may decompose ops)
+    tol = float32_tol(TINY_FORWARD * 6)
+    for a, b in zip(*losses):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) <= tol * (abs(a[t]) + 1) for t in a)
+    for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert (a - b).abs().max().item() <= tol * (a.abs().max().item() + 1), k
+    torch._dynamo.reset()
