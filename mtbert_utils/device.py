@@ -42,16 +42,19 @@ def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
 
 def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     """cuda_graphs: the encoder's forward in training steps becomes torch.compile(mode="reduce-overhead"),
-    i.e. CUDA graphs, one per padded shape (pad_to_multiple keeps them few); evaluation stays eager, as its
+    i.e. CUDA graphs, one recorded per padded shape (pad_to_multiple keeps them few: 24 in 10 passes over
+    the local training data at batch 64 and a multiple of 16, results/bench/graph_shapes.json). It compiles
+    with dynamic shapes, once per kind of input (token types or not, grad on or off), not once per shape and
+    grad mode (up to 48 compiles with dynamic=False; tests/test_levers.py counts them on CPU). Evaluation stays eager, as its
     batch sizes and lengths would record graphs of their own. training_step marks each step's start."""
     if not config.cuda_graphs:
         return
     if device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs CUDA; this run is on {device.type} (set cuda_graphs=False)")
     import torch._dynamo
-    # one graph per (padded length, batch size, task input, grad mode): more than dynamo's default of 8
+    # room for the kinds of input and the sizes dynamo still specializes (a last batch of 1)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model.graphed_encoder = torch.compile(model.encoder, mode="reduce-overhead", dynamic=False)
+    model.graphed_encoder = torch.compile(model.encoder, mode="reduce-overhead", dynamic=True)
 
 
 @contextlib.contextmanager

@@ -187,13 +187,12 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
-def test_cuda_graphs_path_traces_one_graph_per_input_shape_and_trains_like_eager(encoded, one_thread,
-                                                                                  monkeypatch):
+def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(encoded, one_thread, monkeypatch):
     """use_cuda_graphs compiles the encoder for training steps. A CPU has no CUDA graphs, so torch.compile
-    gets dynamo's aot_eager backend here: it traces the same graphs reduce-overhead would record (one per
-    encoder input shape and grad mode, over batch sizes, padded lengths, full and heads-only steps), but
-    runs eager kernels. No graph break, no recompile beyond one per distinct input, and the steps give the
-    eager model's losses and weights."""
+    gets dynamo's aot_eager backend here: it traces what reduce-overhead would compile, but runs eager
+    kernels. Over batch sizes, padded lengths, full and heads-only steps: no graph break, one compile per
+    kind of input with dynamic shapes (CUDA graphs are then recorded per shape, without compiling again),
+    and the steps give the eager model's losses and weights."""
     import copy
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -231,7 +230,11 @@ def test_cuda_graphs_path_traces_one_graph_per_input_shape_and_trains_like_eager
             out = training_step(models[i], opts[i], batches, cfgs[i], shared=shared[i], device=cpu)
             losses[i].append(out["losses"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert 0 < counters["stats"]["unique_graphs"] <= len(inputs)
+    # one compile per kind of input (which tensors are passed, grad on or off), however many shapes:
+    # a full-data run at batch 64 and pad_to_multiple=16 feeds 24 shapes (results/bench/graph_shapes.json)
+    kinds = {(tuple(name for name, _ in shapes), grad) for shapes, grad in inputs}
+    assert len(inputs) > 2 * len(kinds)  # the steps above do vary the shapes
+    assert 0 < counters["stats"]["unique_graphs"] <= len(kinds)
     # 6 Adam steps, each value after TINY_FORWARD sequential roundings per step (aot_eager may decompose ops)
     tol = float32_tol(TINY_FORWARD * 6)
     for a, b in zip(*losses):
