@@ -10,12 +10,39 @@ from __future__ import annotations
 import math
 
 
+# A heads-only step (frozen encoder: its forward pass only, no backward through it) costs about a third of a
+# full step: in gpu-minilm's tuned runs (results/gpu-minilm/runs, H200, 9 runs sharing the GPU in both) the
+# heads-only epochs 9-10 trained at 3,133-3,734 examples/s against 1,208-1,216 for the full epochs 6-8.
+HEADS_ONLY_COST = 1 / 3
+
+
 def train_sizes(config) -> dict[str, int]:
-    """Training examples per task that `config` trains on (after its max_train caps)."""
-    from mtbert_utils.model import load_tokenizer
-    from mtbert_utils.training import prepare_data
-    _, info = prepare_data(config, load_tokenizer(config.encoder))  # cached: the first run reuses it
-    return {t: int(info["sizes"][t]["train"]) for t in config.train_tasks}
+    """Training examples per task that `config` trains on (after its max_train caps and validation split)."""
+    from mtbert_utils.training import load_run_tasks
+    tasks, _ = load_run_tasks(config)  # reads the files, tokenizes nothing
+    return {t: len(tasks[t].train) for t in config.train_tasks}
+
+
+def expected_examples(config, sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """Training examples a run of `config` sees, in expectation (sampled schedules draw at random; a pass's
+    short last batch makes every schedule's count approximate to a batch per task and epoch), split by whether
+    the encoder trains: {"full": ..., "heads_only": ...}. The examples budget, if any, caps the sum."""
+    from mtbert_utils.schedules import get_schedule
+    sizes = sizes or train_sizes(config)
+    num_batches = batches_per_epoch(sizes, config.batch_size)
+    schedule = get_schedule(config.schedule, **config.schedule_params)
+    seen = {"full": 0.0, "heads_only": 0.0}
+    left = config.examples_budget or math.inf
+    for epoch in range(config.epochs):
+        n = min(schedule.expected_examples_per_epoch(num_batches, sizes, epoch), left)
+        seen["full" if config.encoder_trainable(epoch) else "heads_only"] += n
+        left -= n
+    return {k: round(v) for k, v in seen.items()}
+
+
+def relative_cost(examples: dict[str, int]) -> float:
+    """expected_examples in full-step equivalents: what packing orders runs by, and plans GPU time with."""
+    return examples["full"] + HEADS_ONLY_COST * examples["heads_only"]
 
 
 def batches_per_epoch(sizes: dict[str, int], batch_size: int) -> dict[str, int]:

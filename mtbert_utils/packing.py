@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from mtbert_utils.budget import expected_examples, relative_cost
 from mtbert_utils.reproduce import (ReproduceError, absolute_path, declared_parameters, notebook_path, resolve,
                                     with_absolute_data_dir)
 from mtbert_utils.results import repo_relative, write_json
@@ -65,12 +66,6 @@ def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: 
     configs = plans.STAGES[notebook][stage](params, earlier)
     return [(key, dataclasses.replace(cfg, seed=int(seed), out_dir=str(out_dir)))
             for seed in params["seeds"] for key, cfg in configs.items()]
-
-
-def _cost(config) -> float:
-    """Rough relative cost of a run, to start the long ones first (the list itself keeps its order)."""
-    steps_per_batch = 1 if config.schedule == "sequential" else len(config.train_tasks)
-    return config.epochs * steps_per_batch * (1.5 if config.pcgrad else 1.0)
 
 
 def _init_worker(threads: int, env: dict) -> None:
@@ -138,8 +133,10 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
                 train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}")
             advance(params, earlier, stage, results_dir / "runs")
     count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
+    examples = {k: sum(r["examples"][k] for r in records) for k in ("full", "heads_only")}
     summary = {"profile": profile["_name"], "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,
                "threads_per_job": threads, "minutes": round((time.time() - t_start) / 60, 2), **count,
+               "expected_examples": examples,
                "not_listed": blocked, "overrides": overrides or {},
                "minilm_dir": minilm_dir and repo_relative(minilm_dir), "runs": records}
     if not list_only:
@@ -170,7 +167,7 @@ def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, obj
     """Record the runs that are done (or, listing, still to train); return [(record, config)] to train."""
     todo = []
     for nb, key, cfg, stage in wave:
-        rec = {"notebook": nb, "stage": stage + 1, "run_name": cfg.run_name}
+        rec = {"notebook": nb, "stage": stage + 1, "run_name": cfg.run_name, "examples": expected_examples(cfg)}
         if finished_run(cfg) is not None:
             records.append({**rec, "status": "reused"})
         elif list_only:
@@ -178,7 +175,9 @@ def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, obj
         else:
             todo.append((rec, cfg))
         if list_only:
-            print(f"stage {stage + 1}  {nb:20s} {cfg.run_name:55s} {records[-1]['status']}")
+            ex = rec["examples"]
+            print(f"stage {stage + 1}  {nb:20s} {cfg.run_name:55s} {records[-1]['status']:8s} "
+                  f"{ex['full']:>10,} + {ex['heads_only']:>9,} heads-only examples")
     return todo
 
 
@@ -186,7 +185,7 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
     """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run."""
     from concurrent.futures import as_completed
     from mtbert_utils import progress
-    todo = sorted(todo, key=lambda rc: -_cost(rc[1]))  # longest first: N at a time finish closer together
+    todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: N at a time finish closer
     bar = progress.bar(total=len(todo), desc=desc, unit="run")
     futures = {pool.submit(_train_worker, dataclasses.replace(cfg, progress=False).to_dict()): rec
                for rec, cfg in todo}
@@ -221,6 +220,9 @@ def print_summary(summary: dict) -> None:
           f"{summary['threads_per_job']} threads): {summary['trained']} trained, {summary['reused']} reused, "
           f"{summary['failed']} failed" + (f", {summary['to train']} to train" if summary["to train"] else "")
           + f" in {summary['minutes']:.1f} min")
+    ex = summary["expected_examples"]
+    print(f"  training examples of these runs, expected: {ex['full']:,} with the encoder training, "
+          f"{ex['heads_only']:,} heads-only ({relative_cost(ex):,.0f} full-step equivalents)")
     for r in summary["runs"]:
         if r["status"] == "failed":
             print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")

@@ -60,23 +60,30 @@ def check_trainable(tasks: dict) -> None:
                                  f"(first bad lines {rep['first_lines']})")
 
 
+def load_run_tasks(config: TrainConfig) -> tuple[dict, dict]:
+    """The run's tasks, loaded and subsampled (max_train, max_dev, seed), and the validation split carved from
+    each train split when val_fraction > 0: (task -> TaskData, task -> validation examples). No tokenizing."""
+    tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed,
+                       warn=False)  # skipped rows: recorded in the result (data.skipped); notebook 00 lists them
+    check_trainable(tasks)
+    val = {}
+    if config.val_fraction:
+        for t, td in tasks.items():
+            td.train, val[t] = split_by_hash(td.train, 1 - config.val_fraction, salt="val:")
+            td.sources["val"] = f"{td.sources['train']} (hash split, {config.val_fraction:.0%})"
+            td.sources["train"] += f" (hash split, {1 - config.val_fraction:.0%})"
+            if not td.train or not val[t]:
+                raise ValueError(f"val_fraction={config.val_fraction} leaves {t} with {len(td.train)} train "
+                                 f"and {len(val[t])} validation examples; use more data or another fraction")
+    return tasks, val
+
+
 def prepare_data(config: TrainConfig, tokenizer) -> dict:
     """Load, subsample and tokenize the three tasks once per process (cached by what changes them)."""
     key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
            config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased", config.val_fraction)
     if key not in _DATA_CACHE:
-        tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed,
-                           warn=False)  # skipped rows: recorded in the result (data.skipped); notebook 00 lists them
-        check_trainable(tasks)
-        val = {}
-        if config.val_fraction:
-            for t, td in tasks.items():
-                td.train, val[t] = split_by_hash(td.train, 1 - config.val_fraction, salt="val:")
-                td.sources["val"] = f"{td.sources['train']} (hash split, {config.val_fraction:.0%})"
-                td.sources["train"] += f" (hash split, {1 - config.val_fraction:.0%})"
-                if not td.train or not val[t]:
-                    raise ValueError(f"val_fraction={config.val_fraction} leaves {t} with {len(td.train)} train "
-                                     f"and {len(val[t])} validation examples; use more data or another fraction")
+        tasks, val = load_run_tasks(config)
         enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
                        for t, td in tasks.items() if getattr(td, split)}
                for split in ("train", "dev", "test")}

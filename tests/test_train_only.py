@@ -54,6 +54,13 @@ def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path,
     names = [r["run_name"] for p in parts for r in p["runs"]]
     assert sorted(names) == sorted(r["run_name"] for r in whole["runs"]) and len(set(names)) == len(names) == 12
     assert not (tmp_path / "results").exists()  # listing writes nothing
+    # each run's expected training examples, and the profile's total, as listed and printed
+    for kind in ("full", "heads_only"):
+        assert whole["expected_examples"][kind] == sum(r["examples"][kind] for r in whole["runs"])
+        assert whole["expected_examples"][kind] == sum(p["expected_examples"][kind] for p in parts)
+    assert all(r["examples"]["full"] > 0 for r in whole["runs"])
+    packing.print_summary(whole)
+    assert f"{whole['expected_examples']['full']:,} with the encoder training" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: several runs share one GPU")
