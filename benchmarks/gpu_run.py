@@ -14,7 +14,7 @@ $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 6
   2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda --accuracy --levers --time-cap B-40`
      within --bench-max B seconds (default 300; a failure is recorded, not fatal; its JSON is written
      after every part, so a benchmark stopped at B keeps what it measured);
-  3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6`;
+  3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10`;
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
   5. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
@@ -300,7 +300,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="there: benchmark, train, pack $OUT/gpu_results.tar.gz")
     r.add_argument("--budget", type=float, default=540, help="seconds for everything, packing included")
     r.add_argument("--profile", default="gpu-minilm")
-    r.add_argument("--jobs", type=int, default=6, help="runs at once on the GPU")
+    # 10: gpu-minilm's full-encoder epochs trained at about 10,900 examples/s in all both with 9 and with 16 runs
+    # sharing an H200 (docs/gpu.md), so more runs only take memory (16 took up to 75 GB; 10 fit an H100's 80)
+    r.add_argument("--jobs", type=int, default=10, help="runs at once on the GPU")
     r.add_argument("--shard", default="0/1", metavar="K/N",
                    help="train runs K, K+N, ... of --profile (a profile too long for one call, over several)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --profile")

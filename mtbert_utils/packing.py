@@ -1,6 +1,6 @@
 """Run packing: every training run a profile's notebooks make, trained without papermill, N at a time.
 
-    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6      # one GPU, 6 processes
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10     # one GPU, 10 processes
     python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --shard 3/8   # machine 3 of 8 (0-based)
     python -m mtbert_utils.reproduce --profile gpu-minilm --list-runs                 # what would train
 
@@ -89,8 +89,8 @@ def _train_worker(config_dict: dict) -> dict:
         result = train(TrainConfig.from_dict(config_dict), resume=True)
     except Exception as e:  # noqa: BLE001 - reported by name in the summary
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                "seconds": time.time() - t0}
-    return {"status": "trained", "seconds": time.time() - t0, "device": result.get("device"),
+                "started_unix": t0, "seconds": time.time() - t0}
+    return {"status": "trained", "started_unix": t0, "seconds": time.time() - t0, "device": result.get("device"),
             "resumes": result.get("resumes", 0), "dev_mean": result.get("dev", {}).get("mean")}
 
 
@@ -132,6 +132,9 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
             if todo:
                 train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}")
             advance(params, earlier, stage, results_dir / "runs")
+    for r in records:  # when each run started, in seconds from the start of this call (packing timelines)
+        if "started_unix" in r:
+            r["start_s"] = round(r.pop("started_unix") - t_start, 1)
     count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
     examples = {k: sum(r["examples"][k] for r in records) for k in ("full", "heads_only")}
     summary = {"profile": profile["_name"], "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,

@@ -3,7 +3,7 @@
     python -m mtbert_utils.reproduce --profile cpu                  # the README's main job
     python -m mtbert_utils.reproduce --profile smoke --out /tmp/x   # what the tests run
     python -m mtbert_utils.reproduce --profile cpu --only 06_results --set max_dev=200
-    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 6     # train the runs, no papermill
+    python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10    # train the runs, no papermill
     python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --shard 3/8  # runs 3, 11, 19, ... (0-based)
     python -m mtbert_utils.reproduce --profile gpu-minilm --list-runs               # what --train-only would train
 

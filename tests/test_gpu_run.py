@@ -133,3 +133,25 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
         names = tar.getnames()
     assert not [n for n in names if "/runs/" in n]  # nothing retrained, so no run file travels back again
     assert (into / "results" / "smoke" / "gpu_run" / "timings.json").exists()  # the first call's logs stay
+
+
+def test_packing_timeline_sums_the_rates_of_the_runs_training_together():
+    """benchmarks/packing_timeline.py on numbers worked by hand: run a trains one heads-only then one full
+    epoch of 100 examples, 10 s each, from t=0; run b one full epoch of 50 examples from t=10."""
+    timeline, pool_starts = (getattr(load_script("packing_timeline"), f) for f in ("timeline", "pool_starts"))
+
+    def run(epochs):
+        seen, history = 0, []
+        for n, trainable in epochs:
+            seen += n
+            history.append({"examples_seen": {"sst": seen}, "epoch_time_s": 10.0, "encoder_trainable": trainable})
+        return {"wall_time_s": 10.0 * len(epochs), "train_time_s": 10.0 * len(epochs), "history": history}
+    summary = {"jobs": 2, "runs": [{"run_name": "a", "status": "trained", "seconds": 20.0, "start_s": 0.0},
+                                   {"run_name": "b", "status": "trained", "seconds": 10.0, "start_s": 10.0}]}
+    rows = timeline(summary, {"a": run([(100, False), (100, True)]), "b": run([(50, True)])}, 10, None)
+    from mtbert_utils.budget import HEADS_ONLY_COST
+    assert [(r["from_s"], r["runs_training"], r["full_ex_per_s"], r["heads_only_ex_per_s"]) for r in rows] == [
+        (0, 1, 0, 10), (10, 2, 15, 0)]
+    assert rows[0]["full_step_equivalents_per_s"] == round(10 * HEADS_ONLY_COST)
+    # without start_s: a pool of `jobs` slots in the submitted order
+    assert pool_starts(["a", "b", "c"], {"a": 5.0, "b": 3.0, "c": 1.0}, 2) == {"a": 0.0, "b": 0.0, "c": 3.0}

@@ -25,6 +25,9 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
     assert (log["trained"], log["reused"], log["failed"], log["jobs"]) == (12, 0, 0, 2)
     trained = run_files(results)
     assert sorted(p for p in trained if "/" not in p) == sorted(f"{r['run_name']}.json" for r in log["runs"])
+    # when each run started (for packing timelines): two at once from the start, every other one later
+    starts = sorted(r["start_s"] for r in log["runs"])
+    assert len(starts) == 12 and 0 <= starts[0] <= starts[1] < starts[2] <= log["minutes"] * 60
 
     again = packing.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
     assert (again["trained"], again["reused"]) == (0, 12)
@@ -70,3 +73,4 @@ def test_train_only_runs_share_one_gpu(data_dir, tmp_path, monkeypatch):
     assert summary["failed"] == 0 and summary["trained"] == 6
     import torch
     assert {r["device"] for r in summary["runs"]} == {torch.cuda.get_device_name(0)}  # a run records the GPU's name
+

@@ -1,0 +1,106 @@
+"""How fast a GPU trained while runs shared it: examples/s in all, over time, from a train-only call's files.
+
+    python benchmarks/packing_timeline.py results/gpu-minilm [--bin 30]
+
+Reads {results}/executed/train-only.json (or the copy gpu_run.py keeps beside its logs) and the run JSONs
+it names, places each run's epochs on one clock and sums, per time bin, the examples/s of every run then
+training: with the encoder training ("full"), heads only, and both in full-step equivalents (heads-only steps
+at budget.HEADS_ONLY_COST). Writes {results}/{log}/packing_timeline.csv beside the summary it read.
+
+Each epoch is stretched by its run's wall time / train time, so evaluation and set-up are spread over the
+epochs. A run starts at its record's `start_s`; summaries written before packing recorded it (gpu-minilm's
+first, 16 jobs) get the start times of the pool they came from: the first `jobs` runs of the submitted order
+at 0, each later one when a slot frees. That order was longest first by the rule of that version (epochs x
+batches per step, x1.5 with PCGrad; ties in list order), given by --legacy-order.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtbert_utils.budget import HEADS_ONLY_COST  # noqa: E402
+
+
+def legacy_cost(config: dict) -> float:
+    """packing's run-order rule before budget.expected_examples replaced it."""
+    per_step = 1 if config["schedule"] == "sequential" else len(config["train_tasks"])
+    return sum(int(n) for n, _ in config["phases"]) * per_step * (1.5 if config["pcgrad"] else 1.0)
+
+
+def pool_starts(order: list[str], seconds: dict[str, float], jobs: int) -> dict[str, float]:
+    """Start times of runs submitted in `order` to a pool of `jobs` slots."""
+    free = [0.0] * jobs
+    starts = {}
+    for name in order:
+        starts[name] = heapq.heappop(free)
+        heapq.heappush(free, starts[name] + seconds[name])
+    return starts
+
+
+def timeline(summary: dict, runs: dict[str, dict], bin_s: float, legacy_order: list[str] | None) -> list[dict]:
+    seconds = {r["run_name"]: r["seconds"] for r in summary["runs"] if r["status"] == "trained"}
+    if all("start_s" in r for r in summary["runs"] if r["run_name"] in seconds):
+        starts = {r["run_name"]: r["start_s"] for r in summary["runs"] if r["run_name"] in seconds}
+    else:
+        starts = pool_starts([n for n in legacy_order if n in seconds], seconds, summary["jobs"])
+    bins: dict[int, dict] = {}
+    for name, start in starts.items():
+        run, t, before = runs[name], start, 0
+        stretch = run["wall_time_s"] / run["train_time_s"]
+        for h in run["history"]:
+            seen = sum(h["examples_seen"].values())
+            t0, t1, rate = t, t + h["epoch_time_s"] * stretch, (seen - before) / (h["epoch_time_s"] * stretch)
+            for b in range(int(t0 // bin_s), int(t1 // bin_s) + 1):
+                overlap = min(t1, (b + 1) * bin_s) - max(t0, b * bin_s)
+                if overlap > 0:
+                    row = bins.setdefault(b, {"full": 0.0, "heads_only": 0.0, "runs": set()})
+                    row["full" if h["encoder_trainable"] else "heads_only"] += rate * overlap / bin_s
+                    row["runs"].add(name)
+            t, before = t1, seen
+    return [{"from_s": b * bin_s, "runs_training": len(r["runs"]), "full_ex_per_s": round(r["full"]),
+             "heads_only_ex_per_s": round(r["heads_only"]),
+             "full_step_equivalents_per_s": round(r["full"] + HEADS_ONLY_COST * r["heads_only"])}
+            for b, r in sorted(bins.items())]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="a profile's results folder, e.g. results/gpu-minilm")
+    ap.add_argument("--summary", default=None, help="train-only summary (default: executed/train-only.json)")
+    ap.add_argument("--bin", type=float, default=30, help="seconds per row")
+    ap.add_argument("--legacy-order", action="store_true",
+                    help="the summary has no start_s: simulate the pool with that version's run order")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    summary_path = Path(args.summary) if args.summary else results / "executed" / "train-only.json"
+    summary = json.loads(summary_path.read_text())
+    runs = {}
+    for r in summary["runs"]:
+        if r["status"] == "trained":
+            runs[r["run_name"]] = json.loads((results / "runs" / f"{r['run_name']}.json").read_text())
+    order = None
+    if args.legacy_order:  # the list order (notebook by notebook, seed by seed), then longest first
+        notebook = {r["run_name"]: r["notebook"] for r in summary["runs"]}
+        listed = sorted(runs, key=lambda n: (notebook[n], runs[n]["seed"]))
+        order = sorted(listed, key=lambda n: -legacy_cost(runs[n]["config"]))
+    rows = timeline(summary, runs, args.bin, order)
+    out = summary_path.parent / "packing_timeline.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for r in rows:
+        print(" ".join(f"{k} {v}" for k, v in r.items()))
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
