@@ -15,6 +15,7 @@ $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 6
      within --bench-max B seconds (default 300; a failure is recorded, not fatal; its JSON is written
      after every part, so a benchmark stopped at B keeps what it measured);
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10`;
+     (with --mps, a CUDA MPS daemon then starts for the training: the runs' kernels share the GPU side by side)
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
   5. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
@@ -145,6 +146,39 @@ def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dic
     return {**record, "status": status, "exit": rc, "seconds": round(time.time() - t0, 1)}
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+CUDA_CHECK = "import torch; assert torch.cuda.is_available(); print((torch.ones(1, device='cuda') + 1).item())"
+
+
+def start_mps(env: dict, tmp: Path, log_dir: Path, steps: list) -> str:
+    """--mps: start a CUDA MPS control daemon of this user, so that the kernels of the runs sharing the GPU run
+    side by side instead of taking turns (the GPU was saturated with 9 runs: docs/gpu.md). Its pipe and log
+    folders are under --tmp and go into `env`, which makes the job's processes its clients. No GPU setting is
+    changed. One CUDA call checks it; on any failure it is stopped, `env` restored, and the job goes on
+    without it. Returns what happened, for timings.json."""
+    if shutil.which(MPS_CONTROL, path=env.get("PATH")) is None:
+        return f"not available ({MPS_CONTROL} not found)"
+    mps = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(tmp / "mps-log")}
+    for folder in mps.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    env.update(mps)
+    for name, cmd in (("mps-start", [MPS_CONTROL, "-d"]), ("mps-check", [sys.executable, "-c", CUDA_CHECK])):
+        steps.append(run_step(name, cmd, time.time() + 60, log_dir, env, ROOT))
+        if steps[-1]["status"] != "ok":
+            stop_mps(env)
+            for k in mps:
+                env.pop(k)
+            return f"failed at {name} ({steps[-1]['status']}), so off"
+    return "on"
+
+
+def stop_mps(env: dict) -> None:
+    try:
+        subprocess.run([MPS_CONTROL], input="quit\n", text=True, env=env, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def start_monitor(path: Path):
     """GPU utilization and memory every 5 s while the job runs (how idle the GPU is); None without nvidia-smi."""
     try:
@@ -206,6 +240,7 @@ def run(args) -> int:
     steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--accuracy", "--levers",
                                     "--time-cap", str(max(args.bench_max - 40, 0)), "--out", str(bench_out)],
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
+    mps = start_mps(env, Path(args.tmp), log_dir, steps) if args.mps else "off"  # for the training, after the bench
     reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", "."]  # run in root
     sets = [a for s in args.set for a in ("--set", s)]
     if not args.no_train:
@@ -224,13 +259,15 @@ def run(args) -> int:
     if args.pytest:  # CUDA-only tests, with whatever time is left
         steps.append(run_step("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest],
                               deadline - args.pack_reserve, log_dir, env, ROOT))  # from the repository
+    if mps == "on":
+        stop_mps(env)
     if monitor is not None:
         monitor.terminate()
         monitor.wait()
     after = snapshot(root)
     new = sorted(p for p, st in after.items() if before.get(p) != st and not p.startswith(str(log_rel)))
     timings = {"device": gpu_name(), "budget_s": args.budget, "seconds": round(time.time() - t0, 1),
-               "restored": restored, "steps": steps, "new_files": len(new)}
+               "restored": restored, "mps": mps, "steps": steps, "new_files": len(new)}
     (log_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     archive = out / ARCHIVE
     logs = sorted(str(p.relative_to(root)) for p in log_dir.rglob("*") if p.is_file())
@@ -317,6 +354,8 @@ def main(argv=None) -> int:
     r.add_argument("--log-name", default="gpu_run",
                    help="folder under results/PROFILE/ for this call's logs (a second call on a warm machine: gpu_run-2)")
     r.add_argument("--no-train", action="store_true", help="the benchmark (and --then, --pytest) only")
+    r.add_argument("--mps", action="store_true",
+                   help="train under a CUDA MPS daemon started for this job (off if it is missing or fails)")
     r.add_argument("--pytest", nargs="*", default=CUDA_TESTS, metavar="TEST",
                    help="pytest node ids run last, if time remains (default: the CUDA-only tests; none: --pytest)")
     r.add_argument("--root", default=str(ROOT), help="folder whose results/ and figures/ receive the runs")

@@ -4,6 +4,7 @@ CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records th
 
 import importlib.util
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -155,3 +156,36 @@ def test_packing_timeline_sums_the_rates_of_the_runs_training_together():
     assert rows[0]["full_step_equivalents_per_s"] == round(10 * HEADS_ONLY_COST)
     # without start_s: a pool of `jobs` slots in the submitted order
     assert pool_starts(["a", "b", "c"], {"a": 5.0, "b": 3.0, "c": 1.0}, 2) == {"a": 0.0, "b": 0.0, "c": 3.0}
+
+
+def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
+    """--mps with a stand-in nvidia-cuda-mps-control that logs its calls: missing, it is reported and nothing
+    changes; when the CUDA check fails (as on this CPU) the daemon is stopped again and the environment restored;
+    when it passes, the clients' environment names the daemon's pipe folder, and stop_mps quits it."""
+    gpu_run = load_script("gpu_run")
+    calls, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / gpu_run.MPS_CONTROL
+    fake.write_text(f'#!/bin/sh\necho "args=$* stdin=$(cat -) pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {calls}\n')
+    fake.chmod(0o755)
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+
+    env, steps = {"PATH": "/usr/bin:/bin"}, []
+    assert gpu_run.start_mps(env, tmp_path, log_dir, steps).startswith("not available")
+    assert env == {"PATH": "/usr/bin:/bin"} and steps == []
+
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    before = dict(env)
+    if not torch.cuda.is_available():
+        status = gpu_run.start_mps(env, tmp_path, log_dir, steps)
+        assert status.startswith("failed at mps-check") and env == before
+        assert [s["step"] for s in steps] == ["mps-start", "mps-check"]
+        assert calls.read_text().splitlines()[-1].startswith("args= stdin=quit")  # stopped again
+    monkeypatch.setattr(gpu_run, "CUDA_CHECK", "print('ok')")
+    steps.clear()
+    assert gpu_run.start_mps(env, tmp_path, log_dir, steps) == "on"
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "mps-pipe") and (tmp_path / "mps-pipe").is_dir()
+    gpu_run.stop_mps(env)
+    assert calls.read_text().splitlines()[-2:] == [f"args=-d stdin= pipe={tmp_path / 'mps-pipe'}",
+                                                   f"args= stdin=quit pipe={tmp_path / 'mps-pipe'}"]
