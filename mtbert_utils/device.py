@@ -45,8 +45,9 @@ def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     i.e. CUDA graphs, one recorded per padded shape (pad_to_multiple keeps them few: 24 in 10 passes over
     the local training data at batch 64 and a multiple of 16, results/bench/graph_shapes.json). It compiles
     with dynamic shapes, once per kind of input (token types or not, grad on or off), not once per shape and
-    grad mode (up to 48 compiles with dynamic=False; tests/test_levers.py counts them on CPU). Evaluation stays eager, as its
-    batch sizes and lengths would record graphs of their own. training_step marks each step's start."""
+    grad mode (up to 48 compiles with dynamic=False; tests/test_levers.py counts them on CPU). Evaluation
+    stays eager, as its batch sizes and lengths would record graphs of their own. training_step marks each
+    step's start."""
     if not config.cuda_graphs:
         return
     if device.type != "cuda":

@@ -188,7 +188,7 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
     """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run."""
     from concurrent.futures import as_completed
     from mtbert_utils import progress
-    todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: N at a time finish closer
+    todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer
     bar = progress.bar(total=len(todo), desc=desc, unit="run")
     futures = {pool.submit(_train_worker, dataclasses.replace(cfg, progress=False).to_dict()): rec
                for rec, cfg in todo}
