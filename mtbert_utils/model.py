@@ -161,8 +161,8 @@ class MultitaskBert(nn.Module):
         if cache is not None and all(k in cache for k in keys):
             return torch.stack([cache[k] for k in keys])
         emb = self._embed(input_ids, attention_mask, token_type_ids)
-        if cache is not None:
-            cache.update(zip(keys, emb.detach()))
+        if cache is not None:  # copies: a CUDA graph (cuda_graphs) reuses its output memory at the next replay
+            cache.update(zip(keys, emb.detach().clone()))
         return emb
 
     def _embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:

@@ -155,6 +155,21 @@ def test_heads_only_step_with_cache_skips_the_encoder_once_filled(encoded, one_t
     assert len(calls) == 2 * len(TASKS)
 
 
+def test_the_cache_owns_its_outputs(encoded, one_thread):
+    """With cls pooling the pooled output is a view into the encoder's output, which a CUDA graph (cuda_graphs)
+    overwrites at its next replay: the cache must hold copies, not views."""
+    model = build_model(TrainConfig(encoder="tiny", pooling="cls"))
+    model.set_encoder_trainable(False)
+    model.train()
+    model.embed_cache = {}
+    outputs = []
+    model.encoder.register_forward_hook(
+        lambda m, i, o: outputs.append(o.last_hidden_state.untyped_storage().data_ptr()))
+    model({"sst": collate(encoded["sst"], range(8), "joint")})
+    assert len(model.embed_cache) == 8 and len(outputs) == 1
+    assert all(v.untyped_storage().data_ptr() != outputs[0] for v in model.embed_cache.values())
+
+
 def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path, one_thread, monkeypatch):
     """With no encoder dropout the cache changes nothing but speed: the same losses and dev scores, with
     fewer encoder calls (the second epoch of each heads-only phase reads the cache)."""
