@@ -202,22 +202,90 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
+def _eager_and_graphed(encoded, device, *, pcgrad=False, steps=6, frozen_from=4):
+    """Two copies of one tiny model trained side by side on the same batches, one eager and one through
+    use_cuda_graphs: batch sizes 8 and 16, several padded lengths, full steps then heads-only ones. SGD, so
+    that a rounding difference in a gradient stays as small in the weights (Adam's first steps would turn a
+    near-zero gradient's rounding into a step of +-lr). Returns (models, each one's losses by step, the distinct
+    encoder inputs: (name, shape) of each tensor argument, and the grad mode)."""
+    import copy
+    from mtbert_utils.device import use_cuda_graphs
+    from mtbert_utils.evaluation import to_device
+    from mtbert_utils.training import training_step
+    common = dict(encoder="tiny", dropout=0.0, encoder_dropout=0.0, pad_to_multiple=16, pcgrad=pcgrad,
+                  progress=False)
+    cfgs = TrainConfig(**common), TrainConfig(cuda_graphs=True, **common)
+    eager = build_model(cfgs[0]).to(device)
+    graphed = copy.deepcopy(eager)
+    use_cuda_graphs(graphed, cfgs[1], torch.device("cuda"))  # on CPU a stand-in device: the model stays there
+    assert graphed.graphed_encoder is not None
+    inputs = set()
+    eager.encoder.register_forward_pre_hook(lambda m, args, kw: inputs.add((
+        tuple((k, tuple(v.shape)) for k, v in kw.items() if v is not None), torch.is_grad_enabled())),
+        with_kwargs=True)
+    models = eager, graphed
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
+    gens = [torch.Generator(device=device).manual_seed(0) for _ in models]  # PCGrad's task orders, alike
+    losses = [[], []]
+    for step in range(steps):
+        start, size = 8 * (step % 3), 8 * (1 + step % 2)
+        batches = {t: to_device(collate(enc, range(start, start + size), eager.pair_mode(t), pad_to_multiple=16),
+                                device) for t, enc in encoded.items()}
+        for i, m in enumerate(models):
+            m.train()
+            m.set_encoder_trainable(step < frozen_from)
+            out = training_step(m, opts[i], batches, cfgs[i], device=device, generator=gens[i],
+                                shared=[p for p in m.parameters() if p.requires_grad])
+            losses[i].append(out["losses"])
+    return models, losses, inputs
+
+
+def _assert_trained_alike(models, losses, steps=6):
+    # each value after TINY_FORWARD sequential roundings per step, steps in a row
+    tol = float32_tol(TINY_FORWARD * steps)
+    for a, b in zip(*losses):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) <= tol * (abs(a[t]) + 1) for t in a), (a, b)
+    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert (a - b).abs().max().item() <= tol * (a.abs().max().item() + 1), k
+
+
 def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(encoded, one_thread, monkeypatch):
     """use_cuda_graphs compiles the encoder for training steps. A CPU has no CUDA graphs, so torch.compile
     gets dynamo's aot_eager backend here: it traces what reduce-overhead would compile, but runs eager
     kernels. Over batch sizes, padded lengths, full and heads-only steps: no graph break, one compile per
     kind of input with dynamic shapes (CUDA graphs are then recorded per shape, without compiling again),
     and the steps give the eager model's losses and weights."""
-    import copy
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from mtbert_utils.device import use_cuda_graphs
-    from mtbert_utils.optim import build_optimizer
-    from mtbert_utils.training import training_step
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, mode=None, dynamic=None: compile_(m, backend="aot_eager",
                                                                                       dynamic=dynamic))
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    torch._dynamo.reset()
+    counters.clear()
+    models, losses, inputs = _eager_and_graphed(encoded, torch.device("cpu"))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # one compile per kind of input (which tensors are passed, grad on or off), however many shapes:
+    # a full-data run at batch 64 and pad_to_multiple=16 feeds 24 shapes (results/bench/graph_shapes.json)
+    kinds = {(tuple(name for name, _ in shapes), grad) for shapes, grad in inputs}
+    assert len(inputs) > 2 * len(kinds)  # the steps above do vary the shapes
+    assert 0 < counters["stats"]["unique_graphs"] <= len(kinds)
+    _assert_trained_alike(models, losses)
+    torch._dynamo.reset()  # PCGrad: one backward pass per task through the compiled forward
+    _assert_trained_alike(*_eager_and_graphed(encoded, torch.device("cpu"), pcgrad=True)[:2])
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real CUDA graphs (gpu_run.py runs it)")
+def test_cuda_graphs_on_cuda_train_like_eager(encoded):
+    """The same on a GPU, with torch.compile(mode="reduce-overhead") as training uses it: CUDA graphs replayed
+    over the steps, with the summed task losses and with PCGrad (one backward pass per task), full and
+    heads-only steps, give the eager model's losses and weights."""
+    import torch._dynamo
+    for pcgrad in (False, True):
+        torch._dynamo.reset()
+        models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad)
+        _assert_trained_alike(models, losses)
     torch._dynamo.reset()
     counters.clear()
     common = dict(encoder="tiny", dropout=0.0, encoder_dropout=0.0, pad_to_multiple=16, progress=False)
