@@ -59,6 +59,20 @@ def test_minilm_dir_fp16_copy_loads_as_fp32(tiny_minilm, tmp_path, monkeypatch):
         model.minilm_path()
 
 
+def test_packed_minilm_comes_back_byte_for_byte(tiny_minilm, tmp_path):
+    """gpu_run packs MiniLM's fp16 weights as byte planes in an xz archive (smaller, to fit the 64 MiB that
+    travel); unpacked, every file is the export's, byte for byte."""
+    gpu_run = load_script("gpu_run")
+    export = model.export_minilm(tmp_path / "export", fp16=True, source=tiny_minilm)
+    raw = (export / "model.safetensors").read_bytes()
+    assert gpu_run.byte_planes(raw) != raw and gpu_run.byte_planes(gpu_run.byte_planes(raw), inverse=True) == raw
+    (tmp_path / "pack").mkdir()
+    gpu_run.pack_minilm(tmp_path / "pack", tiny_minilm)
+    back = gpu_run.unpack_minilm(tmp_path / "pack" / gpu_run.MINILM_ARCHIVE, tmp_path / "back")
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in export.iterdir())
+    assert all((back / p.name).read_bytes() == p.read_bytes() for p in export.iterdir())
+
+
 def test_minilm_dir_leaves_run_names_alone(tiny_minilm, monkeypatch):
     from mtbert_utils import plans
     args = dict(encoder="minilm", data_dir="", max_train={}, max_dev=0, batch_size=64, epochs=5,
@@ -88,7 +102,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     pack, root, out, into = (tmp_path / d for d in ("pack", "root", "out", "into"))
     assert gpu_run.main(["pack", "--dest", str(pack), "--data", str(small_data_dir),
                          "--minilm-src", str(tiny_minilm)]) == 0
-    assert (pack / "minilm" / "config.json").exists() and (pack / "data.tar.xz").exists()
+    assert (pack / gpu_run.MINILM_ARCHIVE).exists() and (pack / "data.tar.xz").exists()
 
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "smoke-best",
                        "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--pack-dir", str(pack),
