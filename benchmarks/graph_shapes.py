@@ -5,8 +5,8 @@
 CUDA graphs replay fixed shapes, so a run records one graph per distinct (batch size, padded length) of the
 encoder's input, per kind of input (token types or not) and per grad mode (full and heads-only steps). This
 counts those shapes for the gpu-minilm / paper-minilm batching (all the local training data, batch 64, grouped
-by length, padded to a multiple of 16; STS pairs as the cosine head feeds them, both sentences in one call of
-twice the batch), over `--passes` shuffled passes of each task. Needs no GPU and no model, only the tokenizer.
+by length, padded to a multiple of 16; Quora pairs joint, STS pairs as model.embed_pair feeds them, both sentences
+in one call of twice the batch), over `--passes` shuffled passes of each task. Needs no GPU and no model, only the tokenizer.
 With dynamic=True torch.compile compiles once per kind of input and grad mode, not once per shape
 (tests/test_levers.py counts the compiles on CPU); the shapes still cost one recording each.
 """
@@ -20,14 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mtbert_utils import TASKS  # noqa: E402
 from mtbert_utils.batching import TaskBatchStream  # noqa: E402
 from mtbert_utils.config import TrainConfig  # noqa: E402
-from mtbert_utils.model import load_tokenizer  # noqa: E402
+from mtbert_utils.model import load_tokenizer, pair_mode  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
 from mtbert_utils.training import prepare_data  # noqa: E402
-
-PAIR_MODES = {"sst": "joint", "para": "joint", "sts": "separate"}  # the cosine STS head embeds a and b
-
 
 def encoder_shape(batch: dict) -> tuple[int, int]:
     """(rows, length) of the encoder's input for one batch (model.embed_pair pads a and b to one length)."""
@@ -40,7 +38,8 @@ def encoder_shape(batch: dict) -> tuple[int, int]:
 def count_shapes(config: TrainConfig, passes: int) -> dict:
     enc, _ = prepare_data(config, load_tokenizer(config.encoder))
     out = {}
-    for task, mode in PAIR_MODES.items():
+    for task in TASKS:
+        mode = pair_mode(task, config.para_input)
         stream = TaskBatchStream(enc["train"][task], config.batch_size, config.seed, pair_mode=mode,
                                  group_by_length=config.group_by_length, pad_to_multiple=config.pad_to_multiple)
         shapes = collections.Counter(encoder_shape(next(stream)) for _ in range(passes * stream.num_batches))

@@ -129,6 +129,14 @@ def default_pooling(encoder_name: str) -> str:
 PARA_INPUTS = ("joint", "separate", "sbert")
 
 
+def pair_mode(task: str, para_input: str = "joint") -> str:
+    """How a task's batches are collated: paraphrase pairs joint ([CLS] a [SEP] b [SEP]) when para_input is
+    'joint', STS pairs always separate (each sentence embedded alone); sst has one sentence (mode ignored)."""
+    if task == "para" and para_input == "joint":
+        return "joint"
+    return "joint" if task == "sst" else "separate"
+
+
 class MultitaskBert(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str = "mean", dropout: float = 0.3,
                  para_input: str = "joint", sts_head: str = "cosine"):
@@ -228,9 +236,7 @@ class MultitaskBert(nn.Module):
 
     def pair_mode(self, task: str) -> str:
         """How a task's batches must be collated for this model."""
-        if task == "para" and self.para_input == "joint":
-            return "joint"
-        return "joint" if task == "sst" else "separate"  # sst ignores the pair mode
+        return pair_mode(task, self.para_input)
 
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by module, the keys of the per-module learning rates."""
