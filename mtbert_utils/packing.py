@@ -48,16 +48,13 @@ def training_notebooks(plan: list[tuple[str, dict]]) -> dict[str, dict]:
 
 
 def finished_run(config) -> dict | None:
-    """The run's result, read from its JSON, if it finished with this config; else None (train() reuses the same)."""
-    path = Path(config.out_dir) / f"{config.run_name}.json"
+    """The run's result if it finished with this config (training.read_finished, as train() decides), else None;
+    an unreadable result file counts as not finished here (training it says why)."""
+    from mtbert_utils.training import read_finished
     try:
-        done = json.loads(path.read_text())
+        return read_finished(Path(config.out_dir) / f"{config.run_name}.json", config)
     except (OSError, json.JSONDecodeError):
         return None
-    if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
-        return None
-    done["result_path"] = str(path)
-    return done
 
 
 def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: Path) -> list[tuple[str, object]]:

@@ -288,16 +288,22 @@ class Run:
                                                else None, find_unused_parameters=True)
 
 
+def read_finished(path: Path, config: TrainConfig) -> dict | None:
+    """The result JSON at `path` if it is a finished run of `config` (status finished, the same fingerprint),
+    with result_path added; None if there is none there or it is another run's. The one test of "already
+    trained", for train() and for packing's run lists."""
+    if not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
+        return None
+    done["result_path"] = str(path)
+    return done
+
+
 def finished_result(run: Run) -> dict | None:
     """The run's result if it finished before with this config (rank 0 decides for every process)."""
-    done = None
-    if run.main and run.result_path.exists():
-        done = json.loads(run.result_path.read_text())
-        if done.get("status") == "finished" and done.get("fingerprint") == run.config.fingerprint():
-            done["result_path"] = str(run.result_path)
-        else:
-            done = None
-    return distributed.broadcast_object(done)
+    return distributed.broadcast_object(read_finished(run.result_path, run.config) if run.main else None)
 
 
 def build_state(run: Run) -> RunState:
