@@ -27,17 +27,13 @@ def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
     autocast (MiniLM, SST, batch 32; issue 12), as bf16 attention pays a first-use cost per new padded
     length and the step is launch-bound. `python -m mtbert_utils.bench --device cuda` measures both again."""
     p = config.precision
-    if p == "auto":
-        return None, False
-    if p == "fp32":
+    if p in ("auto", "fp32"):
         return None, False
     if p == "fp16":
         if device.type != "cuda":
             raise ValueError("fp16 needs CUDA; use precision='bf16' or 'fp32' on CPU")
         return torch.float16, True
     return torch.bfloat16, False
-
-
 
 
 def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
