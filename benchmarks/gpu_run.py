@@ -107,11 +107,16 @@ def pack_minilm(dest: Path, minilm_src: Path | None) -> None:
             tar.addfile(info, io.BytesIO(planes))
 
 
-def unpack_minilm(archive: Path, into: Path) -> Path:
-    """The folder pack_minilm packed, weights restored, for $MTBERT_MINILM_DIR."""
+def extract_all(archive: Path, into: Path) -> None:
+    """Every member of an archive `pack` wrote, into `into` (with tarfile's "data" filter where Python has it)."""
     into.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data") if sys.version_info >= (3, 12) else tar.extractall(into)
+
+
+def unpack_minilm(archive: Path, into: Path) -> Path:
+    """The folder pack_minilm packed, weights restored, for $MTBERT_MINILM_DIR."""
+    extract_all(archive, into)
     planes = into / ("model.safetensors" + PLANES)
     (into / "model.safetensors").write_bytes(byte_planes(planes.read_bytes(), inverse=True))
     planes.unlink()
@@ -243,11 +248,8 @@ def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
         env["MTBERT_MINILM_DIR"] = str(unpack_minilm(pack_dir / MINILM_ARCHIVE, pack_dir / "minilm").resolve())
         done["minilm"] = repo_relative(env["MTBERT_MINILM_DIR"])
     if (pack_dir / "data.tar.xz").exists():
-        data = tmp / "cs224n"
-        data.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(pack_dir / "data.tar.xz") as tar:
-            tar.extractall(data, filter="data") if sys.version_info >= (3, 12) else tar.extractall(data)
-        env["MTBERT_DATA_DIR"] = str(data)
+        extract_all(pack_dir / "data.tar.xz", tmp / "cs224n")
+        env["MTBERT_DATA_DIR"] = str(tmp / "cs224n")
         done["data"] = "(--tmp)/cs224n"  # recorded without the machine's folders
     return done
 
