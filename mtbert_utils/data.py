@@ -1,7 +1,7 @@
 """Data: read the CS224N multitask files, find them, split them (tokenizing and batching: mtbert_utils.batching).
 
 Reading:   read_task_file -> (examples, report); load_task / load_tasks -> TaskData
-Locating:  resolve_data_dir, missing_files, check_data_dir, download
+Locating:  resolve_data_dir, missing_files, check_data_dir, download; file_digests (what a run read)
 Splitting: split_by_hash (by id, order-free), subsample (seeded)
 
 Files are tab-separated with CSV quoting; the first column is a row index.
@@ -315,6 +315,24 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digests(data_dir=None, tasks=TASKS) -> dict[str, str]:
+    """{file name: sha256} of the tasks' files present in the data dir: the files a run reads. Every result
+    file records them (data.sha256) and every executed notebook's manifest too, so a run or a notebook made
+    from other files (a full quora-train.csv, a corrected file) is never taken as done."""
+    folder = resolve_data_dir(data_dir)
+    return {name: _sha256(folder / name) for task in tasks for name in FILES[task].values()
+            if (folder / name).is_file()}
+
+
+def digest_changes(recorded: dict | None, current: dict) -> str:
+    """What differs between recorded file digests and the current ones, in words ('' when nothing does)."""
+    if recorded is None:
+        return "no record of its data files"
+    changes = [f"{n} {'missing now' if n not in current else 'new' if n not in recorded else 'changed'}"
+               for n in sorted(set(recorded) | set(current)) if recorded.get(n) != current.get(n)]
+    return ", ".join(changes)
 
 
 def download(data_dir=None, names=None, overwrite=False):

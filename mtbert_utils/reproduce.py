@@ -208,7 +208,8 @@ def manifest_path(results_dir: Path, name: str) -> Path:
     return results_dir / "executed" / f"{name}.done.json"
 
 
-def is_complete(results_dir: Path, name: str, params: dict, version: str) -> bool:
+def is_complete(results_dir: Path, name: str, params: dict, version: str, data: dict) -> bool:
+    """The notebook's manifest records these parameters, this code version and these data files' digests."""
     path = manifest_path(results_dir, name)
     if not path.exists():
         return False
@@ -216,7 +217,15 @@ def is_complete(results_dir: Path, name: str, params: dict, version: str) -> boo
         done = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return done.get("params") == json.loads(json.dumps(params)) and done.get("code_version") == version
+    return (done.get("params") == json.loads(json.dumps(params)) and done.get("code_version") == version
+            and done.get("data_sha256") == data)
+
+
+def notebook_data(params: dict) -> dict:
+    """Digests of the data files a notebook with these parameters reads: its data_dir (relative to the
+    caller's directory), else $MTBERT_DATA_DIR, else the repository's data/ (as a kernel in notebooks/ finds it)."""
+    from mtbert_utils.data import ENV_VAR, file_digests
+    return file_digests(params.get("data_dir") or os.environ.get(ENV_VAR) or REPO_ROOT / "data")
 
 
 def absolute_path(path: str) -> str:
@@ -357,18 +366,19 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
 
 def run_notebook(pm, profile: dict, name: str, params: dict, results_dir: Path, force: bool, kernel,
                  log_output: bool) -> dict:
-    """Execute one notebook of a profile unless it is complete; its manifest records the parameters as given."""
+    """Execute one notebook of a profile unless it is complete; its manifest records the parameters as given,
+    the code version and the digests of the data files (a relative data_dir is the caller's, as here)."""
     from tqdm.auto import tqdm
     nb_path = notebook_path(name)
-    version = code_version(nb_path)
-    if not force and is_complete(results_dir, name, params, version):
-        tqdm.write(f"[skip] {name}: already complete for these parameters and this code")
+    version, data = code_version(nb_path), notebook_data(params)
+    if not force and is_complete(results_dir, name, params, version, data):
+        tqdm.write(f"[skip] {name}: already complete for these parameters, this code and these data files")
         return {"notebook": name, "status": "skipped"}
     t0 = time.time()
     execute(pm, name, nb_path, results_dir / "executed" / f"{name}.ipynb", for_kernel(params),
             kernel, log_output)
     record = {"notebook": name, "status": "ran", "seconds": round(time.time() - t0, 1),
-              "params": params, "code_version": version, "profile": profile["_name"]}
+              "params": params, "code_version": version, "data_sha256": data, "profile": profile["_name"]}
     write_json(manifest_path(results_dir, name), record)
     tqdm.write(f"[done] {name} in {record['seconds']:.0f}s")
     return record

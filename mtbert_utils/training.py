@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from mtbert_utils import TASKS, distributed, progress
 from mtbert_utils.checkpoint import RunState
 from mtbert_utils.config import TrainConfig
-from mtbert_utils.data import load_tasks, split_by_hash
+from mtbert_utils.data import digest_changes, file_digests, load_tasks, split_by_hash
 from mtbert_utils.device import pick_amp, pick_device, tf32_matmuls, use_cuda_graphs  # noqa: F401 (also training.*)
 from mtbert_utils.batching import TaskBatchStream, collate, encode_task
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
@@ -79,9 +80,12 @@ def load_run_tasks(config: TrainConfig) -> tuple[dict, dict]:
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> dict:
-    """Load, subsample and tokenize the three tasks once per process (cached by what changes them)."""
-    key = (config.data_dir, str(config.max_train), str(config.max_dev), config.seed, config.max_length,
-           config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased", config.val_fraction)
+    """Load, subsample and tokenize the three tasks once per process (cached by what changes them, the
+    files' contents included)."""
+    digests = file_digests(config.data_dir)
+    key = (config.data_dir, tuple(digests.items()), str(config.max_train), str(config.max_dev), config.seed,
+           config.max_length, config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased",
+           config.val_fraction)
     if key not in _DATA_CACHE:
         tasks, val = load_run_tasks(config)
         enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
@@ -90,7 +94,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict:
         enc["val"] = {t: encode_task(v, tokenizer, t, config.max_length) for t, v in val.items()}
         info = {"sizes": {t: {**td.sizes, **({"val": len(val[t])} if val else {})} for t, td in tasks.items()},
                 "sources": {t: td.sources for t, td in tasks.items()},
-                "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()}}
+                "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()},
+                "sha256": digests}
         _DATA_CACHE.clear()  # keep one data set in memory at a time
         _DATA_CACHE[key] = (enc, info)
     return _DATA_CACHE[key]
@@ -289,13 +294,17 @@ class Run:
 
 
 def read_finished(path: Path, config: TrainConfig) -> dict | None:
-    """The result JSON at `path` if it is a finished run of `config` (status finished, the same fingerprint),
-    with result_path added; None if there is none there or it is another run's. The one test of "already
-    trained", for train() and for packing's run lists."""
+    """The result JSON at `path` if it is a finished run of `config` (status finished, the same fingerprint,
+    trained on the data files there are now), with result_path added; None if there is none there or it is
+    another run's. The one test of "already trained", for train() and for packing's run lists."""
     if not path.exists():
         return None
     done = json.loads(path.read_text())
     if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
+        return None
+    changed = digest_changes(done.get("data", {}).get("sha256"), file_digests(config.data_dir))
+    if changed:
+        warnings.warn(f"{path.name} was trained on other data files ({changed}): it is trained again", stacklevel=2)
         return None
     done["result_path"] = str(path)
     return done

@@ -81,6 +81,23 @@ def test_failed_rerun_keeps_the_last_good_executed_notebook(data_dir, tmp_path, 
     assert not failed.exists()
 
 
+def test_a_notebook_made_from_other_data_files_runs_again(small_data_dir, tmp_path, monkeypatch):
+    """The manifest records the data files' digests: the same folder with a changed or an added file (a
+    user who later puts the full quora-train.csv in data/) is not "already complete"."""
+    folder = tmp_path / "data"
+    shutil.copytree(small_data_dir, folder)
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(folder))
+    status = lambda: reproduce.run("smoke", only=["00_data"], out_root=tmp_path)[0]["status"]  # noqa: E731
+    assert status() == "ran" and status() == "skipped"
+    with open(folder / "sts-dev.csv", "a", encoding="utf-8") as f:
+        f.write("9999\tnew-id\tA man sings.\tA man is singing.\t4.5\n")
+    assert status() == "ran" and status() == "skipped"
+    shutil.copy(folder / "quora-dev.csv", folder / "quora-train.csv")
+    assert status() == "ran"
+    manifest = json.loads(reproduce.manifest_path(tmp_path / "results" / "smoke", "00_data").read_text())
+    assert manifest["data_sha256"] == data.file_digests(folder) and "quora-train.csv" in manifest["data_sha256"]
+
+
 def test_runs_load_the_data_quietly_and_notebooks_state_the_source_in_one_line(data_dir, monkeypatch):
     """Skipped rows are warned about where a person reads the data (notebook 00, read_task_file by hand), not
     every time a run loads it; the one-line source names the folder relative to where the notebook runs."""

@@ -1,12 +1,14 @@
 """The training loop end to end with the tiny encoder: result files, exact resume, determinism, every schedule."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mtbert_utils.data import digest_changes, file_digests
 from mtbert_utils.results import load_runs
 from mtbert_utils.config import LR_KEYS, TrainConfig
 from mtbert_utils.optim import lr_multiplier
@@ -165,7 +167,8 @@ def test_end_to_end_result_file(finished):
     assert saved["status"] == "finished" and saved["seed"] == 0 and saved["device"] == "cpu"
     assert TrainConfig.from_dict(saved["config"]).run_name == config.run_name  # the config round-trips
     assert saved["encoder"]["name"] == "tiny" and saved["encoder"]["parameters"] > 0
-    assert set(saved["data"]) >= {"sizes", "sources", "skipped"}
+    assert set(saved["data"]) >= {"sizes", "sources", "skipped", "sha256"}
+    assert saved["data"]["sha256"] == file_digests(config.data_dir) and len(saved["data"]["sha256"]) == 7
     assert saved["data"]["sizes"]["sst"]["train"] == 32 and saved["data"]["sizes"]["sts"]["dev"] == 32
     assert len(saved["history"]) == 3
     for epoch, rec in enumerate(saved["history"]):
@@ -207,6 +210,28 @@ def test_same_seed_same_metrics(finished, tiny_config, tmp_path):
     assert again["dev"] == full["dev"]
     assert [r["train_loss"] for r in again["history"]] == [r["train_loss"] for r in full["history"]]
     assert_same_params(checkpoint(again)["model"], checkpoint(full)["model"])
+
+
+def test_a_run_trained_on_other_data_files_is_trained_again(tiny_config, small_data_dir, tmp_path, one_thread):
+    """A finished run is reused only while the data files it read are byte for byte the same (the run name
+    hashes the config, not the data folder: the same run must be found on any machine)."""
+    folder = tmp_path / "data"
+    shutil.copytree(small_data_dir, folder)
+    config = tiny_config(tmp_path / "runs", data_dir=str(folder), phases=[[1, False]], lr_decay_epochs=[])
+    first = train(config)
+    assert train(config, resume=True)["train_time_s"] == first["train_time_s"]  # reused, as a notebook re-run does
+    with open(folder / "ids-sst-dev.csv", "a", encoding="utf-8") as f:
+        f.write("9999\tnew-id\t a new sentence .\t3\n")
+    with pytest.warns(UserWarning, match=r"other data files \(ids-sst-dev.csv changed\)"):
+        again = train(config, resume=True)
+    assert again["data"]["sha256"] == file_digests(folder) != first["data"]["sha256"]  # trained, not reused
+    assert train(config, resume=True)["train_time_s"] == again["train_time_s"]  # and reused from then on
+
+
+def test_digest_changes_name_each_file():
+    assert digest_changes({"a": "1", "b": "2"}, {"a": "1", "b": "2"}) == ""
+    assert digest_changes({"a": "1", "b": "2"}, {"a": "9", "c": "3"}) == "a changed, b missing now, c new"
+    assert digest_changes(None, {"a": "1"}) == "no record of its data files"
 
 
 @pytest.mark.parametrize("pcgrad", [True, False])
