@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from mtbert_utils import TASKS, distributed
 from mtbert_utils.config import TrainConfig
+from mtbert_utils.data import digest_changes
 from mtbert_utils.model import default_pooling
 from mtbert_utils.results import save_torch
 
@@ -72,6 +74,7 @@ PROGRESS = {
     "resumes": 0,          # sessions before this one
     "best": None,          # with val_fraction: the best epoch on validation, its score and weights
     "snapshot_val": None,  # with snapshot_ensemble: epoch -> task -> raw validation outputs
+    "data_sha256": None,   # the data files' digests (data.file_digests) the run trains on; None: not recorded
 }
 
 
@@ -96,6 +99,7 @@ class RunState:
     resumes: int = 0
     best: dict = field(default_factory=_no_best)
     snapshot_val: dict = field(default_factory=dict)
+    data_sha256: dict | None = None
 
     def parts(self) -> dict:
         """checkpoint key -> (get its state, set its state), for every live object."""
@@ -129,9 +133,17 @@ class RunState:
                           "torch_rng": torch.get_rng_state(), **rngs,
                           "signature": checkpoint_signature(config), "config": config.to_dict()})
 
-    def restore(self, path: Path, config: TrainConfig) -> None:
-        """Continue from the checkpoint at `path` (every process reads the same file)."""
+    def restore(self, path: Path, config: TrainConfig) -> bool:
+        """Continue from the checkpoint at `path` (every process reads the same file). A checkpoint written
+        while training on other data files is not restored (a warning names them; False): the run starts
+        afresh, as train() retrains a finished run whose data files changed."""
         ckpt = load_checkpoint(path, config)
+        recorded = ckpt.get("data_sha256")
+        changed = recorded is not None and self.data_sha256 is not None and digest_changes(recorded, self.data_sha256)
+        if changed:
+            warnings.warn(f"checkpoint {path} was written while training on other data files ({changed}): "
+                          f"the run starts from scratch", stacklevel=2)
+            return False
         load_model_state(self.model, ckpt["model"], path)
         for key, (_, set_state) in self.parts().items():
             if set_state is not None and key in ckpt:
@@ -147,3 +159,4 @@ class RunState:
                 self.wall_time = None
         self.snapshot_val = {int(k): v for k, v in self.snapshot_val.items()}
         self.resumes += 1
+        return True

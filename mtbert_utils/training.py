@@ -340,7 +340,7 @@ def build_state(run: Run) -> RunState:
         run.averager = distributed.TaskGradientAverager({t: model.module_groups()[t] for t in TASKS})
     return RunState(model=model, optimizer=optimizer, streams=streams, schedule=schedule,
                     sched_rng=random.Random(config.seed), pc_gen=torch.Generator().manual_seed(config.seed),
-                    scaler=scaler)
+                    scaler=scaler, data_sha256=run.data_info["sha256"])
 
 
 def budget_spent(config: TrainConfig, state: RunState) -> bool:

@@ -99,7 +99,7 @@ def test_grad_method_follows_the_pcgrad_field_and_stays_out_of_the_config():
 
 def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoints_lack(tmp_path):
     """One field list: a RunState saved and restored into a fresh one carries every progress field; a checkpoint
-    written before wall time, resumes, best and snapshot scores were kept restores their defaults."""
+    written before wall time, resumes, best, snapshot scores and data digests were kept restores their defaults."""
     import random
     from mtbert_utils.checkpoint import PROGRESS, RunState
     from mtbert_utils.schedules import get_schedule
@@ -117,7 +117,7 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
     state.sched_rng.random()
     changed = dict(epoch=2, step=17, seen={"sst": 5, "para": 6, "sts": 7}, history=[{"epoch": 1}, {"epoch": 2}],
                    train_time=3.5, wall_time=4.0, resumes=1, best={"epoch": 2, "score": 0.5, "model": None},
-                   snapshot_val={1: {"sst": [0.1]}})
+                   snapshot_val={1: {"sst": [0.1]}}, data_sha256={"sts-dev.csv": "ce3c"})
     assert set(changed) == set(PROGRESS)
     for k, v in changed.items():
         setattr(state, k, v)
@@ -134,14 +134,15 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
     assert torch.equal(back.model.weight, state.model.weight)
     assert back.schedule.state_dict() == state.schedule.state_dict()
     assert back.sched_rng.getstate() == state.sched_rng.getstate()
-    # an older checkpoint: no wall_time, resumes, best or snapshot_val
+    # an older checkpoint: no wall_time, resumes, best, snapshot_val or data digests
     old = torch.load(path, weights_only=False)
-    for k in ("wall_time", "resumes", "best", "snapshot_val"):
+    for k in ("wall_time", "resumes", "best", "snapshot_val", "data_sha256"):
         del old[k]
     torch.save(old, path)
     back = fresh()
     back.restore(path, config)
     assert (back.wall_time, back.resumes, back.best["epoch"], back.snapshot_val) == (None, 1, None, {})
+    assert back.data_sha256 is None
     assert (back.epoch, back.step) == (2, 17)
 
 
@@ -222,10 +223,24 @@ def test_a_run_trained_on_other_data_files_is_trained_again(tiny_config, small_d
     assert train(config, resume=True)["train_time_s"] == first["train_time_s"]  # reused, as a notebook re-run does
     with open(folder / "ids-sst-dev.csv", "a", encoding="utf-8") as f:
         f.write("9999\tnew-id\t a new sentence .\t3\n")
-    with pytest.warns(UserWarning, match=r"other data files \(ids-sst-dev.csv changed\)"):
+    with pytest.warns(UserWarning, match=r"other data files \(ids-sst-dev.csv changed\)") as said:
         again = train(config, resume=True)
-    assert again["data"]["sha256"] == file_digests(folder) != first["data"]["sha256"]  # trained, not reused
+    assert any("the run starts from scratch" in str(w.message) for w in said)  # its last checkpoint is not used
+    assert again["data"]["sha256"] == file_digests(folder) != first["data"]["sha256"] and again["resumes"] == 0
     assert train(config, resume=True)["train_time_s"] == again["train_time_s"]  # and reused from then on
+
+
+def test_a_checkpoint_from_other_data_files_is_not_resumed(tiny_config, small_data_dir, tmp_path, one_thread):
+    """An interrupted run resumes only on the files it started on; on others it starts from scratch."""
+    folder = tmp_path / "data"
+    shutil.copytree(small_data_dir, folder)
+    config = tiny_config(tmp_path / "runs", data_dir=str(folder))
+    assert train(config, max_epochs=1)["status"] == "interrupted"
+    shutil.copy(folder / "quora-dev.csv", folder / "quora-train.csv")  # para train no longer carved from dev
+    with pytest.warns(UserWarning, match=r"other data files \(quora-train.csv new\): the run starts from scratch"):
+        result = train(config, resume=True)
+    assert result["status"] == "finished" and result["resumes"] == 0
+    assert result["data"]["sources"]["para"]["train"].startswith("quora-train.csv")
 
 
 def test_digest_changes_name_each_file():
