@@ -27,9 +27,10 @@ from mtbert_utils.results import environment, load_index, write_index, write_jso
 from mtbert_utils.schedules import adaptive_reference, resolve_sigma, schedule_params_for
 from mtbert_utils.stats import verdict
 from mtbert_utils.tables import (BEST_REFERENCES, METRICS, STUDY_TABLE1, TABLE1_ROWS,
-                                 TRAINING_MINUTES_TARGET, ablation_table, best_summary, ensemble_table, format_cell,
-                                 frame_markdown, grad_conflicts, paired_table, position_effect, runs_frame, summarize,
-                                 summarize_frame, table1, table_markdown, wall_minutes, weighting_label)
+                                 TRAINING_MINUTES_TARGET, ablation_table, best_summary, best_verdict_markdown,
+                                 ensemble_table, format_cell, frame_markdown, grad_conflicts, paired_table,
+                                 position_effect, runs_frame, summarize, summarize_frame, table1, table_markdown,
+                                 wall_minutes, weighting_label)
 
 __all__ = [  # what notebooks call: run here, or named here from its own home
     "run_seeds", "run_grid", "zero_shot",
@@ -37,8 +38,8 @@ __all__ = [  # what notebooks call: run here, or named here from its own home
     "make_config", "WEAK_SURGERY", "claim_sentence", "pcgrad_reading", "sampler_reading", "load_index",
     "write_index", "adaptive_reference", "resolve_sigma", "schedule_params_for", "verdict", "BEST_REFERENCES",
     "METRICS", "STUDY_TABLE1", "TABLE1_ROWS", "TRAINING_MINUTES_TARGET", "ablation_table", "best_summary",
-    "ensemble_table", "format_cell", "frame_markdown", "grad_conflicts", "paired_table", "position_effect",
-    "runs_frame", "summarize", "summarize_frame", "table1", "table_markdown", "wall_minutes",
+    "best_verdict_markdown", "ensemble_table", "format_cell", "frame_markdown", "grad_conflicts", "paired_table",
+    "position_effect", "runs_frame", "summarize", "summarize_frame", "table1", "table_markdown", "wall_minutes",
     "weighting_label",
 ]
 

@@ -330,14 +330,16 @@ def plot_pcgrad_weightings(conflicts, diffs, weighting_col: str = "weighting") -
 
 @_themed
 def plot_best_comparison(table, ours_row: int = 0) -> plt.Figure:
-    """Per task: our dev score beside the reference rows of experiments.best_summary's table."""
+    """Per task: our dev score beside the reference rows of experiments.best_summary's table, with the 95%
+    interval over seeds as an error bar where the table has one (`{task} ci95`)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.2), sharey=True)
     sources = list(table["source"])
     y = np.arange(len(sources))
     for ax, task in zip(axes, TASKS):
         vals = table[task].to_numpy(dtype=float)
         colors = [TASK_COLORS[task] if i == ours_row else "0.75" for i in range(len(sources))]
-        ax.barh(y, vals, color=colors)
+        ci = table[f"{task} ci95"].to_numpy(dtype=float) if f"{task} ci95" in table else np.full(len(vals), np.nan)
+        ax.barh(y, vals, color=colors, xerr=np.nan_to_num(ci), capsize=3 if np.isfinite(ci).any() else 0)
         for yi, v in zip(y, vals):
             ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
         ax.set_xlim(0, 1.08)

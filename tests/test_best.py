@@ -60,18 +60,37 @@ def test_selection_used_validation_only_and_dev_once(best_run):
 
 
 def test_best_summary_by_hand():
+    alone, shared = {"torch_threads": 2, "cpu_count": 2}, {"torch_threads": 1, "cpu_count": 2}
     runs = [{"dev": {"sst": 0.52, "para": 0.80, "sts": 0.90}, "wall_time_s": 1800.0, "seed": 0, "run_name": "a",
-             "device": "cpu", "selection": {"epoch": 3}},
+             "device": "cpu", "selection": {"epoch": 3}, "environment": alone},
             {"dev": {"sst": 0.48, "para": 0.90, "sts": 0.86}, "wall_time_s": 3900.0, "seed": 1, "run_name": "b",
-             "device": "cpu", "selection": {"epoch": 4}}]
+             "device": "cpu", "selection": {"epoch": 4}, "environment": alone}]
     table, v = experiments.best_summary(runs)
     assert v["dev"] == pytest.approx({"sst": 0.50, "para": 0.85, "sts": 0.88})
+    # two seeds: sd of (0.52, 0.48) is 0.02*sqrt(2), sem 0.02, t(0.975, 1 dof) = 12.706
+    assert v["ci95"]["sst"] == pytest.approx(12.7062 * 0.02, rel=1e-4)
+    assert table.loc[0, "sst ci95"] == v["ci95"]["sst"] and table["sst ci95"].iloc[1:].isna().all()
     assert v["met"] == {"sst": True, "para": False, "sts": True}
     assert v["gap"]["para"] == pytest.approx(0.85 - 0.865)
     assert v["vs_study_best"]["sst"] == pytest.approx(0.50 - 0.497)
     assert v["training_minutes"] == pytest.approx(65.0) and not v["training_within_target"]
     assert v["selected_epochs"] == [3, 4]
     assert list(table["source"])[0].startswith("ours") and len(table) == 1 + len(experiments.BEST_REFERENCES)
+    # a seed trained beside another (one thread of two) does not count for the time target, but is listed
+    runs[1]["environment"] = shared
+    _, v = experiments.best_summary(runs)
+    assert v["training_minutes"] == pytest.approx(30.0) and v["training_within_target"]
+    assert [t["every_core"] for t in v["training"]] == [True, False]
+    text = experiments.best_verdict_markdown(v)
+    assert "- **sst**: 0.500 ± 0.254 (95% CI, 2 seeds) vs target 0.500 (met)" in text
+    assert "- **para**: 0.850 ± 0.635 (95% CI, 2 seeds) vs target 0.865 (missed by 0.015)" in text
+    assert "30.0 minutes on every core of the machine (target <= 60: met)" in text
+    assert "  - seed 1: 65.0 minutes on cpu (1 of 2 cores, shared)" in text
+    runs[0]["environment"] = shared  # no run had the machine to itself: the time target is not known
+    _, v = experiments.best_summary(runs)
+    assert v["training_minutes"] is None and v["training_within_target"] is None
+    _, one = experiments.best_summary(runs[:1])
+    assert one["ci95"] == {"sst": None, "para": None, "sts": None} and "95% CI" not in experiments.best_verdict_markdown(one)
     with pytest.raises(ValueError, match="no best-profile runs"):
         experiments.best_summary([])
 
@@ -83,7 +102,7 @@ def test_wall_minutes_only_when_every_session_was_timed():
     assert experiments.wall_minutes({**run, "wall_time_complete": False}) is None
     assert experiments.wall_minutes({**run, "wall_time_complete": True, "resumes": 2}) == 10.0
     runs = [{"dev": {"sst": 0.5, "para": 0.8, "sts": 0.9}, "wall_time_s": 400.0, "train_time_s": 500.0, "seed": 0,
-             "run_name": "a", "device": "cpu"}]
+             "run_name": "a", "device": "cpu", "environment": {"torch_threads": 2, "cpu_count": 2}}]
     _, v = experiments.best_summary(runs)
     assert v["training_minutes"] is None and v["training_within_target"] is None
 
@@ -100,6 +119,8 @@ def test_best_config():
 def test_frame_markdown_by_hand():
     df = pd.DataFrame([{"source": "ours", "sst": 0.51234, "seeds": 3}])
     assert experiments.frame_markdown(df) == "| source | sst | seeds |\n|---|---|---|\n| ours | 0.512 | 3 |\n"
+    df = pd.DataFrame([{"source": "ours", "sst": 0.51234, "sst ci95": 0.0201}, {"source": "study", "sst": 0.497}])
+    assert experiments.frame_markdown(df).splitlines()[2:] == ["| ours | 0.512 | 0.020 |", "| study | 0.497 |  |"]
 
 
 def test_ensemble_table_from_the_smoke_runs(best_run):

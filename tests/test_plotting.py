@@ -75,3 +75,15 @@ def test_every_figure_draws_from_tidy_results():
     bars = figs[-2]
     assert not any(ax.get_legend() for ax in bars.axes) and len(bars.legends) == 1  # one legend, outside the panels
     assert sorted(t.get_text() for t in bars.legends[0].get_texts()) == ["ours (mean, 95% CI)", "study (bert-base)"]
+
+
+def test_best_comparison_draws_our_interval_over_seeds_and_nothing_for_the_references():
+    table = pd.DataFrame([{"source": "ours", "sst": 0.46, "para": 0.84, "sts": 0.87,
+                           "sst ci95": 0.02, "para ci95": 0.01, "sts ci95": 0.005},
+                          {"source": "study", "sst": 0.497, "para": 0.864, "sts": 0.387}])
+    fig = plotting.plot_best_comparison(table)
+    for ax, task in zip(fig.axes, TASKS):
+        segments = ax.collections[0].get_segments()  # the error bars' lines, one per row
+        widths = [abs(seg[1][0] - seg[0][0]) / 2 for seg in segments]
+        assert widths == pytest.approx([table.loc[0, f"{task} ci95"], 0.0])
+        assert segments[0][0][0] == pytest.approx(table.loc[0, task] - table.loc[0, f"{task} ci95"])
