@@ -20,6 +20,13 @@ import mtbert_utils
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
@@ -32,6 +39,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only; open() would not have
         os.replace(tmp, path)
     finally:
         if tmp.exists():

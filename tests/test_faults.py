@@ -482,3 +482,20 @@ def test_labels_out_of_range_are_skipped_with_a_warning_naming_the_lines(small_d
     assert "label_out_of_range: 2 (lines [2, 4])" in msgs[0] and "non_numeric_label: 1 (lines [11])" in msgs[0]
     assert len(data["sts"].train) == len(lines) - 1 - 3
     assert data["sts"].reports["sts-train.csv"]["skipped"] == {"label_out_of_range": 2, "non_numeric_label": 1}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path, mask):
+    """mkstemp creates owner-only files; a result published by rename must be as readable as a plain open()."""
+    from mtbert_utils.results import write_json, write_text
+    before = os.umask(mask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_text(tmp_path / "b.txt", "x")
+        with open(tmp_path / "c.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o666 & ~mask, "b.txt": 0o666 & ~mask, "c.txt": 0o666 & ~mask}
+    assert os.umask(before) == before  # reading the mask left it as it was
