@@ -133,6 +133,19 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN or infinite loss: training stops, the last good checkpoint stays."""
 
 
+def stop_on_non_finite(raw: dict, batches: dict, device) -> None:
+    """Raise NonFiniteLossError naming the task and batch when a loss is NaN or infinite; under data parallel every
+    process stops at this step (one raising alone would leave the others waiting in a collective)."""
+    bad = [t for t in raw if not math.isfinite(raw[t])]
+    if distributed.is_distributed():
+        if distributed.all_reduce_sum_(torch.tensor([float(len(bad))], device=device)).item() and not bad:
+            raise NonFiniteLossError(f"a non-finite loss on another process; process {distributed.rank()} stops too")
+    if bad:
+        t = bad[0]
+        raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r} on process {distributed.rank()}; "
+                                 f"batch ids start {batches[t]['ids'][:3]}")
+
+
 def training_step(model, optimizer, batches: dict, config: TrainConfig, *, shared: list, device,
                   amp_dtype=None, scaler=None, class_weights=None, generator=None,
                   averager=None, loss_scale: dict | None = None) -> dict:
@@ -155,24 +168,21 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     losses, raw = {}, {}
     for t, batch in batches.items():
         loss = task_loss(t, outs[t], batch["labels"], config, class_weights)
-        raw[t] = loss.item()
+        raw[t] = loss.detach().float()
         if loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
             if loss_scale is not None:
                 loss = loss * loss_scale[t]
             losses[t] = config.task_weights[t] * loss
-    bad = [t for t in raw if not math.isfinite(raw[t])]
-    if distributed.is_distributed():  # all processes stop at this step: one raising alone leaves the rest in a collective
-        if distributed.all_reduce_sum_(torch.tensor([float(len(bad))], device=device)).item() and not bad:
-            raise NonFiniteLossError(f"a non-finite loss on another process; process {distributed.rank()} stops too")
-    if bad:
-        t = bad[0]
-        raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r} on process {distributed.rank()}; "
-                                 f"batch ids start {batches[t]['ids'][:3]}")
     cosines = None
     if losses:
         reduce_fn = averager.for_tasks(losses) if averager is not None else None  # one all-reduce per task
         cosines = GRAD_METHODS[config.grad_method](losses, shared, config=config, scaler=scaler,
                                                    generator=generator, reduce_fn=reduce_fn)
+    # the step's one host sync, once the backward is queued (a GPU need not idle between forward and backward);
+    # a non-finite loss stops the run here, before the optimizer step could write it into the weights
+    raw = dict(zip(raw, torch.stack(list(raw.values())).tolist()))
+    stop_on_non_finite(raw, batches, device)
+    if losses:
         if config.max_grad_norm:
             if scaler:
                 scaler.unscale_(optimizer)
