@@ -224,9 +224,9 @@ def best_summary(runs: list[dict]) -> tuple[pd.DataFrame, dict]:
     """
     if not runs:
         raise ValueError("no best-profile runs to summarize")
-    stats = {t: mean_ci([r["dev"][t] for r in runs]) for t in TASKS}
-    ours = {t: m for t, (m, _) in stats.items()}
-    ci95 = {t: None if np.isnan(h) else h for t, (_, h) in stats.items()}
+    per_task = {t: mean_ci([r["dev"][t] for r in runs]) for t in TASKS}
+    ours = {t: m for t, (m, _) in per_task.items()}
+    ci95 = {t: None if np.isnan(h) else h for t, (_, h) in per_task.items()}
     label = f"ours (all-MiniLM-L6-v2, {len(runs)} seed{'s' if len(runs) > 1 else ''})"
     rows = [{"source": label, **ours, **{f"{t} ci95": ci95[t] for t in TASKS}}]
     rows += [{"source": k, **v} for k, v in BEST_REFERENCES.items()]
