@@ -335,6 +335,13 @@ def digest_changes(recorded: dict | None, current: dict) -> str:
     return ", ".join(changes)
 
 
+def pinned_status(name: str, digest: str) -> str:
+    """Whether a file is the CS224N file at the pinned commit (SHA256), in words."""
+    if name not in SHA256:
+        return "no pinned sum to compare"
+    return "the pinned CS224N file" if SHA256[name] == digest else "DIFFERS from the pinned CS224N file"
+
+
 def download(data_dir=None, names=None, overwrite=False):
     """Download the task files into data_dir; returns the paths of all requested files.
 
@@ -492,12 +499,15 @@ def main(argv=None):
         for path in download(args.dir, args.names, args.overwrite):
             print(path)
         return
-    data = load_tasks(args.dir)
+    data = load_tasks(args.dir, warn=False)  # the skipped rows are printed below
     for task, td in data.items():
         print(f"{task}: {td.sizes}  sources: {td.sources}")
         for name, rep in td.reports.items():
             if rep["skipped"]:
                 print(f"  {name}: skipped {rep['skipped']} first lines {rep['first_lines']}")
+    print("sha256 (recorded by every run that reads these files):")
+    for name, digest in file_digests(args.dir).items():
+        print(f"  {name:26s} {digest[:16]}  {pinned_status(name, digest)}")
 
 
 if __name__ == "__main__":

@@ -438,8 +438,22 @@ def test_eval_batches_cover_everything_once(sts_enc):
 
 
 def test_cli_check(data_dir, capsys):
-    with pytest.warns(UserWarning):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the skipped rows are printed once, not warned about as well
         data.main(["check", str(data_dir)])
     out = capsys.readouterr().out
     assert "sst: {'train': 8544, 'dev': 1101, 'test': 2210}" in out
     assert "quora-dev.csv: skipped" in out and "14222" in out
+    assert out.count("the pinned CS224N file") == 7  # the mirror's files are the pinned ones
+
+
+def test_cli_check_names_a_file_that_is_not_the_pinned_one(small_data_dir, tmp_path, capsys):
+    import shutil
+    shutil.copytree(small_data_dir, tmp_path / "d")
+    shutil.copy(tmp_path / "d" / "quora-dev.csv", tmp_path / "d" / "quora-train.csv")
+    data.main(["check", str(tmp_path / "d")])
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ") and ".csv " in ln}
+    assert lines["sts-dev.csv"].endswith("DIFFERS from the pinned CS224N file")  # the first 300 lines only
+    assert lines["quora-train.csv"].endswith("no pinned sum to compare")
+    assert data.file_digests(tmp_path / "d")["sts-dev.csv"][:16] in lines["sts-dev.csv"]
