@@ -42,3 +42,18 @@ def test_task_names_and_label_ranges_have_one_home():
     assert set(data.LABELS) == set(data.COLUMNS) == set(tasks.TASK_SPECS) == set(mtbert_utils.TASKS)
     # no second copy of the ranges in the task table
     assert not any("range" in f for f in tasks.TaskSpec.__dataclass_fields__)
+
+
+def test_no_undefined_or_unused_names():
+    """Pyflakes' rules (ruff's F) over the package, the benchmarks and the tests: an undefined name in a test that
+    only a GPU runs (a stale block left by a merge) would fail first there, where each minute is scarce."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    root = PACKAGE.parent
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", "--quiet",
+                            "mtbert_utils", "benchmarks", "tests"], cwd=root, capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr
