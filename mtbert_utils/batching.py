@@ -2,6 +2,7 @@
 
     encode_task (tokenize once) -> collate (pad a batch) / batch_indices (which examples, grouped by length) /
     TaskBatchStream (an endless, resumable per-task stream; data-parallel aware) / eval_batches
+    A run's data: load_run_tasks (read, subsample, carve validation) -> prepare_data (tokenized, once per process)
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mtbert_utils.data import _check_task
+from mtbert_utils.data import COLUMNS, FILES, _check_task, file_digests, load_tasks, split_by_hash
+from mtbert_utils.config import TrainConfig
+from mtbert_utils.model import ENCODER_NAMES
+
 PAIR_MODES = ("joint", "separate", "both")
 
 
@@ -227,3 +231,63 @@ def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True, swap=F
     lengths = enc.lengths(pair_mode) if sort_by_length else None
     for idx in batch_indices(len(enc), batch_size, None, lengths, sort_by_length):
         yield collate(enc, idx, pair_mode, [True] * len(idx) if swap else None, pad_to_multiple)
+
+
+# ---------------------------------------------------------------------------
+# a run's data: loaded, split and tokenized once per process
+
+_DATA_CACHE: dict = {}
+
+
+def check_trainable(tasks: dict) -> None:
+    """Train and dev splits need a label column and at least one usable row: name the file that lacks them."""
+    for t, td in tasks.items():
+        label_col = COLUMNS[t][2]
+        for split in ("train", "dev"):
+            name = FILES[t][split] if FILES[t][split] in td.reports else FILES[t]["dev"]  # para train: carved from dev
+            rep = td.reports[name]
+            if not rep["labeled"]:
+                raise ValueError(f"{rep['path']}: no {label_col!r} column, so the {t} {split} split has no labels")
+            if not getattr(td, split):
+                raise ValueError(f"{rep['path']}: no usable {t} {split} rows; skipped {rep['skipped']} "
+                                 f"(first bad lines {rep['first_lines']})")
+
+
+def load_run_tasks(config: TrainConfig) -> tuple[dict, dict]:
+    """The run's tasks, loaded and subsampled (max_train, max_dev, seed), and the validation split carved from
+    each train split when val_fraction > 0: (task -> TaskData, task -> validation examples). No tokenizing."""
+    tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed,
+                       warn=False)  # skipped rows: recorded in the result (data.skipped); notebook 00 lists them
+    check_trainable(tasks)
+    val = {}
+    if config.val_fraction:
+        for t, td in tasks.items():
+            td.train, val[t] = split_by_hash(td.train, 1 - config.val_fraction, salt="val:")
+            td.sources["val"] = f"{td.sources['train']} (hash split, {config.val_fraction:.0%})"
+            td.sources["train"] += f" (hash split, {1 - config.val_fraction:.0%})"
+            if not td.train or not val[t]:
+                raise ValueError(f"val_fraction={config.val_fraction} leaves {t} with {len(td.train)} train "
+                                 f"and {len(val[t])} validation examples; use more data or another fraction")
+    return tasks, val
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> dict:
+    """Load, subsample and tokenize the three tasks once per process (cached by what changes them, the
+    files' contents included)."""
+    digests = file_digests(config.data_dir)
+    key = (config.data_dir, tuple(digests.items()), str(config.max_train), str(config.max_dev), config.seed,
+           config.max_length, config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased",
+           config.val_fraction)
+    if key not in _DATA_CACHE:
+        tasks, val = load_run_tasks(config)
+        enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
+                       for t, td in tasks.items() if getattr(td, split)}
+               for split in ("train", "dev", "test")}
+        enc["val"] = {t: encode_task(v, tokenizer, t, config.max_length) for t, v in val.items()}
+        info = {"sizes": {t: {**td.sizes, **({"val": len(val[t])} if val else {})} for t, td in tasks.items()},
+                "sources": {t: td.sources for t, td in tasks.items()},
+                "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()},
+                "sha256": digests}
+        _DATA_CACHE.clear()  # keep one data set in memory at a time
+        _DATA_CACHE[key] = (enc, info)
+    return _DATA_CACHE[key]

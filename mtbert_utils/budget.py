@@ -18,7 +18,7 @@ HEADS_ONLY_COST = 1 / 3
 
 def train_sizes(config) -> dict[str, int]:
     """Training examples per task that `config` trains on (after its max_train caps and validation split)."""
-    from mtbert_utils.training import load_run_tasks
+    from mtbert_utils.batching import load_run_tasks
     tasks, _ = load_run_tasks(config)  # reads the files, tokenizes nothing
     return {t: len(tasks[t].train) for t in config.train_tasks}
 

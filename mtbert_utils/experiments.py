@@ -67,7 +67,8 @@ def zero_shot(config, out_dir: str | Path) -> dict:
     """Dev metrics of the encoder with untrained heads: the floor under every fine-tuned row."""
     from mtbert_utils.evaluation import evaluate
     from mtbert_utils.model import load_tokenizer
-    from mtbert_utils.training import build_model, pick_amp, pick_device, prepare_data, run_record
+    from mtbert_utils.batching import prepare_data
+    from mtbert_utils.training import build_model, pick_amp, pick_device, run_record
     t0 = time.time()
     device = pick_device(config)
     amp_dtype, _ = pick_amp(config, device)

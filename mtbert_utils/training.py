@@ -25,12 +25,12 @@ import torch
 from mtbert_utils import TASKS, distributed, progress
 from mtbert_utils.checkpoint import RunState
 from mtbert_utils.config import TrainConfig
-from mtbert_utils.data import digest_changes, file_digests, load_tasks, split_by_hash
+from mtbert_utils.data import digest_changes, file_digests
 from mtbert_utils.device import pick_amp, pick_device, tf32_matmuls, use_cuda_graphs  # noqa: F401 (also training.*)
-from mtbert_utils.batching import TaskBatchStream, collate, encode_task
+from mtbert_utils.batching import TaskBatchStream, collate, prepare_data
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
 from mtbert_utils.gradients import GRAD_METHODS, summarize_cosines
-from mtbert_utils.model import (ENCODER_NAMES, MultitaskBert, default_pooling, load_encoder, load_tokenizer,
+from mtbert_utils.model import (MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
 from mtbert_utils.optim import build_optimizer, lr_multiplier
 from mtbert_utils.results import environment, repo_relative, save_torch, write_json
@@ -41,64 +41,6 @@ from mtbert_utils.tasks import STS_LOSSES, para_loss, sst_loss, sts_cosine_embed
 
 # ---------------------------------------------------------------------------
 # setup
-
-
-_DATA_CACHE: dict = {}
-
-
-def check_trainable(tasks: dict) -> None:
-    """Train and dev splits need a label column and at least one usable row: name the file that lacks them."""
-    from mtbert_utils.data import COLUMNS, FILES
-    for t, td in tasks.items():
-        label_col = COLUMNS[t][2]
-        for split in ("train", "dev"):
-            name = FILES[t][split] if FILES[t][split] in td.reports else FILES[t]["dev"]  # para train: carved from dev
-            rep = td.reports[name]
-            if not rep["labeled"]:
-                raise ValueError(f"{rep['path']}: no {label_col!r} column, so the {t} {split} split has no labels")
-            if not getattr(td, split):
-                raise ValueError(f"{rep['path']}: no usable {t} {split} rows; skipped {rep['skipped']} "
-                                 f"(first bad lines {rep['first_lines']})")
-
-
-def load_run_tasks(config: TrainConfig) -> tuple[dict, dict]:
-    """The run's tasks, loaded and subsampled (max_train, max_dev, seed), and the validation split carved from
-    each train split when val_fraction > 0: (task -> TaskData, task -> validation examples). No tokenizing."""
-    tasks = load_tasks(config.data_dir, max_train=config.max_train, max_dev=config.max_dev, seed=config.seed,
-                       warn=False)  # skipped rows: recorded in the result (data.skipped); notebook 00 lists them
-    check_trainable(tasks)
-    val = {}
-    if config.val_fraction:
-        for t, td in tasks.items():
-            td.train, val[t] = split_by_hash(td.train, 1 - config.val_fraction, salt="val:")
-            td.sources["val"] = f"{td.sources['train']} (hash split, {config.val_fraction:.0%})"
-            td.sources["train"] += f" (hash split, {1 - config.val_fraction:.0%})"
-            if not td.train or not val[t]:
-                raise ValueError(f"val_fraction={config.val_fraction} leaves {t} with {len(td.train)} train "
-                                 f"and {len(val[t])} validation examples; use more data or another fraction")
-    return tasks, val
-
-
-def prepare_data(config: TrainConfig, tokenizer) -> dict:
-    """Load, subsample and tokenize the three tasks once per process (cached by what changes them, the
-    files' contents included)."""
-    digests = file_digests(config.data_dir)
-    key = (config.data_dir, tuple(digests.items()), str(config.max_train), str(config.max_dev), config.seed,
-           config.max_length, config.encoder if config.encoder not in ENCODER_NAMES else "bert-uncased",
-           config.val_fraction)
-    if key not in _DATA_CACHE:
-        tasks, val = load_run_tasks(config)
-        enc = {split: {t: encode_task(getattr(td, split), tokenizer, t, config.max_length)
-                       for t, td in tasks.items() if getattr(td, split)}
-               for split in ("train", "dev", "test")}
-        enc["val"] = {t: encode_task(v, tokenizer, t, config.max_length) for t, v in val.items()}
-        info = {"sizes": {t: {**td.sizes, **({"val": len(val[t])} if val else {})} for t, td in tasks.items()},
-                "sources": {t: td.sources for t, td in tasks.items()},
-                "skipped": {name: rep["skipped"] for td in tasks.values() for name, rep in td.reports.items()},
-                "sha256": digests}
-        _DATA_CACHE.clear()  # keep one data set in memory at a time
-        _DATA_CACHE[key] = (enc, info)
-    return _DATA_CACHE[key]
 
 
 def build_model(config: TrainConfig) -> MultitaskBert:

@@ -118,7 +118,8 @@ def test_stream_swaps_about_half_and_resumes_exactly(small_data_dir):
 
 def test_symmetric_prediction_averages_both_orders(tiny_config, tmp_path):
     from mtbert_utils.model import load_tokenizer
-    from mtbert_utils.training import build_model, prepare_data
+    from mtbert_utils.batching import prepare_data
+    from mtbert_utils.training import build_model
     config = tiny_config(tmp_path)
     model = build_model(config).eval()
     enc, _ = prepare_data(config, load_tokenizer("tiny"))
@@ -162,7 +163,8 @@ def snapshot_run(tiny_config, tmp_path_factory, one_thread):
 
 def test_snapshot_ensemble_is_chosen_on_validation_and_predicts_dev(snapshot_run):
     from mtbert_utils.model import load_tokenizer
-    from mtbert_utils.training import build_model, prepare_data
+    from mtbert_utils.batching import prepare_data
+    from mtbert_utils.training import build_model
     config, result = snapshot_run
     assert all("dev" not in h for h in result["history"])
     chosen = result["selection"]["snapshot_ensemble"]

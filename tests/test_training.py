@@ -385,7 +385,7 @@ def test_single_task_reference_run_trains_one_task(tiny_config, tmp_path, one_th
 
 def test_validation_split_is_carved_from_train_by_hash(tiny_config, tmp_path):
     from mtbert_utils.data import load_tasks
-    from mtbert_utils.training import prepare_data
+    from mtbert_utils.batching import prepare_data
     from mtbert_utils.model import load_tokenizer
     config = tiny_config(tmp_path, val_fraction=0.25, max_train=None, max_dev=16)
     enc, info = prepare_data(config, load_tokenizer("tiny"))
@@ -412,7 +412,8 @@ def test_validation_selects_the_best_epoch_and_scores_dev_once(tiny_config, tmp_
     # the result's dev scores are those of the selected epoch's weights: rebuild them from the checkpoint
     from mtbert_utils.evaluation import evaluate
     from mtbert_utils.model import load_tokenizer
-    from mtbert_utils.training import build_model, prepare_data
+    from mtbert_utils.batching import prepare_data
+    from mtbert_utils.training import build_model
     ckpt = checkpoint(result)
     assert ckpt["best"]["epoch"] == sel["epoch"]
     model = build_model(config)
