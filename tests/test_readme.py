@@ -28,3 +28,17 @@ def test_full_scale_claims_quote_the_paired_tests():
         value = float(diff.replace("−", "-"))
         hits = paired[(paired.mean_diff.round(d) == round(value, d)) & (paired.ci95.round(d) == round(float(ci), d))]
         assert len(hits), f"README quotes {diff} ± {ci}, which no paired test gives"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_best_row_quotes_the_rendered_verdict(doc):
+    """The best model's row (mean ± 95% CI over seeds) and its target gaps are notebook 08's verdict."""
+    import json
+    text = (ROOT / doc).read_text()
+    verdict = json.loads((ROOT / "results" / "best" / "08_best_model.json").read_text())["verdict"]
+    ours = next(ln for ln in text.splitlines() if ln.startswith("| **ours: MiniLM, 2 CPU cores"))
+    assert f"{len(verdict['seeds'])} seeds" in ours
+    quoted = re.findall(r"(\d\.\d{3}) ± (\d\.\d{3})", ours)
+    assert quoted == [(f"{verdict['dev'][t]:.3f}", f"{verdict['ci95'][t]:.3f}") for t in ("sst", "para", "sts")]
+    target = next(ln for ln in text.splitlines() if ln.startswith("| target for this profile"))
+    assert re.findall(r"missed by (\d\.\d{3})", target) == [f"{-verdict['gap'][t]:.3f}" for t in ("sst", "para", "sts")]
