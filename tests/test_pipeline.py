@@ -11,7 +11,7 @@ from mtbert_utils.experiments import TABLE1_ROWS
 
 NOTEBOOKS = ["00_data", "01_sequential", "02_rr_undersampling", "03_rr_oversampling", "04_cosine_sts",
              "05_pcgrad_ablation", "06_results", "07_error_analysis"]
-EXPECTED_RESULTS = ["data_summary.csv", "data_skipped_rows.csv", "data_padding.csv", "table1.csv", "table1.md",
+EXPECTED_RESULTS = ["data_summary.csv", "data_files.csv", "data_skipped_rows.csv", "data_padding.csv", "table1.csv", "table1.md",
                     "table1_paired.csv", "table1_meta.json", "04_cosine_sts_cosine_vs_linear.csv",
                     "05_pcgrad_ablation_conflicts.csv", "07_sst_confusion.csv", "07_para_confident_wrong.csv",
                     "07_sts_worst.csv"] + [f"runs/{nb}/index.json" for nb in NOTEBOOKS[1:6]]

@@ -6,6 +6,7 @@ index.json, not with the package's table code. The profiles run once per session
 """
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
+from mtbert_utils.data import SHA256
 
 TASKS = ("sst", "para", "sts")
 # numbers travel float64 -> CSV (shortest repr, exact round trip) -> float64; a mean of a handful of values
@@ -124,6 +126,15 @@ def test_data_tables_against_the_data_files(smoke, data_dir):
         assert summary.loc[task, "train_size"] == skipped.loc[f"{prefix}-train.csv", "kept"]
         assert summary.loc[task, "dev_size"] == skipped.loc[f"{prefix}-dev.csv", "kept"]
     assert summary.loc["para", "train_size"] + summary.loc["para", "dev_size"] == skipped.loc["quora-dev.csv", "kept"]
+    files = pd.read_csv(smoke / "data_files.csv").set_index("file")
+    assert set(files.index) == set(skipped.index)  # every file read, and only those
+    for name in files.index:
+        digest = hashlib.sha256((data_dir / name).read_bytes()).hexdigest()
+        assert files.loc[name, "sha256"] == digest
+        pinned = SHA256.get(name)  # the mirror's files all are the pinned ones; quora-train.csv has no pinned sum
+        assert files.loc[name, "pinned CS224N file"] == ("no pinned sum to compare" if pinned is None else
+                                                         "the pinned CS224N file" if pinned == digest else
+                                                         "DIFFERS from the pinned CS224N file")
     padding = pd.read_csv(smoke / "data_padding.csv")
     # length grouping can only remove padding (a batch's padding is its longest minus each length)
     assert ((0 <= padding["padding_length_grouped"]) & (padding["padding_length_grouped"]
