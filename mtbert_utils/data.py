@@ -326,10 +326,8 @@ def file_digests(data_dir=None, tasks=TASKS) -> dict[str, str]:
             if (folder / name).is_file()}
 
 
-def digest_changes(recorded: dict | None, current: dict) -> str:
+def digest_changes(recorded: dict, current: dict) -> str:
     """What differs between recorded file digests and the current ones, in words ('' when nothing does)."""
-    if recorded is None:
-        return "no record of its data files"
     changes = [f"{n} {'missing now' if n not in current else 'new' if n not in recorded else 'changed'}"
                for n in sorted(set(recorded) | set(current)) if recorded.get(n) != current.get(n)]
     return ", ".join(changes)

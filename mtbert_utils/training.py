@@ -254,8 +254,11 @@ def read_finished(path: Path, config: TrainConfig) -> dict | None:
     done = json.loads(path.read_text())
     if done.get("status") != "finished" or done.get("fingerprint") != config.fingerprint():
         return None
-    changed = digest_changes(done.get("data", {}).get("sha256"), file_digests(config.data_dir))
-    if changed:
+    recorded = done.get("data", {}).get("sha256")
+    if recorded is None:  # a result from before runs kept them: reused as before, unchecked
+        warnings.warn(f"{path.name} records no data digests (it predates them): reused without a data check",
+                      stacklevel=2)
+    elif changed := digest_changes(recorded, file_digests(config.data_dir)):
         warnings.warn(f"{path.name} was trained on other data files ({changed}): it is trained again", stacklevel=2)
         return None
     done["result_path"] = str(path)
