@@ -256,21 +256,23 @@ def _drop_duplicate_ids(examples: list, skip: _Skips) -> tuple[list, dict]:
 # -----------------------------------------------------------------------------
 # locating and downloading the data
 
-def resolve_data_dir(data_dir=None):
+def resolve_data_dir(data_dir=None, start=None):
     """The data_dir argument, else $MTBERT_DATA_DIR, else the repository's data/ folder.
 
-    The repository's data/ is found from wherever the caller runs: ./data, or data/ beside the notebooks/
-    folder of an enclosing directory (a notebook runs in notebooks/, in a terminal, JupyterLab or Colab).
-    Relative paths are relative to the current directory."""
+    The repository's data/ is found from wherever the caller runs (or from `start`, a folder such as the
+    notebooks/ a kernel runs in): ./data, or data/ beside the notebooks/ folder of an enclosing directory (a
+    notebook runs in notebooks/, in a terminal, JupyterLab or Colab). Relative paths are relative to the
+    current directory."""
     if data_dir is None:
-        data_dir = os.environ.get(ENV_VAR) or default_data_dir()
+        data_dir = os.environ.get(ENV_VAR) or default_data_dir(start)
     return Path(data_dir).expanduser().resolve()
 
 
-def default_data_dir() -> Path:
+def default_data_dir(start=None) -> Path:
     """./data if it exists, else data/ of the nearest enclosing folder that has notebooks/ and data/ (the
-    repository root seen from notebooks/), else ./data (which then fails with the usual message)."""
-    here = Path.cwd()
+    repository root seen from notebooks/), else ./data (which then fails with the usual message); `.` is the
+    current directory, or `start` when given."""
+    here = Path(start) if start is not None else Path.cwd()
     for folder in (here, *here.parents):
         if (folder / "data").is_dir() and (folder == here or (folder / "notebooks").is_dir()):
             return folder / "data"

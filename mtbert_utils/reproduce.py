@@ -223,9 +223,9 @@ def is_complete(results_dir: Path, name: str, params: dict, version: str, data: 
 
 def notebook_data(params: dict) -> dict:
     """Digests of the data files a notebook with these parameters reads: its data_dir (relative to the
-    caller's directory), else $MTBERT_DATA_DIR, else the repository's data/ (as a kernel in notebooks/ finds it)."""
-    from mtbert_utils.data import ENV_VAR, file_digests
-    return file_digests(params.get("data_dir") or os.environ.get(ENV_VAR) or REPO_ROOT / "data")
+    caller's directory), else $MTBERT_DATA_DIR, else the data folder a kernel in notebooks/ finds."""
+    from mtbert_utils.data import file_digests, resolve_data_dir
+    return file_digests(resolve_data_dir(params.get("data_dir") or None, start=NOTEBOOK_DIR))
 
 
 def absolute_path(path: str) -> str:

@@ -23,6 +23,8 @@ def test_default_data_dir_is_found_from_the_repository_root_and_from_notebooks(t
     # a folder that is not inside a clone keeps the plain ./data default (and its clear error)
     monkeypatch.chdir(tmp_path)
     assert data.resolve_data_dir() == (tmp_path / "data").resolve()
+    # reproduce asks from where its kernels run, whatever the caller's directory
+    assert data.resolve_data_dir(start=repo / "notebooks") == (repo / "data").resolve()
 
 
 def test_notebook_run_from_notebooks_folder_finds_the_repository_data(data_dir, tmp_path, monkeypatch):
