@@ -206,12 +206,14 @@ def wall_minutes(run: dict) -> float | None:
     return run["wall_time_s"] / 60 if complete else None
 
 
-def had_every_core(run: dict) -> bool:
-    """A CPU run whose torch threads were all of its machine's cores: its wall time is the time the profile
-    takes there. Runs trained several at once (packing) share the cores, so their minutes are not comparable."""
+def training_time(run: dict) -> dict:
+    """A run's minutes (wall_minutes), device and threads, and whether it had every core: a CPU run whose
+    torch threads were all of its machine's cores, so that its minutes are the time the profile takes there.
+    Runs trained several at once (packing) share the cores, so their minutes are not comparable."""
     env = run.get("environment") or {}
-    return run.get("device") == "cpu" and env.get("torch_threads") is not None \
-        and env.get("torch_threads") == env.get("cpu_count")
+    threads, cores, device = env.get("torch_threads"), env.get("cpu_count"), run.get("device", "?")
+    return {"seed": run["seed"], "minutes": wall_minutes(run), "device": device, "torch_threads": threads,
+            "cpu_count": cores, "every_core": device == "cpu" and threads is not None and threads == cores}
 
 
 def best_summary(runs: list[dict]) -> tuple[pd.DataFrame, dict]:
@@ -220,7 +222,7 @@ def best_summary(runs: list[dict]) -> tuple[pd.DataFrame, dict]:
     Returns (table with one row per source, a column per task and, for our row, the half-width of each
     task's 95% t interval over seeds (`{task} ci95`; empty for one seed), verdict dict). A target counts as
     met when the mean over seeds reaches it. The training-time target is read from the runs that had every
-    core of their machine (had_every_core); every run's minutes and threads are in verdict["training"].
+    core of their machine (training_time); every run's minutes and threads are in verdict["training"].
     """
     if not runs:
         raise ValueError("no best-profile runs to summarize")
@@ -231,10 +233,7 @@ def best_summary(runs: list[dict]) -> tuple[pd.DataFrame, dict]:
     rows = [{"source": label, **ours, **{f"{t} ci95": ci95[t] for t in TASKS}}]
     rows += [{"source": k, **v} for k, v in BEST_REFERENCES.items()]
     target = BEST_REFERENCES["target (MiniLM, 2 CPU cores)"]
-    training = [{"seed": r["seed"], "minutes": wall_minutes(r), "device": r.get("device", "?"),
-                 "torch_threads": (r.get("environment") or {}).get("torch_threads"),
-                 "cpu_count": (r.get("environment") or {}).get("cpu_count"), "every_core": had_every_core(r)}
-                for r in runs]
+    training = [training_time(r) for r in runs]
     alone = [t["minutes"] for t in training if t["every_core"]]
     minutes = None if not alone or None in alone else max(alone)
     verdict = {"dev": ours, "ci95": ci95, "targets": target,
