@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtbert_utils import TASKS  # noqa: E402
-from mtbert_utils.batching import TaskBatchStream  # noqa: E402
+from mtbert_utils.batching import TaskBatchStream, prepare_data  # noqa: E402
 from mtbert_utils.config import TrainConfig  # noqa: E402
 from mtbert_utils.model import load_tokenizer, pair_mode  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
-from mtbert_utils.batching import prepare_data  # noqa: E402
+
 
 def encoder_shape(batch: dict) -> tuple[int, int]:
     """(rows, length) of the encoder's input for one batch (model.embed_pair pads a and b to one length)."""
