@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,15 +67,93 @@ def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: 
 
 
 def _init_worker(threads: int, env: dict) -> None:
+    import faulthandler
     import torch
     os.environ.update(env)
     torch.set_num_threads(threads)
+    faulthandler.enable(all_threads=True)  # a crash in C++ (a segfault, say) still prints each thread's Python stack
     try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
         import ctypes
         import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _worker_main(conn, threads: int, env: dict, target) -> None:
+    """A worker process: take one item at a time from the pipe, send back target(item); None ends it."""
+    _init_worker(threads, env)
+    while (item := conn.recv()) is not None:
+        # names the run in the log, so that a crash's stack dump below it can be traced to its run
+        print(f"[worker {os.getpid()}] {item.get('name')} seed {item.get('seed')}", file=sys.stderr, flush=True)
+        conn.send(target(item))
+
+
+def died(exitcode: int | None) -> str:
+    """How a worker process ended, in words: 'killed by SIGSEGV (exit -11)'."""
+    import signal
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exitcode).name} (exit {exitcode})"
+    return f"exit {exitcode}"
+
+
+class RunPool:
+    """`jobs` spawned worker processes, each training one run at a time (its data cache kept between runs).
+    Unlike a ProcessPoolExecutor, a worker that dies (a segfault, the OOM killer) fails only the run it held:
+    that run comes back as failed, saying how the process ended, and a new worker takes the next run."""
+
+    def __init__(self, jobs: int, threads: int, env: dict, target=None):
+        import multiprocessing
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+        self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
+        self.args, self.target = (threads, env), target or _train_worker
+        self.idle, self.closing = queue.SimpleQueue(), False
+        self.workers = [self._start() for _ in range(jobs)]
+        for w in self.workers:
+            self.idle.put(w)
+        self.threads = ThreadPoolExecutor(jobs)  # one waits on each busy worker
+
+    def _start(self):
+        conn, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child, *self.args, self.target))
+        proc.start()
+        child.close()
+        return proc, conn
+
+    def submit(self, item: dict):
+        return self.threads.submit(self._run, item)
+
+    def _run(self, item: dict) -> dict:
+        proc, conn = worker = self.idle.get()
+        try:
+            conn.send(item)
+            return conn.recv()
+        except (EOFError, OSError):  # the worker died with the run (or was stopped by __exit__)
+            proc.join(timeout=30)
+            if not self.closing:
+                self.workers.remove(worker)
+                worker = self._start()
+                self.workers.append(worker)
+            return {"status": "failed", "error": f"its worker process died: {died(proc.exitcode)}"}
+        finally:
+            self.idle.put(worker)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing = True
+        for proc, conn in self.workers:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc, _ in self.workers:
+            proc.join(timeout=None if exc[0] is None else 5)
+            if proc.is_alive():  # interrupted: do not wait for a run to finish
+                proc.terminate()
+                proc.join()
+        self.threads.shutdown(wait=True, cancel_futures=True)
 
 
 def _train_worker(config_dict: dict) -> dict:
@@ -104,8 +183,6 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     With shard (K, N), this process takes runs K, K+N, K+2N, ... of each stage's list. A stage whose earlier
     runs are not all here (another shard trained them) is left for a later call, after the run files are
     collected. Returns the summary, also written to {results}/executed/train-only[-shardKofN].json."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     from mtbert_utils import plans
     from mtbert_utils.data import ENV_VAR
 
@@ -119,9 +196,7 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     minilm_dir = os.environ.get("MTBERT_MINILM_DIR")
     # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
     env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
-    pool = contextlib.nullcontext() if list_only else ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, env))
+    pool = contextlib.nullcontext() if list_only else RunPool(jobs, threads, env)
     with pool:
         for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
             wave = stage_wave(params, earlier, stage, results_dir / "runs", blocked)
@@ -187,14 +262,14 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
     from mtbert_utils import progress
     todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer
     bar = progress.bar(total=len(todo), desc=desc, unit="run")
-    futures = {pool.submit(_train_worker, dataclasses.replace(cfg, progress=False).to_dict()): rec
+    futures = {pool.submit(dataclasses.replace(cfg, progress=False).to_dict()): rec
                for rec, cfg in todo}
     for fut in as_completed(futures):
         rec = futures[fut]
         try:
             out = fut.result()
-        except Exception as e:  # noqa: BLE001 - a worker process died (killed, out of memory)
-            out = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
+        except Exception as e:  # noqa: BLE001 - the run could not be sent to a worker (RunPool reports deaths)
+            out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         records.append({**rec, **out})
         bar.update()
         progress.write(f"[{out['status']}] {rec['run_name']}"

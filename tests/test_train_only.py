@@ -37,6 +37,34 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
     assert (results / "table1.csv").exists()
 
 
+CRASHY = """
+import os, signal
+
+def work(item):
+    if item["crash"]:
+        os.kill(os.getpid(), signal.SIGSEGV)  # as torch's autograd thread did with CUDA graphs on an H200
+    return {"status": "trained", "pid": os.getpid(), "name": item["name"]}
+"""
+
+
+def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
+    """A segfault used to break the whole ProcessPoolExecutor: all 18 runs of a GPU job failed with
+    BrokenProcessPool and no word of which run crashed. Now only that run fails, saying how, and a new worker
+    takes the next one."""
+    (tmp_path / "crashy.py").write_text(CRASHY)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    import crashy
+    items = [{"name": n, "seed": 0, "crash": n == "b"} for n in "abc"]
+    with packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
+        a, b, c = (f.result(timeout=120) for f in [pool.submit(i) for i in items])
+        assert len(pool.workers) == 1 and pool.workers[0][0].is_alive()
+    assert (a["status"], a["name"], c["status"], c["name"]) == ("trained", "a", "trained", "c")
+    assert b == {"status": "failed", "error": "its worker process died: killed by SIGSEGV (exit -11)"}
+    assert a["pid"] != c["pid"]  # the crashed worker was replaced
+    assert not any(proc.is_alive() for proc, _ in pool.workers)  # ended with the pool
+    assert packing.died(1) == "exit 1"
+
+
 def test_shard_arithmetic():
     assert packing.parse_shard("0/8") == (0, 8)
     assert packing.parse_shard("7/8") == (7, 8)
