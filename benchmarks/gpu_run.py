@@ -21,9 +21,12 @@ seconds (default 540, under the tool's 600):
   5. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
 interrupted one is lost (its checkpoint does not come back). Every new or changed file under results/ and
-figures/ (not checkpoints), the logs, nvidia-smi's output and the timings go into one $OUT/gpu_results.tar.gz
-(the tool returns at most 8 files of 16 MiB). `unpack` extracts it into the repository: then render the
-notebooks on CPU, `python -m mtbert_utils.reproduce --profile gpu-minilm`, which trains nothing (docs/gpu.md).
+figures/ (not checkpoints), the logs (results/PROFILE/gpu_run-YYYYMMDD-HHMMSS/, the call's UTC start: each call
+its own, --log-name), nvidia-smi's output and the timings go into one $OUT/gpu_results.tar.gz (the tool returns
+at most 8 files of 16 MiB). `unpack` extracts it into the repository, writing new files only: a file there
+already whose bytes differ (a committed train-only summary, say) is kept and listed (`unpack --replace` replaces
+it). Then render the notebooks on CPU, `python -m mtbert_utils.reproduce --profile gpu-minilm`, which trains
+nothing (docs/gpu.md).
 
 Dry run on CPU (what tests/test_gpu_run.py does, smaller): the tiny encoder and the smoke profiles,
     OUT=/tmp/out python benchmarks/gpu_run.py run --profile smoke --then smoke-best --then-seeds 1 --jobs 2
@@ -125,17 +128,18 @@ def unpack_minilm(archive: Path, into: Path) -> Path:
 
 def pack(dest: Path, data_dir: Path | None, minilm_src: Path | None, with_minilm: bool = True) -> int:
     """dest/minilm.tar.xz (fp16 MiniLM, pack_minilm) and dest/data.tar.xz (the CS224N csv files); prints and
-    returns the bytes that will travel (tracked repository + dest)."""
+    returns the bytes that will travel (tracked repository + dest). Without csv files in the data folder it
+    stops before anything else (MiniLM takes ~40 s), dest as it was."""
     from mtbert_utils.data import ENV_VAR
+    data_dir = Path(data_dir or os.environ.get(ENV_VAR) or ROOT / "data")
+    csvs = sorted(data_dir.glob("*.csv"))
+    if not csvs:
+        raise SystemExit(f"no CS224N csv files in {data_dir} (give --data or set ${ENV_VAR})")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     if with_minilm:
         pack_minilm(dest, minilm_src)
-    data_dir = Path(data_dir or os.environ.get(ENV_VAR) or ROOT / "data")
-    csvs = sorted(data_dir.glob("*.csv"))
-    if not csvs:
-        raise SystemExit(f"no CS224N csv files in {data_dir} (give --data or set ${ENV_VAR})")
     with tarfile.open(dest / "data.tar.xz", "w:xz") as tar:
         for f in csvs:
             tar.add(f, arcname=f.name)
@@ -254,6 +258,12 @@ def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
     return done
 
 
+def default_log_name(t: float) -> str:
+    """--log-name's default: gpu_run-YYYYMMDD-HHMMSS, the UTC start time, so that no call's logs (a second call
+    on a warm machine, a later session) replace an earlier call's folder."""
+    return "gpu_run-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime(t))
+
+
 def run(args) -> int:
     global JOB_START
     from mtbert_utils.reproduce import load_profile
@@ -263,7 +273,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(args.root).resolve()
     sub = load_profile(args.profile).get("out_subdir", "") or "."
-    log_rel = Path("results") / sub / args.log_name
+    log_rel = Path("results") / sub / (args.log_name or default_log_name(t0))
     log_dir = root / log_rel
     if log_dir.exists():
         shutil.rmtree(log_dir)
@@ -272,9 +282,14 @@ def run(args) -> int:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     restored = restore(Path(args.pack_dir), env, Path(args.tmp))
     # a second call on the same warm machine: the tree sent anew may have dropped the first call's untracked
-    # run files (its checkpoints, ignored, stay); they were kept in the pack folder, which that call does not carry
+    # run files (its checkpoints, ignored, stay); they were kept in the pack folder, which that call does not carry.
+    # They are this job's state so far, so they replace what differs; all of them go into the next carried archive
     carried = Path(args.pack_dir) / CARRIED
-    kept = unpack(carried, root) if carried.exists() else []
+    kept = []
+    if carried.exists():
+        unpack(carried, root, replace=True)
+        with tarfile.open(carried) as tar:
+            kept = tar.getnames()
     before = snapshot(root)
     py, steps = sys.executable, []
     steps.append(run_step("nvidia-smi", ["nvidia-smi"], deadline, log_dir, env, root))
@@ -314,7 +329,7 @@ def run(args) -> int:
         monitor.terminate()
         monitor.wait()
     after = snapshot(root)
-    new = sorted(p for p, st in after.items() if before.get(p) != st and not p.startswith(str(log_rel)))
+    new = sorted(p for p, st in after.items() if before.get(p) != st and not p.startswith(f"{log_rel}/"))
     timings = {"device": gpu_name(), "budget_s": args.budget, "seconds": round(time.time() - t0, 1),
                "restored": restored, "mps": mps, "steps": steps, "new_files": len(new)}
     (log_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
@@ -349,8 +364,11 @@ def gpu_name() -> str:
 # -- unpack (here) ---------------------------------------------------------------------------------
 
 
-def unpack(archive: Path, into: Path) -> list[str]:
-    """Extract the archive's results/ and figures/ files into the repository (nothing outside them)."""
+def unpack(archive: Path, into: Path, replace: bool = False) -> list[str]:
+    """Extract the archive's results/ and figures/ files into the repository (nothing outside them): files not
+    there yet are written, identical ones skipped, and one whose bytes differ (a committed summary, an earlier
+    session's logs) is kept as it is and listed, unless `replace`. Returns the member names written."""
+    written, kept = [], []
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for m in members:
@@ -359,12 +377,24 @@ def unpack(archive: Path, into: Path) -> list[str]:
                 raise SystemExit(f"{archive}: refusing member {m.name!r} (only files under results/ and figures/)")
         for m in members:
             target = into / m.name
+            with tar.extractfile(m) as src:
+                data = src.read()
+            if target.exists() and target.read_bytes() == data:
+                continue
+            if target.exists() and not replace:
+                kept.append(m.name)
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(m) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            target.write_bytes(data)
             os.utime(target, (m.mtime, m.mtime))
-    print(f"{len(members)} files from {archive} into {into}")
-    return [m.name for m in members]
+            written.append(m.name)
+    print(f"{len(written)} of {len(members)} files from {archive} written into {into} "
+          f"({len(members) - len(written) - len(kept)} identical already there)")
+    if kept:
+        print(f"{len(kept)} files there already kept as they are (the archive's bytes differ):\n  "
+              + "\n  ".join(kept)
+              + f"\nto replace them: python benchmarks/gpu_run.py unpack {archive} --into {into} --replace")
+    return written
 
 
 def command() -> str:
@@ -402,8 +432,10 @@ def main(argv=None) -> int:
                    help="seconds the benchmark may take at most (on an H200 its parts before the levers took 100 s)")
     r.add_argument("--pack-reserve", type=float, default=30, help="seconds kept for packing the results")
     r.add_argument("--pack-dir", default=str(PACK_DIR))
-    r.add_argument("--log-name", default="gpu_run",
-                   help="folder under results/PROFILE/ for this call's logs (a second call on a warm machine: gpu_run-2)")
+    r.add_argument("--log-name", default=None,
+                   help="folder under results/PROFILE/ for this call's logs, replaced if it exists (default: "
+                        "gpu_run-YYYYMMDD-HHMMSS, the UTC start time: every call, a second one on a warm machine "
+                        "included, has its own)")
     r.add_argument("--no-train", action="store_true", help="the benchmark (and --then, --pytest) only")
     r.add_argument("--mps", action="store_true",
                    help="train under a CUDA MPS daemon started for this job (off if it is missing or fails)")
@@ -415,6 +447,8 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack", help="here: put the archive's files back into the repository")
     u.add_argument("archive")
     u.add_argument("--into", default=str(ROOT))
+    u.add_argument("--replace", action="store_true",
+                   help="also replace the files there already whose bytes differ (by default they are kept)")
     sub.add_parser("command", help="print the device tool's run call")
     args = ap.parse_args(argv)
     if args.step == "pack":
@@ -425,7 +459,7 @@ def main(argv=None) -> int:
     if args.step == "run":
         return run(args)
     if args.step == "unpack":
-        unpack(Path(args.archive), Path(args.into))
+        unpack(Path(args.archive), Path(args.into), replace=args.replace)
         return 0
     print(json.dumps({"command": command(), "carry": [".gpu"], "timeout_s": 600}, indent=2))
     return 0

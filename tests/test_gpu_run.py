@@ -5,8 +5,11 @@ CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records th
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tarfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,81 @@ def test_unpack_refuses_paths_outside_results(tmp_path):
         gpu_run.unpack(bad, tmp_path / "into")
 
 
+def test_unpack_writes_new_files_and_keeps_those_there_that_differ(tmp_path, capsys):
+    """A GPU archive held train-only summaries ("0 trained, 18 reused") that would have replaced the committed ones
+    recording how the runs were trained: unpack writes the new files, skips the identical ones (untouched) and keeps
+    and lists those whose bytes differ; --replace replaces them."""
+    gpu_run = load_script("gpu_run")
+    src, into, archive = tmp_path / "src", tmp_path / "into", tmp_path / "gpu_results.tar.gz"
+    archived = {"figures/p.svg": "<svg/>", "results/p/executed/train-only.json": '{"trained": 0, "reused": 18}',
+                "results/p/gpu_run/timings.json": '{"seconds": 9}', "results/p/runs/new.json": "new",
+                "results/p/runs/same.json": "same"}
+    for name, text in archived.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    gpu_run.write_tar(archive, src, sorted(archived))
+    there = {"results/p/executed/train-only.json": '{"trained": 18, "reused": 0}',  # committed
+             "results/p/gpu_run/timings.json": '{"seconds": 500}', "results/p/runs/same.json": "same"}
+    for name, text in there.items():
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        (into / name).write_text(text)
+    os.utime(into / "results/p/runs/same.json", (1, 1))
+
+    assert gpu_run.unpack(archive, into) == ["figures/p.svg", "results/p/runs/new.json"]
+    assert all((into / name).read_text() == text for name, text in there.items())  # nothing replaced
+    assert (into / "results/p/runs/same.json").stat().st_mtime == 1  # identical: not even rewritten
+    printed = capsys.readouterr().out
+    assert "results/p/executed/train-only.json" in printed and "results/p/gpu_run/timings.json" in printed
+    assert f"unpack {archive} --into {into} --replace" in printed
+
+    assert gpu_run.main(["unpack", str(archive), "--into", str(into), "--replace"]) == 0
+    assert all((into / name).read_text() == text for name, text in archived.items())
+    assert gpu_run.unpack(archive, into) == []  # all there now, identical
+    assert "kept" not in capsys.readouterr().out
+
+
+def test_run_logs_go_to_a_folder_named_by_the_start_time(tmp_path):
+    """Every call's logs get their own folder, gpu_run-YYYYMMDD-HHMMSS (UTC start), so none replaces an earlier
+    session's committed gpu_run/; a job with no time for any step (budget 5 s) still writes and packs them."""
+    gpu_run = load_script("gpu_run")
+    root, out, pack = tmp_path / "root", tmp_path / "out", tmp_path / "pack"
+    pack.mkdir()  # empty: nothing to restore
+    earlier = root / "results" / "smoke" / "gpu_run" / "timings.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier session's")
+    t0 = time.time()
+    assert gpu_run.main(["run", "--profile", "smoke", "--budget", "5", "--no-train", "--then", "", "--pytest",
+                         "--pack-dir", str(pack), "--root", str(root), "--tmp", str(tmp_path / "tmp"),
+                         "--out", str(out)]) == 0
+    t1 = time.time()
+    folders = sorted(p.name for p in (root / "results" / "smoke").iterdir())
+    assert len(folders) == 2 and folders[0] == "gpu_run" and earlier.read_text() == "an earlier session's"
+    name = folders[1]
+    assert re.fullmatch(r"gpu_run-\d{8}-\d{6}", name), name
+    started = datetime.strptime(name, "gpu_run-%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc).timestamp()
+    assert int(t0) <= started <= t1
+    with tarfile.open(out / gpu_run.ARCHIVE) as tar:
+        names = tar.getnames()
+    assert f"results/smoke/{name}/timings.json" in names and all(n.startswith(f"results/smoke/{name}/") for n in names)
+    assert gpu_run.default_log_name(0) == "gpu_run-19700101-000000"
+
+
+def test_pack_checks_the_data_folder_before_packing_minilm(tmp_path, monkeypatch):
+    """Without csv files, pack stops at once (not after ~40 s of MiniLM) and leaves the pack folder as it was."""
+    gpu_run = load_script("gpu_run")
+    monkeypatch.setattr(gpu_run, "pack_minilm", lambda *a: pytest.fail("MiniLM packed before the data were checked"))
+    empty, dest = tmp_path / "empty", tmp_path / "pack"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no CS224N csv files in"):
+        gpu_run.main(["pack", "--dest", str(dest), "--data", str(empty)])
+    assert not dest.exists()  # no half-made folder
+    dest.mkdir()
+    (dest / "data.tar.xz").write_text("an earlier pack")
+    with pytest.raises(SystemExit, match="no CS224N csv files in"):
+        gpu_run.pack(dest, empty, None)
+    assert (dest / "data.tar.xz").read_text() == "an earlier pack"
+
+
 @pytest.mark.slow
 def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypatch):
     """pack (tiny data, a tiny 'MiniLM'), run the smoke profiles with 2 jobs, unpack into a fresh folder."""
@@ -107,7 +185,10 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "smoke-best",
                        "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--pack-dir", str(pack),
                        "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out), "--pytest"])
-    timings = json.loads((root / "results" / "smoke" / "gpu_run" / "timings.json").read_text())
+    first = [p.name for p in (root / "results" / "smoke").glob("gpu_run*")]  # the default: gpu_run-<UTC start>
+    assert len(first) == 1 and re.fullmatch(r"gpu_run-\d{8}-\d{6}", first[0]), first
+    first = first[0]
+    timings = json.loads((root / "results" / "smoke" / first / "timings.json").read_text())
     steps = {s["step"]: s["status"] for s in timings["steps"]}
     assert rc == 0, steps
     assert steps["minilm-check"] == "ok"  # the fp16 copy loads as fp32 from the restored folder
@@ -123,7 +204,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     smoke_runs = sorted(p.name for p in (into / "results" / "smoke" / "runs").glob("*.json"))
     assert len(smoke_runs) == 6 and smoke_runs == sorted(p.name for p in (root / "results" / "smoke" / "runs").glob("*.json"))
     assert len(list((into / "results" / "smoke-best" / "runs").glob("best-*-seed1.json"))) == 1
-    assert (into / "results" / "smoke" / "gpu_run" / "train-smoke.log").exists()
+    assert (into / "results" / "smoke" / first / "train-smoke.log").exists()
     assert (into / "results" / "smoke" / "executed" / "train-only.json").exists()
 
     # a second call on the same (warm) machine, whose new copy of the tree lacks the first call's run files:
@@ -147,7 +228,10 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     with tarfile.open(out / gpu_run.ARCHIVE) as tar:
         names = tar.getnames()
     assert not [n for n in names if "/runs/" in n]  # nothing retrained, so no run file travels back again
-    assert (into / "results" / "smoke" / "gpu_run" / "timings.json").exists()  # the first call's logs stay
+    assert (root / "results" / "smoke" / first / "timings.json").exists()  # the first call's logs stay
+    gpu_run.unpack(out / gpu_run.ARCHIVE, into)  # beside the first call's, in their own folder
+    assert (into / "results" / "smoke" / first / "timings.json").exists()
+    assert (into / "results" / "smoke" / "gpu_run-2" / "timings.json").exists()
 
 
 def test_packing_timeline_sums_the_rates_of_the_runs_training_together():
