@@ -7,7 +7,8 @@
 The runs come from mtbert_utils.plans with the parameters papermill would give each notebook, so their
 names match the notebooks' and a later `reproduce` (on any machine) reuses their result files. Runs are
 listed stage by stage (notebook 09's later stages need its earlier runs); within a stage, notebooks in
-profile order, seed by seed, each run once (notebook 05 reuses 04's runs). See docs/gpu.md.
+profile order, seed by seed, each run once (notebook 05 reuses 04's runs). Each worker process trains one
+run at a time; one that dies fails only its run (RunPool). See docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -210,3 +210,17 @@ def test_summary_of_the_committed_cuda_benchmark_names_its_device_target_and_pre
     by = r["train_by_precision"]
     assert r["precision"] == max(("fp32", "bf16"), key=lambda p: by[f"repo_{p}"])
     assert r["train_speedup"] == pytest.approx(by[f"repo_{r['precision']}"] / by["plain_fp32"])
+
+
+def test_docs_speed_tables_are_the_second_cuda_benchmarks_summary():
+    """docs/speed.md's lever and precision tables of GPU session 2 are its committed benchmark's, not typed."""
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "gpu-minilm" / "gpu_run-2-bench-tests" / "bench_cuda.json").read_text())
+    doc = (root / "docs" / "speed.md").read_text()
+    levers = [line for line in bench.summary_markdown(r).splitlines() if line.startswith("| ") and line.endswith("x |")
+              and line.split("|")[1].strip() in r["levers"]]
+    assert len(levers) == len(r["levers"]) == 11
+    assert "\n".join(levers) in doc
+    by = r["train_by_precision"]
+    for loop in ("plain", "repo"):
+        assert f"| {by[loop + '_fp32']:,.0f} ex/s | {by[loop + '_bf16']:,.0f} ex/s |" in doc
