@@ -100,20 +100,20 @@ def died(exitcode: int | None) -> str:
 
 
 class RunPool:
-    """`jobs` spawned worker processes, each training one run at a time (its data cache kept between runs).
+    """Up to `jobs` spawned worker processes (started as runs come), each training one run at a time, its data
+    cache kept between runs.
     Unlike a ProcessPoolExecutor, a worker that dies (a segfault, the OOM killer) fails only the run it held:
     that run comes back as failed, saying how the process ended, and a new worker takes the next run."""
 
     def __init__(self, jobs: int, threads: int, env: dict, target=None):
         import multiprocessing
         import queue
+        import threading
         from concurrent.futures import ThreadPoolExecutor
         self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
-        self.args, self.target = (threads, env), target or _train_worker
-        self.idle, self.closing = queue.SimpleQueue(), False
-        self.workers = [self._start() for _ in range(jobs)]
-        for w in self.workers:
-            self.idle.put(w)
+        self.jobs, self.args, self.target = jobs, (threads, env), target or _train_worker
+        self.idle, self.lock, self.closing = queue.SimpleQueue(), threading.Lock(), False
+        self.workers: list = []
         self.threads = ThreadPoolExecutor(jobs)  # one waits on each busy worker
 
     def _start(self):
@@ -126,30 +126,41 @@ class RunPool:
     def submit(self, item: dict):
         return self.threads.submit(self._run, item)
 
+    def _take(self):
+        """An idle worker, or a new one while fewer than `jobs` have started (no process for a call that reuses
+        every run)."""
+        with self.lock:
+            if self.idle.empty() and len(self.workers) < self.jobs:
+                self.workers.append(self._start())
+                return self.workers[-1]
+        return self.idle.get()
+
     def _run(self, item: dict) -> dict:
-        proc, conn = worker = self.idle.get()
+        proc, conn = worker = self._take()
         try:
             conn.send(item)
-            return conn.recv()
-        except (EOFError, OSError):  # the worker died with the run (or was stopped by __exit__)
+            out = conn.recv()
+        except (EOFError, OSError):  # the worker died with the run (or __exit__ stopped it)
             proc.join(timeout=30)
-            if not self.closing:
-                self.workers.remove(worker)
-                worker = self._start()
-                self.workers.append(worker)
+            with self.lock:
+                self.workers.remove(worker)  # the next run starts a new one
             return {"status": "failed", "error": f"its worker process died: {died(proc.exitcode)}"}
-        finally:
+        except BaseException:  # the item could not be sent (not picklable, say): the worker is still fine
             self.idle.put(worker)
+            raise
+        self.idle.put(worker)
+        return out
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.closing = True
-        for proc, conn in self.workers:
+        workers = list(self.workers)
+        for proc, conn in workers:
             with contextlib.suppress(OSError):
                 conn.send(None)
-        for proc, _ in self.workers:
+        for proc, _ in workers:
             proc.join(timeout=None if exc[0] is None else 5)
             if proc.is_alive():  # interrupted: do not wait for a run to finish
                 proc.terminate()

@@ -1,6 +1,7 @@
 """reproduce --train-only: a profile's runs trained N at a time without papermill; the notebooks then train nothing."""
 
 import json
+import time
 
 import pytest
 
@@ -38,9 +39,11 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
 
 
 CRASHY = """
-import os, signal
+import os, signal, time
 
 def work(item):
+    if item.get("sleep"):
+        time.sleep(item["sleep"])
     if item["crash"]:
         os.kill(os.getpid(), signal.SIGSEGV)  # as torch's autograd thread did with CUDA graphs on an H200
     return {"status": "trained", "pid": os.getpid(), "name": item["name"]}
@@ -56,6 +59,7 @@ def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
     import crashy
     items = [{"name": n, "seed": 0, "crash": n == "b"} for n in "abc"]
     with packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
+        assert pool.workers == []  # started as runs come: none for a call that reuses every run
         a, b, c = (f.result(timeout=120) for f in [pool.submit(i) for i in items])
         assert len(pool.workers) == 1 and pool.workers[0][0].is_alive()
     assert (a["status"], a["name"], c["status"], c["name"]) == ("trained", "a", "trained", "c")
@@ -63,6 +67,16 @@ def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
     assert a["pid"] != c["pid"]  # the crashed worker was replaced
     assert not any(proc.is_alive() for proc, _ in pool.workers)  # ended with the pool
     assert packing.died(1) == "exit 1"
+
+    t0 = time.monotonic()  # interrupted (Ctrl-C, an error) while a run trains: its worker is stopped, not awaited
+    with pytest.raises(KeyboardInterrupt), packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
+        busy = pool.submit({"name": "slow", "seed": 0, "crash": False, "sleep": 300})
+        while not pool.workers:
+            time.sleep(0.05)
+        proc = pool.workers[0][0]
+        raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 60 and not proc.is_alive()
+    assert busy.result(timeout=10)["status"] == "failed"
 
 
 def test_shard_arithmetic():
