@@ -202,9 +202,17 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
-def _eager_and_graphed(encoded, device, *, pcgrad=False, steps=6, frozen_from=4):
+# steps as (encoder trains, tasks or None for all, an eval-mode forward after it): full steps, then heads-only ones
+FULL_THEN_HEADS = [(True, None, False)] * 4 + [(False, None, False)] * 2
+# as a tuned run goes (heads only, full, heads only), with a sequential run's one-task steps and an eval between
+# steps: what the gpu-minilm runs that segfaulted with cuda_graphs on an H200 did and the test above did not
+AS_THE_RUNS_GO = ([(False, None, True)] * 2 + [(True, None, True), (True, ("sst",), True), (True, ("para",), True)]
+                  + [(False, None, True)])
+
+
+def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS):
     """Two copies of one tiny model trained side by side on the same batches, one eager and one through
-    use_cuda_graphs: batch sizes 8 and 16, several padded lengths, full steps then heads-only ones. SGD, so
+    use_cuda_graphs: batch sizes 8 and 16, several padded lengths, the steps of `plan`. SGD, so
     that a rounding difference in a gradient stays as small in the weights (Adam's first steps would turn a
     near-zero gradient's rounding into a step of +-lr). Returns (models, each one's losses by step, the distinct
     encoder inputs: (name, shape) of each tensor argument, and the grad mode)."""
@@ -227,16 +235,20 @@ def _eager_and_graphed(encoded, device, *, pcgrad=False, steps=6, frozen_from=4)
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
     gens = [torch.Generator(device=device).manual_seed(0) for _ in models]  # PCGrad's task orders, alike
     losses = [[], []]
-    for step in range(steps):
+    for step, (trains, tasks, then_eval) in enumerate(plan):
         start, size = 8 * (step % 3), 8 * (1 + step % 2)
         batches = {t: to_device(collate(enc, range(start, start + size), eager.pair_mode(t), pad_to_multiple=16),
-                                device) for t, enc in encoded.items()}
+                                device) for t, enc in encoded.items() if tasks is None or t in tasks}
         for i, m in enumerate(models):
             m.train()
-            m.set_encoder_trainable(step < frozen_from)
+            m.set_encoder_trainable(trains)
             out = training_step(m, opts[i], batches, cfgs[i], device=device, generator=gens[i],
                                 shared=[p for p in m.parameters() if p.requires_grad])
             losses[i].append(out["losses"])
+            if then_eval:  # evaluation runs the eager encoder (model.eval()) between the graphed steps
+                m.eval()
+                with torch.no_grad():
+                    m(batches)
     return models, losses, inputs
 
 
@@ -271,8 +283,10 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     assert len(inputs) > 2 * len(kinds)  # the steps above do vary the shapes
     assert 0 < counters["stats"]["unique_graphs"] <= len(kinds)
     _assert_trained_alike(models, losses)
-    torch._dynamo.reset()  # PCGrad: one backward pass per task through the compiled forward
-    _assert_trained_alike(*_eager_and_graphed(encoded, torch.device("cpu"), pcgrad=True)[:2])
+    for pcgrad in (True, False):  # PCGrad: one backward pass per task through the compiled forward
+        for plan in (FULL_THEN_HEADS, AS_THE_RUNS_GO) if pcgrad else (AS_THE_RUNS_GO,):
+            torch._dynamo.reset()
+            _assert_trained_alike(*_eager_and_graphed(encoded, torch.device("cpu"), pcgrad=pcgrad, plan=plan)[:2])
     torch._dynamo.reset()
 
 
@@ -280,10 +294,12 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
 def test_cuda_graphs_on_cuda_train_like_eager(encoded):
     """The same on a GPU, with torch.compile(mode="reduce-overhead") as training uses it: CUDA graphs replayed
     over the steps, with the summed task losses and with PCGrad (one backward pass per task), full and
-    heads-only steps, give the eager model's losses and weights."""
+    heads-only steps in either order, one-task steps and evaluation between steps, give the eager model's losses
+    and weights."""
     import torch._dynamo
     for pcgrad in (False, True):
-        torch._dynamo.reset()
-        models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad)
-        _assert_trained_alike(models, losses)
+        for plan in (FULL_THEN_HEADS, AS_THE_RUNS_GO):
+            torch._dynamo.reset()
+            models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad, plan=plan)
+            _assert_trained_alike(models, losses)
     torch._dynamo.reset()
