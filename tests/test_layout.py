@@ -45,8 +45,9 @@ def test_task_names_and_label_ranges_have_one_home():
 
 
 def test_no_undefined_or_unused_names():
-    """Pyflakes' rules (ruff's F) over the package, the benchmarks and the tests: an undefined name in a test that
-    only a GPU runs (a stale block left by a merge) would fail first there, where each minute is scarce."""
+    """Pyflakes' rules (ruff's F) over the package, the benchmarks, the tests and the notebooks: an undefined name
+    in a test that only a GPU runs (a stale block left by a merge) would fail first there, where each minute is
+    scarce; an unused import in a notebook's setup cell sends a reader looking for where it is used."""
     import shutil
     import subprocess
     import sys
@@ -55,5 +56,5 @@ def test_no_undefined_or_unused_names():
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
     root = PACKAGE.parent
     found = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", "--quiet",
-                            "mtbert_utils", "benchmarks", "tests"], cwd=root, capture_output=True, text=True)
+                            "mtbert_utils", "benchmarks", "tests", "notebooks"], cwd=root, capture_output=True, text=True)
     assert found.returncode == 0, found.stdout + found.stderr
