@@ -137,6 +137,7 @@ class RunPool:
 
     def _run(self, item: dict) -> dict:
         proc, conn = worker = self._take()
+        t0 = time.time()
         try:
             conn.send(item)
             out = conn.recv()
@@ -144,7 +145,8 @@ class RunPool:
             proc.join(timeout=30)
             with self.lock:
                 self.workers.remove(worker)  # the next run starts a new one
-            return {"status": "failed", "error": f"its worker process died: {died(proc.exitcode)}"}
+            return {"status": "failed", "error": f"its worker process died: {died(proc.exitcode)}",
+                    "started_unix": t0, "seconds": time.time() - t0}
         except BaseException:  # the item could not be sent (not picklable, say): the worker is still fine
             self.idle.put(worker)
             raise
