@@ -112,7 +112,7 @@ class RunPool:
         from concurrent.futures import ThreadPoolExecutor
         self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or thread pools
         self.jobs, self.args, self.target = jobs, (threads, env), target or _train_worker
-        self.idle, self.lock, self.closing = queue.SimpleQueue(), threading.Lock(), False
+        self.idle, self.lock = queue.SimpleQueue(), threading.Lock()
         self.workers: list = []
         self.threads = ThreadPoolExecutor(jobs)  # one waits on each busy worker
 
@@ -157,7 +157,6 @@ class RunPool:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.closing = True
         workers = list(self.workers)
         for proc, conn in workers:
             with contextlib.suppress(OSError):
