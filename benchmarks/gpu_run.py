@@ -53,6 +53,7 @@ RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
 CUDA_TESTS = ["tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device",
               "tests/test_train_only.py::test_train_only_runs_share_one_gpu",
+              "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_train_like_eager"]  # skipped on a CPU
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
 

@@ -383,12 +383,18 @@ class Trainer:
                        if p.requires_grad]
         self.source, self.batches_per_round = source, batches_per_round
         self.gen = torch.Generator().manual_seed(config.seed)
+        self.pending = None  # the last step's losses, not read yet
 
     def step(self, batches: dict) -> dict:
+        """One training step; like the training loop, it reads the previous step's losses once this one is queued."""
         with tf32_matmuls(self.config.tf32, self.device):
-            return training_step(self.model, self.opt, {t: to_device(b, self.device) for t, b in batches.items()},
-                                 self.config,
-                                 shared=self.shared, device=self.device, amp_dtype=self.amp_dtype, generator=self.gen)
+            out = training_step(self.model, self.opt, {t: to_device(b, self.device) for t, b in batches.items()},
+                                self.config,
+                                shared=self.shared, device=self.device, amp_dtype=self.amp_dtype, generator=self.gen)
+        if self.pending is not None:
+            self.pending.read()
+        self.pending = out["losses"]
+        return out
 
     def round(self) -> dict:
         """batches_per_round SST steps (with WorkBatches: one pass over the work)."""

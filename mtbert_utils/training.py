@@ -75,7 +75,7 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN or infinite loss: training stops, the last good checkpoint stays."""
 
 
-def stop_on_non_finite(raw: dict, batches: dict, device) -> None:
+def stop_on_non_finite(raw: dict, ids: dict, device) -> None:
     """Raise NonFiniteLossError naming the task and batch when a loss is NaN or infinite; under data parallel every
     process stops at this step (one raising alone would leave the others waiting in a collective)."""
     bad = [t for t in raw if not math.isfinite(raw[t])]
@@ -85,7 +85,34 @@ def stop_on_non_finite(raw: dict, batches: dict, device) -> None:
     if bad:
         t = bad[0]
         raise NonFiniteLossError(f"non-finite loss ({raw[t]}) for task {t!r} on process {distributed.rank()}; "
-                                 f"batch ids start {batches[t]['ids'][:3]}")
+                                 f"batch ids start {ids[t]}")
+
+
+class PendingLosses:
+    """A step's unweighted task losses on their way to the host. On CUDA the copy is queued behind the step's
+    backward and `read()` waits for that copy alone, so a loop that reads step k's losses after queuing step k+1
+    never leaves the GPU idle while the host prepares the next batch (reading them at once would wait for the
+    whole step, and the GPU would then wait for the host)."""
+
+    def __init__(self, raw: dict, batches: dict, device):
+        self.tasks, self.device = list(raw), device
+        self.ids = {t: list(batches[t]["ids"][:3]) for t in raw}  # for the error message
+        values = torch.stack([raw[t] for t in self.tasks])
+        self.event = None
+        if values.is_cuda:
+            self.values = values.to("cpu", non_blocking=True)  # into pinned memory, done when the event is
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> dict:
+        """{task: loss}. Raises NonFiniteLossError naming the task and batch when a loss is NaN or infinite."""
+        if self.event is not None:
+            self.event.synchronize()
+        raw = dict(zip(self.tasks, self.values.tolist()))
+        stop_on_non_finite(raw, self.ids, self.device)
+        return raw
 
 
 def training_step(model, optimizer, batches: dict, config: TrainConfig, *, shared: list, device,
@@ -100,8 +127,11 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     loss_scale: task -> factor on its loss: this process's share of the global batch times the
     number of processes, so that averaging the gradients gives the global-batch mean.
 
-    Returns {"losses": {task: unweighted loss}, "cosines": pairwise task-gradient cosines or None}.
-    Raises NonFiniteLossError naming the task and batch when a loss is NaN or infinite.
+    Returns {"losses": PendingLosses (its read() gives {task: unweighted loss} and raises NonFiniteLossError
+    naming the task and batch when one is NaN or infinite), "cosines": pairwise task-gradient cosines or None}.
+    The step reads nothing back to the host (PCGrad's bookkeeping and the cosines aside): the loop reads its losses
+    one step later. A non-finite loss has then been through one optimizer step, but only in memory: the run stops
+    at that read, before any checkpoint could be written.
     """
     if config.cuda_graphs:  # a new step: the CUDA graphs may reuse the previous step's output memory
         torch.compiler.cudagraph_mark_step_begin()
@@ -120,10 +150,7 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
         reduce_fn = averager.for_tasks(losses) if averager is not None else None  # one all-reduce per task
         cosines = GRAD_METHODS[config.grad_method](losses, shared, config=config, scaler=scaler,
                                                    generator=generator, reduce_fn=reduce_fn)
-    # the step's one host sync, once the backward is queued (a GPU need not idle between forward and backward);
-    # a non-finite loss stops the run here, before the optimizer step could write it into the weights
-    raw = dict(zip(raw, torch.stack(list(raw.values())).tolist()))
-    stop_on_non_finite(raw, batches, device)
+    pending = PendingLosses(raw, batches, device)  # queued behind the backward, read by the loop a step later
     if losses:
         if config.max_grad_norm:
             if scaler:
@@ -135,7 +162,7 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
         else:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"losses": raw, "cosines": cosines}
+    return {"losses": pending, "cosines": cosines}
 
 
 # ---------------------------------------------------------------------------
@@ -336,15 +363,25 @@ def run_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict, list]:
     trace_every = max(1, n_steps // 50)
     bar = progress.bar(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                        enabled=config.progress and run.main)
-    t_epoch = time.time()
+    def tally(pending) -> None:  # a step's losses, read once the next step is queued (PendingLosses)
+        losses, share, where = pending
+        try:
+            for t, v in losses.read().items():
+                loss_sum[t] += v * share[t]
+                loss_n[t] += 1
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} at {where}. The last good checkpoint ({run.ckpt_path}) was kept; "
+                                     f"no result was written.") from None
+
+    t_epoch, pending = time.time(), None
     for i, tasks in enumerate(state.schedule.steps(run.num_batches, epoch, state.sched_rng)):
-        out, share = optimizer_step(run, state, tasks, shared, f"epoch {epoch + 1}, step {i + 1}")
-        for t, v in out["losses"].items():
-            loss_sum[t] += v * share[t]
-            loss_n[t] += 1
+        out, share = optimizer_step(run, state, tasks, shared)
+        state.step += 1
+        if pending is not None:
+            tally(pending)
+        pending = (out["losses"], share, f"epoch {epoch + 1}, step {i + 1} (global step {state.step})")
         if out["cosines"] is not None:
             cos_log.append(out["cosines"])
-        state.step += 1
         if i % trace_every == 0 or i == n_steps - 1:
             trace.append([state.step, *(state.seen[t] for t in TASKS)])
         bar.set_postfix({t: f"{loss_sum[t] / max(loss_n[t], 1):.3f}" for t in TASKS if loss_n[t]})
@@ -352,6 +389,8 @@ def run_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict, list]:
         if budget_spent(config, state):
             trace.append([state.step, *(state.seen[t] for t in TASKS)])
             break
+    if pending is not None:
+        tally(pending)
     bar.close()
     epoch_time = time.time() - t_epoch
     state.train_time += epoch_time
@@ -363,7 +402,7 @@ def run_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict, list]:
             "examples_seen": dict(state.seen), "seen_trace": trace, "epoch_time_s": epoch_time}, cos_log
 
 
-def optimizer_step(run: Run, state: RunState, tasks: tuple, shared: list, where: str) -> tuple[dict, dict]:
+def optimizer_step(run: Run, state: RunState, tasks: tuple, shared: list) -> tuple[dict, dict]:
     """One step on the next batch of each task in `tasks`. Returns (training_step's output, task -> this
     process's share of the global batch)."""
     batches, share = {}, {}
@@ -375,14 +414,10 @@ def optimizer_step(run: Run, state: RunState, tasks: tuple, shared: list, where:
                             pad_to_multiple=run.config.pad_to_multiple)
         batches[t] = to_device(batch, run.device)
         state.seen[t] += n_global
-    try:
-        out = training_step(run.step_model(state.model), state.optimizer, batches, run.config, shared=shared,
-                            device=run.device, amp_dtype=run.amp_dtype, scaler=state.scaler,
-                            class_weights=run.class_weights, generator=state.pc_gen, averager=run.averager,
-                            loss_scale={t: share[t] * run.world for t in tasks} if run.world > 1 else None)
-    except NonFiniteLossError as e:
-        raise NonFiniteLossError(f"{e} at {where} (global step {state.step + 1}). The last good checkpoint "
-                                 f"({run.ckpt_path}) was kept; no result was written.") from None
+    out = training_step(run.step_model(state.model), state.optimizer, batches, run.config, shared=shared,
+                        device=run.device, amp_dtype=run.amp_dtype, scaler=state.scaler,
+                        class_weights=run.class_weights, generator=state.pc_gen, averager=run.averager,
+                        loss_scale={t: share[t] * run.world for t in tasks} if run.world > 1 else None)
     return out, share
 
 

@@ -189,14 +189,15 @@ def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):
     from types import SimpleNamespace
     moved = []
     monkeypatch.setattr(bench, "to_device", lambda b, d: moved.append((b, d)) or {k: ("moved", v) for k, v in b.items()})
-    monkeypatch.setattr(bench, "training_step", lambda model, opt, batches, config, **kw: batches)
+    monkeypatch.setattr(bench, "training_step",
+                        lambda model, opt, batches, config, **kw: {"losses": None, "batches": batches})
     tr = object.__new__(bench.Trainer)
     tr.config, tr.device = SimpleNamespace(tf32=False), torch.device("cpu")
-    tr.model = tr.opt = tr.shared = tr.amp_dtype = tr.gen = None
+    tr.model = tr.opt = tr.shared = tr.amp_dtype = tr.gen = tr.pending = None
     batches = {t: {"ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2)} for t in ("sst", "para")}
     out = tr.step(batches)
     assert [b for b, _ in moved] == list(batches.values()) and {d for _, d in moved} == {tr.device}
-    assert out == {t: {k: ("moved", v) for k, v in b.items()} for t, b in batches.items()}
+    assert out["batches"] == {t: {k: ("moved", v) for k, v in b.items()} for t, b in batches.items()}
 
 
 def test_summary_of_the_committed_cuda_benchmark_names_its_device_target_and_precisions():

@@ -272,19 +272,24 @@ def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path, kind, children)
 # numerical faults
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad, at", [(float("nan"), "step 2"), (float("inf"), "step 2"), (float("nan"), "last step")])
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(reference, tiny_config, tmp_path,
-                                                                           monkeypatch, bad):
+                                                                           monkeypatch, bad, at):
+    """The loop reads a step's losses once the next step is queued (training.PendingLosses), or after the epoch's
+    last step: either way the error names the poisoned step, and no checkpoint or result holds its update."""
     ref_config, ref_result, ref_params = reference
     config = tiny_config(tmp_path)
     ckpt = ckpt_path(config)
     real_loss, calls = training.task_loss, []
+    hist = ref_result["history"]
+    step = 2 if at == "step 2" else hist[1]["steps"] - hist[0]["steps"]  # the epoch's last: no step after it
+    assert step > 2 or at == "step 2"
 
     def poisoned(task, *args, **kw):
         loss = real_loss(task, *args, **kw)
         if ckpt.exists():  # epoch 2: one batch of every task per step, sst then para then sts
             calls.append(task)
-            if len(calls) == 6:  # the sts batch of step 2
+            if len(calls) == 3 * step:  # the sts batch of that step
                 return loss * bad
         return loss
 
@@ -292,7 +297,8 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(refer
     with pytest.raises(NonFiniteLossError) as e:
         train(config)
     msg = str(e.value)
-    assert "task 'sts'" in msg and "epoch 2, step 2" in msg and str(ckpt) in msg
+    assert "task 'sts'" in msg and f"epoch 2, step {step} (global step {hist[0]['steps'] + step})" in msg
+    assert str(ckpt) in msg
     assert ("nan" if bad != bad else "inf") in msg
     sts_ids = {ex.id for ex in load_tasks(config.data_dir, ("sts",), max_train=32, seed=0)["sts"].train}
     named = msg.split("batch ids start ")[1].split("]")[0]

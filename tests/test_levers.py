@@ -3,6 +3,8 @@
 pad_to_multiple and cache_frozen_encoder are checked against the plain path within float tolerances;
 tf32 and cuda_graphs are CUDA-only: on CPU tf32 is a no-op and cuda_graphs stops train() early.
 """
+import math
+
 import pytest
 import torch
 
@@ -244,7 +246,7 @@ def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS):
             m.set_encoder_trainable(trains)
             out = training_step(m, opts[i], batches, cfgs[i], device=device, generator=gens[i],
                                 shared=[p for p in m.parameters() if p.requires_grad])
-            losses[i].append(out["losses"])
+            losses[i].append(out["losses"].read())
             if then_eval:  # evaluation runs the eager encoder (model.eval()) between the graphed steps
                 m.eval()
                 with torch.no_grad():
@@ -303,3 +305,82 @@ def test_cuda_graphs_on_cuda_train_like_eager(encoded):
             models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad, plan=plan)
             _assert_trained_alike(models, losses)
     torch._dynamo.reset()
+
+
+# -- host reads: a training step queues its work and reads nothing back; the loop reads its losses a step later --
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+def refuse_host_reads(m: pytest.MonkeyPatch) -> None:
+    """Tensor methods that bring a value to the host raise (on CUDA each one waits for the GPU to finish).
+
+    One read is not ours and is let be: the eager encoder's forward asks transformers whether a batch has padding
+    (`padding_mask.all()`, to drop the mask for SDPA's flash kernel). Under CUDA graphs it is traced away, and the
+    eager step is bound by kernel launches (the GPU's queue stays short, so that sync waits for little)."""
+    from transformers import masking_utils
+    m.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *args, **kw: False, raising=False)
+
+    def refuse(name):
+        def read(self, *args, **kw):
+            raise AssertionError(f"Tensor.{name}() in a training step: a host sync on CUDA")
+        return read
+    for name in HOST_READS:
+        m.setattr(torch.Tensor, name, refuse(name))
+
+
+@pytest.mark.parametrize("task_set", ["all three", "sst alone"])
+def test_a_training_step_reads_nothing_back_and_its_losses_come_later(encoded, one_thread, monkeypatch, task_set):
+    """Summed losses: forward, losses, backward and optimizer step are all queued, nothing is read back; the loop
+    reads the step's losses later (PendingLosses.read), and they are the losses of the weights before the step."""
+    import copy
+    from mtbert_utils.training import task_loss, training_step
+    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, progress=False)
+    model = build_model(config).train()
+    tasks = list(encoded) if task_set == "all three" else ["sst"]
+    batches = {t: collate(encoded[t], range(8), model.pair_mode(t)) for t in tasks}
+    with torch.no_grad():
+        outs = copy.deepcopy(model)(batches)
+    expected = {t: float(task_loss(t, outs[t], b["labels"], config)) for t, b in batches.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)  # (AdamW on CPU reads its step counters: .item())
+    before = [p.detach().clone() for p in model.parameters()]
+    with monkeypatch.context() as m:
+        refuse_host_reads(m)
+        out = training_step(model, opt, batches, config, device=torch.device("cpu"),
+                            shared=[p for p in model.parameters() if p.requires_grad])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step did train
+    got = out["losses"].read()
+    tol = float32_tol(TINY_FORWARD)
+    assert list(got) == tasks and all(abs(got[t] - expected[t]) <= tol * (abs(expected[t]) + 1) for t in got), \
+        (got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU's own check of host syncs")
+def test_cuda_training_steps_make_no_host_sync(encoded):
+    """On a GPU, with fused AdamW, gradient clipping and the batches copied through pinned memory (to_device):
+    torch's sync debug mode raises on any synchronizing call in the steps after the first."""
+    from mtbert_utils.evaluation import to_device
+    from mtbert_utils.optim import build_optimizer
+    from mtbert_utils.training import training_step
+    device = torch.device("cuda")
+    config = TrainConfig(encoder="tiny", progress=False, max_grad_norm=1.0)
+    model = build_model(config).to(device).train()
+    opt = build_optimizer(model, config, device)  # "auto": fused on CUDA
+    shared = [p for p in model.parameters() if p.requires_grad]
+    batches = [{t: collate(enc, range(8 * i, 8 * i + 8), model.pair_mode(t)) for t, enc in encoded.items()}
+               for i in range(4)]
+    def step(b):
+        return training_step(model, opt, {t: to_device(x, device) for t, x in b.items()}, config, device=device,
+                             shared=shared)
+
+    pending = [step(batches[0])]
+    torch.cuda.synchronize()  # the first step allocates (optimizer state, pinned buffers)
+    with pytest.MonkeyPatch.context() as m:
+        refuse_host_reads(m)  # for its one exemption (transformers' padding check); CUDA's own check is below
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending += [step(b) for b in batches[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(v) for p in pending for v in p["losses"].read().values())
