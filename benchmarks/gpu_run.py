@@ -405,7 +405,7 @@ def command() -> str:
     return cmd
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/gpu_run.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="step", required=True)
@@ -451,7 +451,11 @@ def main(argv=None) -> int:
     u.add_argument("--replace", action="store_true",
                    help="also replace the files there already whose bytes differ (by default they are kept)")
     sub.add_parser("command", help="print the device tool's run call")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.step == "pack":
         pack(Path(args.dest), args.data, args.minilm_src, with_minilm=not args.no_minilm)
         if Path(args.dest).resolve() == PACK_DIR:

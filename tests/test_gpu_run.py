@@ -287,3 +287,28 @@ def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
     gpu_run.stop_mps(env)
     assert calls.read_text().splitlines()[-2:] == [f"args=-d stdin= pipe={tmp_path / 'mps-pipe'}",
                                                    f"args= stdin=quit pipe={tmp_path / 'mps-pipe'}"]
+
+
+def gpu_run_commands(text: str):
+    """The argument lists of every `benchmarks/gpu_run.py` call in a text's ```bash blocks (comments and the
+    shell's redirections and pipes left out)."""
+    import shlex
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.lstrip().startswith("#") or "benchmarks/gpu_run.py" not in line:
+                continue
+            call = line.split("benchmarks/gpu_run.py", 1)[1].split(" #")[0].split("2>&1")[0].split("|")[0]
+            yield shlex.split(call)
+
+
+def test_the_gpu_run_commands_in_the_docs_parse():
+    """A GPU session pastes docs/gpu.md's commands as they are: a flag renamed in gpu_run.py must not leave a
+    command there that stops at its first word, minutes of device time later."""
+    from mtbert_utils.reproduce import parse_override
+    gpu_run = load_script("gpu_run")
+    calls = [c for doc in ("docs/gpu.md", "README.md") for c in gpu_run_commands((ROOT / doc).read_text())]
+    assert len(calls) >= 6 and any("--jobs" in c for c in calls), calls
+    for argv in calls:
+        args = gpu_run.build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
+        for item in getattr(args, "set", []):
+            parse_override(item)  # KEY=VALUE, as reproduce --set reads it
