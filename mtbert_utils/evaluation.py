@@ -57,8 +57,9 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
                                       sort_by_length=sort_by_length, swap=swap, pad_to_multiple=pad_to_multiple):
                 index.append(batch["index"])
                 with autocast_context(device, amp_dtype):
-                    outs.append(model.forward_task(task, to_device(batch, device)).float().cpu())
-            raws.append(torch.cat(outs)[torch.cat(index).argsort()])  # back to file order
+                    outs.append(model.forward_task(task, to_device(batch, device)).float())
+            # one copy to the host at the end: the GPU never waits for the host between batches
+            raws.append(torch.cat(outs).cpu()[torch.cat(index).argsort()])  # back to file order
         raw = torch.stack(raws).mean(0)
     model.train(was_training)
     preds = predictions_from_outputs(task, raw, model.sts_head_kind)

@@ -384,3 +384,20 @@ def test_cuda_training_steps_make_no_host_sync(encoded):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(v) for p in pending for v in p["losses"].read().values())
+
+
+def test_predict_copies_its_outputs_to_the_host_once(encoded, one_thread, monkeypatch):
+    """Evaluation keeps each batch's outputs on the device and copies them to the host once at the end (per pair
+    order): on CUDA a copy per batch would make the GPU wait for the host between batches."""
+    model = build_model(TrainConfig(encoder="tiny"))
+    real_cpu, copies = torch.Tensor.cpu, []
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: copies.append(self.shape) or real_cpu(self, *a, **kw))
+    for t, enc in encoded.items():
+        for symmetric in (False, True):
+            copies.clear()
+            n_batches = sum(1 for _ in eval_batches(enc, 8, model.pair_mode(t)))
+            out = predict(model, enc, 8, symmetric=symmetric)
+            orders = 2 if symmetric and model.pair_mode(t) == "joint" and enc.single is None else 1  # (b, a) too
+            assert n_batches > 1 and len(out["raw"]) == len(enc)
+            # the outputs' copies (one per order), and predictions_from_outputs' no-op .cpu() of the CPU result
+            assert len(copies) == orders + 1, (t, symmetric, copies)
