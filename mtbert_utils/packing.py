@@ -69,13 +69,16 @@ def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: 
 
 def _init_worker(threads: int, env: dict) -> None:
     import faulthandler
+    import signal
     import torch
+    # a Ctrl-C goes to the whole process group: the parent alone answers it (RunPool stops its workers), instead
+    # of every worker printing its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     torch.set_num_threads(threads)
     faulthandler.enable(all_threads=True)  # a crash in C++ (a segfault, say) still prints each thread's Python stack
     try:  # Linux: end with the parent (killed at a time budget, say) instead of training on as an orphan
         import ctypes
-        import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

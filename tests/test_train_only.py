@@ -1,6 +1,8 @@
 """reproduce --train-only: a profile's runs trained N at a time without papermill; the notebooks then train nothing."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -42,6 +44,8 @@ CRASHY = """
 import os, signal, time
 
 def work(item):
+    if item.get("started"):
+        open(item["started"], "w").close()
     if item.get("sleep"):
         time.sleep(item["sleep"])
     if item["crash"]:
@@ -78,6 +82,23 @@ def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     assert time.monotonic() - t0 < 60 and not proc.is_alive()
     assert busy.result(timeout=10)["status"] == "failed"
+
+
+def test_a_ctrl_c_is_for_the_parent_alone(tmp_path, monkeypatch):
+    """A Ctrl-C reaches every process of the terminal's group. A worker ignores it (no traceback per worker, no
+    run lost to it): the parent's KeyboardInterrupt stops the workers (above)."""
+    (tmp_path / "crashy.py").write_text(CRASHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import crashy
+    started = tmp_path / "started"
+    with packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
+        busy = pool.submit({"name": "a", "seed": 0, "crash": False, "sleep": 2, "started": str(started)})
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pool.workers[0][0].pid, signal.SIGINT)
+        out = busy.result(timeout=120)
+    assert (out["status"], out["name"]) == ("trained", "a"), out
 
 
 def test_shard_arithmetic():
