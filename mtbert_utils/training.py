@@ -100,7 +100,7 @@ class PendingLosses:
         values = torch.stack([raw[t] for t in self.tasks])
         self.event = None
         if values.is_cuda:
-            self.values = values.to("cpu", non_blocking=True)  # into pinned memory, done when the event is
+            self.values = values.to("cpu", non_blocking=True)  # into pinned memory; there once the event is
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -129,9 +129,9 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
 
     Returns {"losses": PendingLosses (its read() gives {task: unweighted loss} and raises NonFiniteLossError
     naming the task and batch when one is NaN or infinite), "cosines": pairwise task-gradient cosines or None}.
-    The step reads nothing back to the host (PCGrad's bookkeeping and the cosines aside): the loop reads its losses
-    one step later. A non-finite loss has then been through one optimizer step, but only in memory: the run stops
-    at that read, before any checkpoint could be written.
+    The step reads nothing back to the host (PCGrad's bookkeeping, the cosines and fp16's GradScaler aside): the
+    loop reads its losses one step later. A non-finite loss has then been through one optimizer step, but only in
+    memory: the run stops at that read, before any checkpoint could be written.
     """
     if config.cuda_graphs:  # a new step: the CUDA graphs may reuse the previous step's output memory
         torch.compiler.cudagraph_mark_step_begin()
@@ -363,6 +363,7 @@ def run_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict, list]:
     trace_every = max(1, n_steps // 50)
     bar = progress.bar(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                        enabled=config.progress and run.main)
+
     def tally(pending) -> None:  # a step's losses, read once the next step is queued (PendingLosses)
         losses, share, where = pending
         try:
