@@ -370,6 +370,7 @@ def test_cuda_training_steps_make_no_host_sync(encoded):
     shared = [p for p in model.parameters() if p.requires_grad]
     batches = [{t: collate(enc, range(8 * i, 8 * i + 8), model.pair_mode(t)) for t, enc in encoded.items()}
                for i in range(4)]
+
     def step(b):
         return training_step(model, opt, {t: to_device(x, device) for t, x in b.items()}, config, device=device,
                              shared=shared)

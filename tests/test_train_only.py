@@ -54,13 +54,19 @@ def work(item):
 """
 
 
-def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
-    """A segfault used to break the whole ProcessPoolExecutor: all 18 runs of a GPU job failed with
-    BrokenProcessPool and no word of which run crashed. Now only that run fails, saying how, and a new worker
-    takes the next one."""
+@pytest.fixture
+def crashy(tmp_path, monkeypatch):
+    """The CRASHY module, importable by name in this process and in RunPool's spawned workers."""
     (tmp_path / "crashy.py").write_text(CRASHY)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
     import crashy
+    return crashy
+
+
+def test_a_worker_that_crashes_fails_only_its_run(crashy):
+    """A segfault used to break the whole ProcessPoolExecutor: all 18 runs of a GPU job failed with
+    BrokenProcessPool and no word of which run crashed. Now only that run fails, saying how, and a new worker
+    takes the next one."""
     items = [{"name": n, "seed": 0, "crash": n == "b"} for n in "abc"]
     with packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
         assert pool.workers == []  # started as runs come: none for a call that reuses every run
@@ -84,12 +90,9 @@ def test_a_worker_that_crashes_fails_only_its_run(tmp_path, monkeypatch):
     assert busy.result(timeout=10)["status"] == "failed"
 
 
-def test_a_ctrl_c_is_for_the_parent_alone(tmp_path, monkeypatch):
+def test_a_ctrl_c_is_for_the_parent_alone(crashy, tmp_path):
     """A Ctrl-C reaches every process of the terminal's group. A worker ignores it (no traceback per worker, no
     run lost to it): the parent's KeyboardInterrupt stops the workers (above)."""
-    (tmp_path / "crashy.py").write_text(CRASHY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import crashy
     started = tmp_path / "started"
     with packing.RunPool(1, threads=1, env={}, target=crashy.work) as pool:
         busy = pool.submit({"name": "a", "seed": 0, "crash": False, "sleep": 2, "started": str(started)})
