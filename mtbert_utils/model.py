@@ -187,12 +187,13 @@ class MultitaskBert(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def cache_keys(self, task: str, batch: dict, part: str) -> list | None:
-        """The embed_cache keys of a batch's rows (None while the cache is off)."""
-        if self.embed_cache is None or "index" not in batch:
+        """The embed_cache keys of a batch's rows (None while the cache is off): the examples' ids, a host list,
+        so that a cached step reads nothing back from the GPU (a training split's ids are unique, data.py)."""
+        if self.embed_cache is None or "ids" not in batch:
             return None
-        index = batch["index"].tolist()
-        swap = batch.get("swap") or [False] * len(index)
-        return [(task, part, i, s) for i, s in zip(index, swap)]
+        ids = batch["ids"]
+        swap = batch.get("swap") or [False] * len(ids)
+        return [(task, part, i, s) for i, s in zip(ids, swap)]
 
     def embed_pair(self, batch, task: str = "pair") -> tuple[torch.Tensor, torch.Tensor]:
         """Embed both sentences of a pair in one encoder call (pad a and b to one length)."""

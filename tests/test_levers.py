@@ -356,10 +356,30 @@ def test_a_training_step_reads_nothing_back_and_its_losses_come_later(encoded, o
         (got, expected)
 
 
+def test_a_cached_heads_only_step_reads_nothing_back(encoded, one_thread, monkeypatch):
+    """cache_frozen_encoder: the cache's keys come from the batch's host-side ids, not from a tensor (on CUDA,
+    reading the batch's index tensor after it was copied to the GPU waited for the GPU at every step)."""
+    from mtbert_utils.training import training_step
+    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, progress=False)
+    model = build_model(config)
+    model.set_encoder_trainable(False)
+    model.train()
+    model.embed_cache = {}
+    calls = _count_encoder_calls(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    with monkeypatch.context() as m:
+        refuse_host_reads(m)
+        for rows in (range(8), [7, 3, 0, 5, 1, 2, 6, 4]):  # fills the cache, then reads it
+            batches = {t: collate(enc, rows, model.pair_mode(t)) for t, enc in encoded.items()}
+            training_step(model, opt, batches, config, device=torch.device("cpu"), shared=[])
+    assert len(calls) == len(TASKS) and len(model.embed_cache) > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU's own check of host syncs")
 def test_cuda_training_steps_make_no_host_sync(encoded):
     """On a GPU, with fused AdamW, gradient clipping and the batches copied through pinned memory (to_device):
-    torch's sync debug mode raises on any synchronizing call in the steps after the first."""
+    torch's sync debug mode raises on any synchronizing call in the steps after the first, full steps and then
+    cached heads-only ones."""
     from mtbert_utils.evaluation import to_device
     from mtbert_utils.optim import build_optimizer
     from mtbert_utils.training import training_step
@@ -382,6 +402,9 @@ def test_cuda_training_steps_make_no_host_sync(encoded):
         torch.cuda.set_sync_debug_mode("error")
         try:
             pending += [step(b) for b in batches[1:]]
+            model.set_encoder_trainable(False)  # heads only, cache_frozen_encoder: fill the cache, then read it
+            model.embed_cache = {}
+            pending += [step(batches[0]), step(batches[0])]
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(v) for p in pending for v in p["losses"].read().values())
