@@ -54,7 +54,7 @@ def test_parameters_cell_read_without_papermill():
     assert declared["max_train"]["default"] == {"sst": 1200, "para": 2400, "sts": 900}
 
 
-@pytest.mark.parametrize("profile", ["gpu-minilm", "paper-minilm"])
+@pytest.mark.parametrize("profile", ["gpu-minilm", "paper-minilm", "gpu", "paper"])
 def test_speed_switches_reach_the_configs_and_leave_the_run_names(profile):
     """The GPU profiles' `speed` parameter sets execution-only switches: the same run names as without it,
     so a run trained on a GPU with them is found by a CPU render of the notebooks, and vice versa."""
