@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,6 @@ def stage_runs(notebook: str, params: dict, stage: int, earlier: list, out_dir: 
 
 def _init_worker(threads: int, env: dict) -> None:
     import faulthandler
-    import signal
     import torch
     # a Ctrl-C goes to the whole process group: the parent alone answers it (RunPool stops its workers), instead
     # of every worker printing its own KeyboardInterrupt traceback
@@ -95,7 +95,6 @@ def _worker_main(conn, threads: int, env: dict, target) -> None:
 
 def died(exitcode: int | None) -> str:
     """How a worker process ended, in words: 'killed by SIGSEGV (exit -11)'."""
-    import signal
     if exitcode is not None and exitcode < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-exitcode).name} (exit {exitcode})"
