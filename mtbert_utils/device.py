@@ -51,7 +51,7 @@ def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     import torch._dynamo
     # room for the kinds of input and the sizes dynamo still specializes (a last batch of 1)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model.graphed_encoder = torch.compile(model.encoder, mode="reduce-overhead", dynamic=True)
+    model.use_graphed_encoder(torch.compile(model.encoder, mode="reduce-overhead", dynamic=True))
 
 
 @contextlib.contextmanager

@@ -163,6 +163,14 @@ class MultitaskBert(nn.Module):
         self.sts_head = nn.Linear(2 * h, 1) if sts_head == "linear" else None
 
     # -- encoder ---------------------------------------------------------------------
+    def use_graphed_encoder(self, compiled) -> None:
+        """Training steps call `compiled` (cuda_graphs: the encoder under torch.compile) instead of the encoder.
+        Kept out of the module tree: as a submodule it would put the encoder's weights into state_dict a second
+        time (graphed_encoder._orig_mod.*), so that its checkpoints and kept epochs would not load into an eager
+        model (the switch is execution-only: a run resumes with or without it), and each kept copy of the weights
+        would hold the encoder twice."""
+        self.__dict__["graphed_encoder"] = compiled
+
     def embed(self, input_ids, attention_mask, token_type_ids=None, keys=None) -> torch.Tensor:
         """Pooled encoder outputs. keys (one per row, see cache_keys): read and fill embed_cache."""
         cache = self.embed_cache if keys is not None and self.encoder_frozen and self.training else None

@@ -204,6 +204,16 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
+@pytest.fixture
+def dynamo_limit():
+    """use_cuda_graphs raises dynamo's recompile limit for the whole process: put it back after the test, with
+    torch's config.patch (pytest's monkeypatch undoes a torch config entry by deleting it, which hides it from
+    every later reader: use_cuda_graphs itself would then fail)."""
+    import torch._dynamo
+    with torch._dynamo.config.patch(cache_size_limit=torch._dynamo.config.cache_size_limit):
+        yield
+
+
 # steps as (encoder trains, tasks or None for all, an eval-mode forward after it): full steps, then heads-only ones
 FULL_THEN_HEADS = [(True, None, False)] * 4 + [(False, None, False)] * 2
 # as a tuned run goes (heads only, full, heads only), with a sequential run's one-task steps and an eval between
@@ -259,11 +269,14 @@ def _assert_trained_alike(models, losses, steps=6):
     tol = float32_tol(TINY_FORWARD * steps)
     for a, b in zip(*losses):
         assert a.keys() == b.keys() and all(abs(a[t] - b[t]) <= tol * (abs(a[t]) + 1) for t in a), (a, b)
-    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
-        assert (a - b).abs().max().item() <= tol * (a.abs().max().item() + 1), k
+    states = [m.state_dict() for m in models]
+    assert list(states[0]) == list(states[1])  # the compiled encoder adds no keys (test below)
+    for k, a in states[0].items():
+        assert (a - states[1][k]).abs().max().item() <= tol * (a.abs().max().item() + 1), k
 
 
-def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(encoded, one_thread, monkeypatch):
+def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(encoded, one_thread, monkeypatch,
+                                                                                 dynamo_limit):
     """use_cuda_graphs compiles the encoder for training steps. A CPU has no CUDA graphs, so torch.compile
     gets dynamo's aot_eager backend here: it traces what reduce-overhead would compile, but runs eager
     kernels. Over batch sizes, padded lengths, full and heads-only steps: no graph break, one compile per
@@ -274,7 +287,6 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, mode=None, dynamic=None: compile_(m, backend="aot_eager",
                                                                                       dynamic=dynamic))
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     torch._dynamo.reset()
     counters.clear()
     models, losses, inputs = _eager_and_graphed(encoded, torch.device("cpu"))
@@ -292,8 +304,24 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     torch._dynamo.reset()
 
 
+def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, dynamo_limit):
+    """The compiled encoder is not a submodule: a cuda_graphs model's state_dict (what its checkpoints and kept
+    epochs hold) has the eager model's keys, and each loads into the other, so a run resumes with the switch
+    on or off (it is execution-only: the run name and checkpoint are the same) and keeps the encoder once."""
+    import torch._dynamo
+    from mtbert_utils.device import use_cuda_graphs
+    cfg = TrainConfig(encoder="tiny", pad_to_multiple=16, progress=False)
+    eager, graphed = build_model(cfg), build_model(cfg)
+    use_cuda_graphs(graphed, TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}), torch.device("cuda"))
+    assert graphed.graphed_encoder is not None  # on CPU a stand-in device: compiled lazily, never run here
+    assert list(graphed.state_dict()) == list(eager.state_dict())
+    eager.load_state_dict(graphed.state_dict())  # strict: no key missing or unexpected
+    graphed.load_state_dict(eager.state_dict())
+    assert [n for n, _ in graphed.named_modules()] == [n for n, _ in eager.named_modules()]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real CUDA graphs (gpu_run.py runs it)")
-def test_cuda_graphs_on_cuda_train_like_eager(encoded):
+def test_cuda_graphs_on_cuda_train_like_eager(encoded, dynamo_limit):
     """The same on a GPU, with torch.compile(mode="reduce-overhead") as training uses it: CUDA graphs replayed
     over the steps, with the summed task losses and with PCGrad (one backward pass per task), full and
     heads-only steps in either order, one-task steps and evaluation between steps, give the eager model's losses
