@@ -148,7 +148,7 @@ class RunPool:
             with self.lock:
                 self.workers.remove(worker)  # the next run starts a new one
             return {"status": "failed", "error": f"its worker process died: {died(proc.exitcode)}",
-                    "started_unix": t0, "seconds": time.time() - t0}
+                    "exitcode": proc.exitcode, "started_unix": t0, "seconds": time.time() - t0}
         except BaseException:  # the item could not be sent (not picklable, say): the worker is still fine
             self.idle.put(worker)
             raise
@@ -273,24 +273,40 @@ def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, obj
 
 def train_wave(pool, todo: list, records: list, desc: str) -> None:
     """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run."""
-    from concurrent.futures import as_completed
+    from concurrent.futures import FIRST_COMPLETED, wait
     from mtbert_utils import progress
     todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer
     bar = progress.bar(total=len(todo), desc=desc, unit="run")
-    futures = {pool.submit(dataclasses.replace(cfg, progress=False).to_dict()): rec
-               for rec, cfg in todo}
-    for fut in as_completed(futures):
-        rec = futures[fut]
-        try:
-            out = fut.result()
-        except Exception as e:  # noqa: BLE001 - the run could not be sent to a worker (RunPool reports deaths)
-            out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        records.append({**rec, **out})
-        bar.update()
-        progress.write(f"[{out['status']}] {rec['run_name']}"
-                       + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
-                       + (f": {out['error']}" if out["status"] == "failed" else ""))
+    pending = {pool.submit(dataclasses.replace(cfg, progress=False).to_dict()): (rec, cfg) for rec, cfg in todo}
+    while pending:
+        for fut in wait(pending, return_when=FIRST_COMPLETED)[0]:
+            rec, cfg = pending.pop(fut)
+            try:
+                out = fut.result()
+            except Exception as e:  # noqa: BLE001 - the run could not be sent to a worker (RunPool reports deaths)
+                out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if retry_eagerly(cfg, out):
+                eager = dataclasses.replace(cfg, cuda_graphs=False)
+                progress.write(f"[retry] {rec['run_name']}: {out['error']}; again without cuda_graphs, "
+                               f"from its last checkpoint")
+                pending[pool.submit(dataclasses.replace(eager, progress=False).to_dict())] = (
+                    {**rec, "eager_retry": {"error": out["error"], "seconds": round(out["seconds"], 1)}}, eager)
+                continue
+            records.append({**rec, **out})
+            bar.update()
+            progress.write(f"[{out['status']}] {rec['run_name']}"
+                           + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
+                           + (" (without cuda_graphs, after a crash with them)" if "eager_retry" in rec else "")
+                           + (f": {out['error']}" if out["status"] == "failed" else ""))
     bar.close()
+
+
+def retry_eagerly(cfg, out: dict) -> bool:
+    """Whether a failed run is trained again, once, without cuda_graphs: its worker process died (not a Python
+    error) while it trained with them, as torch's autograd thread segfaulted with CUDA graphs in packed runs on an
+    H200 (docs/speed.md). The switch is execution-only: the run keeps its name and resumes from its last epoch's
+    checkpoint, which loads into the eager model."""
+    return out["status"] == "failed" and "exitcode" in out and cfg.cuda_graphs
 
 
 def advance(params: dict, earlier: dict, stage: int, out_dir: Path) -> None:
@@ -316,6 +332,9 @@ def print_summary(summary: dict) -> None:
     for r in summary["runs"]:
         if r["status"] == "failed":
             print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")
+        if "eager_retry" in r:
+            print(f"  without cuda_graphs after a crash with them ({r['eager_retry']['error']}): {r['notebook']} "
+                  f"{r['run_name']}, {r['status']}")
     if summary["not_listed"]:
         print(f"  not listed: {', '.join(summary['not_listed'])} (they need earlier runs that are not all here: "
               f"failed, or trained by another shard; collect the run files and call again)")

@@ -51,6 +51,12 @@ def work(item):
     if item["crash"]:
         os.kill(os.getpid(), signal.SIGSEGV)  # as torch's autograd thread did with CUDA graphs on an H200
     return {"status": "trained", "pid": os.getpid(), "name": item["name"]}
+
+
+def graphs_crash(item):  # a training worker's stand-in: dies with cuda_graphs, or always if named so
+    if item["cuda_graphs"] or item["name"] == "always":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return {"status": "trained", "seconds": 0.5, "cuda_graphs": item["cuda_graphs"]}
 """
 
 
@@ -88,6 +94,37 @@ def test_a_worker_that_crashes_fails_only_its_run(crashy):
         raise KeyboardInterrupt
     assert time.monotonic() - t0 < 60 and not proc.is_alive()
     assert busy.result(timeout=10)["status"] == "failed"
+
+
+def test_a_run_whose_worker_dies_with_cuda_graphs_is_trained_again_without(crashy, capsys):
+    """The segfault came with CUDA graphs: such a run is trained again once, eagerly (it resumes from its last
+    checkpoint under the same name), and its record says so. A run that dies without them stays failed, and a
+    Python error is not retried (cuda_graphs on a CPU fails at once, saying why)."""
+    from mtbert_utils.config import TrainConfig
+    cfgs = [TrainConfig(name="graphed", encoder="tiny", pad_to_multiple=16, cuda_graphs=True),
+            TrainConfig(name="always", encoder="tiny", pad_to_multiple=16, cuda_graphs=True),
+            TrainConfig(name="eager", encoder="tiny")]
+    todo = [({"notebook": "nb", "run_name": c.run_name, "examples": {"full": 1, "heads_only": 0}}, c) for c in cfgs]
+    records = []
+    with packing.RunPool(1, threads=1, env={}, target=crashy.graphs_crash) as pool:
+        packing.train_wave(pool, todo, records, "stage 1")
+    runs = {r["run_name"].split("-")[0]: r for r in records}
+    assert sorted(runs) == ["always", "eager", "graphed"] and len(records) == 3
+    sigsegv = "its worker process died: killed by SIGSEGV (exit -11)"
+    assert (runs["graphed"]["status"], runs["graphed"]["cuda_graphs"]) == ("trained", False)
+    assert runs["graphed"]["eager_retry"]["error"] == sigsegv
+    assert (runs["always"]["status"], runs["always"]["error"]) == ("failed", sigsegv)  # retried once, no more
+    assert runs["always"]["eager_retry"]["error"] == sigsegv
+    assert (runs["eager"]["status"], runs["eager"]["cuda_graphs"]) == ("trained", False)
+    assert "eager_retry" not in runs["eager"]
+    assert not packing.retry_eagerly(cfgs[0], {"status": "failed", "error": "ValueError: cuda_graphs=True needs CUDA"})
+    packing.print_summary({"profile": "p", "shard": "0/1", "jobs": 1, "threads_per_job": 1, "trained": 2,
+                           "reused": 0, "failed": 1, "to train": 0, "minutes": 0.1, "not_listed": [],
+                           "expected_examples": {"full": 3, "heads_only": 0}, "runs": records})
+    out = capsys.readouterr()
+    assert f"[retry] {runs['graphed']['run_name']}: {sigsegv}; again without cuda_graphs" in out.out + out.err
+    assert f"without cuda_graphs after a crash with them ({sigsegv}): nb {runs['graphed']['run_name']}, trained" \
+        in out.out
 
 
 def test_a_ctrl_c_is_for_the_parent_alone(crashy, tmp_path):
