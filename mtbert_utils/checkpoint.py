@@ -59,6 +59,19 @@ def load_model_state(model, state: dict, path) -> None:
     model.load_state_dict(state)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def dropout_rng_state(model) -> dict:
+    """This process's dropout random state: the CPU generator's and, for a model on a GPU, its device's CUDA
+    generator's (dropout there draws from it, and build_model's torch.manual_seed reseeds both: without it a
+    resumed GPU run would draw its first epoch's masks again)."""
+    device = model_device(model)
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
 def _no_best() -> dict:
     return {"epoch": None, "score": -math.inf, "model": None}
 
@@ -121,16 +134,18 @@ class RunState:
 
     def save(self, path: Path, config: TrainConfig, session_start: float) -> None:
         """Write the checkpoint (rank 0; every process must call: the dropout rngs are gathered)."""
-        world = distributed.world_size()
         # everything but the dropout rngs is the same on every process: rank 0 writes it
-        rngs = {"torch_rng_ranks": distributed.all_gather_object(torch.get_rng_state())} if world > 1 else {}
+        rng, rngs = dropout_rng_state(self.model), {}
+        if distributed.world_size() > 1:
+            ranks = distributed.all_gather_object(rng)
+            rngs = {"torch_rng_ranks": [r["cpu"] for r in ranks], "cuda_rng_ranks": [r["cuda"] for r in ranks]}
         if not distributed.is_main():
             return
         progress = {k: getattr(self, k) for k in PROGRESS}
         # this session's wall time so far on top of the earlier ones (unknown stays unknown)
         progress["wall_time"] = None if self.wall_time is None else self.wall_time + time.time() - session_start
         save_torch(path, {**progress, **{k: get() for k, (get, _) in self.parts().items()},
-                          "torch_rng": torch.get_rng_state(), **rngs,
+                          "torch_rng": rng["cpu"], "cuda_rng": rng["cuda"], **rngs,
                           "signature": checkpoint_signature(config), "config": config.to_dict()})
 
     def restore(self, path: Path, config: TrainConfig) -> bool:
@@ -148,9 +163,15 @@ class RunState:
         for key, (_, set_state) in self.parts().items():
             if set_state is not None and key in ckpt:
                 set_state(ckpt[key])
-        rngs = ckpt.get("torch_rng_ranks")  # data parallel: one dropout rng per process
         rank, world = distributed.rank(), distributed.world_size()
-        torch.set_rng_state(rngs[rank] if rngs and len(rngs) == world else ckpt["torch_rng"])
+
+        def rng(key):  # data parallel: one dropout rng per process
+            ranks = ckpt.get(f"{key}_ranks")
+            return ranks[rank] if ranks and len(ranks) == world else ckpt.get(key)
+        torch.set_rng_state(rng("torch_rng"))
+        device = model_device(self.model)
+        if device.type == "cuda" and rng("cuda_rng") is not None:  # none from a CPU run or an older checkpoint
+            torch.cuda.set_rng_state(rng("cuda_rng"), device)
         for k, missing in PROGRESS.items():
             value = ckpt.get(k, missing)
             if value is not None:

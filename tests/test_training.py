@@ -146,6 +146,47 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
     assert (back.epoch, back.step) == (2, 17)
 
 
+def _linear_state(device="cpu"):
+    """A RunState over a Linear model on `device`, its generators seeded as build_model and build_state seed them."""
+    import random
+    from mtbert_utils.checkpoint import RunState
+    from mtbert_utils.schedules import get_schedule
+    torch.manual_seed(0)  # as build_model does: the CPU generator and every CUDA one
+    model = torch.nn.Linear(3, 2).to(device)
+    return RunState(model=model, optimizer=torch.optim.AdamW(model.parameters()), streams={},
+                    schedule=get_schedule("sequential"), sched_rng=random.Random(0), pc_gen=torch.Generator())
+
+
+def test_a_checkpoint_keeps_the_gpu_dropout_rng(tmp_path, monkeypatch):
+    """On a GPU dropout draws from the model's CUDA generator, which build_model's manual_seed reseeds: the
+    checkpoint keeps it and restore sets it back (without, a resumed GPU run drew its first epoch's masks again).
+    The CUDA calls are stood in for here; the test below makes them on a GPU. A CPU run's checkpoint has none."""
+    from mtbert_utils import checkpoint
+    config, path = TrainConfig(encoder="tiny"), tmp_path / "last.pt"
+    _linear_state().save(path, config, session_start=0.0)
+    assert torch.load(path, weights_only=False)["cuda_rng"] is None
+    gpu_rng, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(checkpoint, "model_device", lambda model: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_rng.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    _linear_state().restore(path, config)  # a CPU run's checkpoint: the GPU generator is left as it is
+    assert restored == []
+    _linear_state().save(path, config, session_start=0.0)
+    _linear_state().restore(path, config)
+    assert len(restored) == 1 and torch.equal(restored[0][0], gpu_rng) and restored[0][1] == torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (gpu_run.py runs it)")
+def test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would(tmp_path):
+    config, path = TrainConfig(encoder="tiny"), tmp_path / "last.pt"
+    state = _linear_state("cuda")
+    torch.rand(7, device="cuda")  # an epoch's dropout draws
+    state.save(path, config, session_start=0.0)
+    expected = torch.rand(5, device="cuda")  # what the next epoch draws, uninterrupted
+    _linear_state("cuda").restore(path, config)  # a new process: reseeded, then restored
+    assert torch.equal(torch.rand(5, device="cuda"), expected)
+
+
 # ---------------------------------------------------------------------------
 # a real (tiny) run
 
