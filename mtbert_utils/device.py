@@ -49,8 +49,12 @@ def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs CUDA; this run is on {device.type} (set cuda_graphs=False)")
     import torch._dynamo
+    import torch._inductor.config
     # room for the kinds of input and the sizes dynamo still specializes (a last batch of 1)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # inductor draws random numbers its own way: other dropout masks than eager's, and the eager generator left
+    # elsewhere. Eager's draws keep the switch execution-only (roundings, not other masks: config.EXECUTION_ONLY)
+    torch._inductor.config.fallback_random = True
     model.use_graphed_encoder(torch.compile(model.encoder, mode="reduce-overhead", dynamic=True))
 
 

@@ -205,12 +205,14 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
 
 
 @pytest.fixture
-def dynamo_limit():
-    """use_cuda_graphs raises dynamo's recompile limit for the whole process: put it back after the test, with
-    torch's config.patch (pytest's monkeypatch undoes a torch config entry by deleting it, which hides it from
-    every later reader: use_cuda_graphs itself would then fail)."""
+def compile_config():
+    """use_cuda_graphs sets dynamo's recompile limit and inductor's random numbers for the whole process: put them
+    back after the test, with torch's config.patch (pytest's monkeypatch undoes a torch config entry by deleting it,
+    which hides it from every later reader: use_cuda_graphs itself would then fail)."""
     import torch._dynamo
-    with torch._dynamo.config.patch(cache_size_limit=torch._dynamo.config.cache_size_limit):
+    import torch._inductor.config
+    with torch._dynamo.config.patch(cache_size_limit=torch._dynamo.config.cache_size_limit), \
+            torch._inductor.config.patch(fallback_random=torch._inductor.config.fallback_random):
         yield
 
 
@@ -276,7 +278,7 @@ def _assert_trained_alike(models, losses, steps=6):
 
 
 def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(encoded, one_thread, monkeypatch,
-                                                                                 dynamo_limit):
+                                                                                 compile_config):
     """use_cuda_graphs compiles the encoder for training steps. A CPU has no CUDA graphs, so torch.compile
     gets dynamo's aot_eager backend here: it traces what reduce-overhead would compile, but runs eager
     kernels. Over batch sizes, padded lengths, full and heads-only steps: no graph break, one compile per
@@ -304,7 +306,7 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     torch._dynamo.reset()
 
 
-def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, dynamo_limit):
+def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, compile_config):
     """The compiled encoder is not a submodule: a cuda_graphs model's state_dict (what its checkpoints and kept
     epochs hold) has the eager model's keys, and each loads into the other, so a run resumes with the switch
     on or off (it is execution-only: the run name and checkpoint are the same) and keeps the encoder once."""
@@ -320,8 +322,49 @@ def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, dynamo_limit):
     assert [n for n, _ in graphed.named_modules()] == [n for n, _ in eager.named_modules()]
 
 
+def _with_dropout(device):
+    """The tiny encoder with dropout (0.1) in training, after use_cuda_graphs, and a batch for it."""
+    from mtbert_utils.device import use_cuda_graphs
+    cfg = TrainConfig(encoder="tiny", pad_to_multiple=16, progress=False)
+    model = build_model(cfg).to(device).train()
+    use_cuda_graphs(model, TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}), torch.device("cuda"))
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _assert_same_draws(model, batch):
+    """From one seed, the compiled encoder's hidden states and the generator's next draw are eager's."""
+    def draw(encoder):
+        torch.manual_seed(123)
+        hidden = encoder(**batch).last_hidden_state.detach().clone()  # clone: a graph's output is reused
+        return hidden, torch.rand(3, device=hidden.device)
+    (eager, eager_next), (graphed, graphed_next) = draw(model.encoder), draw(model.graphed_encoder)
+    assert torch.equal(eager_next, graphed_next)  # the generator is where eager's draws leave it
+    tol = float32_tol(TINY_FORWARD)
+    assert (eager - graphed).abs().max().item() <= tol * (eager.abs().max().item() + 1)
+
+
+def test_cuda_graphs_draw_eagers_dropout_masks(one_thread, compile_config):
+    """inductor (what reduce-overhead compiles with) draws dropout's random numbers its own way: hidden states off by
+    units, and the eager generator left elsewhere, so a graphs run was a run with other masks under the same name.
+    use_cuda_graphs makes it draw eager's. On CPU reduce-overhead gives inductor's kernels without graphs (the
+    real compiler, no stand-in backend: ~20 s); the test below checks graph replays on a GPU."""
+    _assert_same_draws(*_with_dropout(torch.device("cpu")))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real CUDA graphs (gpu_run.py runs it)")
-def test_cuda_graphs_on_cuda_train_like_eager(encoded, dynamo_limit):
+def test_cuda_graphs_on_cuda_draw_eagers_dropout_masks(compile_config):
+    import torch._dynamo
+    torch._dynamo.reset()
+    model, batch = _with_dropout(torch.device("cuda"))
+    for _ in range(4):  # cudagraph trees run a new graph eagerly first, then record it, then replay it
+        torch.compiler.cudagraph_mark_step_begin()
+        _assert_same_draws(model, batch)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real CUDA graphs (gpu_run.py runs it)")
+def test_cuda_graphs_on_cuda_train_like_eager(encoded, compile_config):
     """The same on a GPU, with torch.compile(mode="reduce-overhead") as training uses it: CUDA graphs replayed
     over the steps, with the summed task losses and with PCGrad (one backward pass per task), full and
     heads-only steps in either order, one-task steps and evaluation between steps, give the eager model's losses
