@@ -58,6 +58,22 @@ def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     model.use_graphed_encoder(torch.compile(model.encoder, mode="reduce-overhead", dynamic=True))
 
 
+def recorded_cuda_graphs(device: torch.device) -> int | None:
+    """How many CUDA graphs torch.compile's graph trees hold on `device`, in this process. A tree records a graph
+    per new input shape, and as a child of the node before it while that node's outputs live: a step's second
+    and third task forward (the first one's activations wait for the backward) and its backward grow the tree by
+    sequence of shapes, not by shape. None if torch's (private) tree API is not the one this reads."""
+    try:
+        from torch._inductor import cudagraph_trees
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+
+        def count(nodes) -> int:
+            return sum(1 + count([c for cs in n.children.values() for c in cs]) for n in nodes)
+        return 0 if manager is None else count(list(manager.get_roots()))
+    except Exception:  # noqa: BLE001 - a diagnostic: never fail a run over it
+        return None
+
+
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool, device: torch.device):
     """TF32 tensor cores for fp32 matmuls and convolutions on CUDA while the block runs; the flags restored."""

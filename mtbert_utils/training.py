@@ -26,7 +26,8 @@ from mtbert_utils import TASKS, distributed, progress
 from mtbert_utils.checkpoint import RunState
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import digest_changes, file_digests
-from mtbert_utils.device import pick_amp, pick_device, tf32_matmuls, use_cuda_graphs  # noqa: F401 (also training.*)
+from mtbert_utils.device import (pick_amp, pick_device, recorded_cuda_graphs, tf32_matmuls,  # noqa: F401
+                                 use_cuda_graphs)  # (also training.*)
 from mtbert_utils.batching import TaskBatchStream, collate, prepare_data
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
 from mtbert_utils.gradients import GRAD_METHODS, summarize_cosines
@@ -233,6 +234,7 @@ class Run:
     averager: object = None        # data parallel with per-task gradients: distributed.TaskGradientAverager
     ddp: object = None             # data parallel, plain steps: the DDP wrapper of the model
     ddp_key: list | None = None    # which parameters required grad when `ddp` was built
+    graphs_before: int | None = None  # cuda_graphs: CUDA graphs this process held before the run (device.py)
 
     @classmethod
     def start(cls, config: TrainConfig) -> "Run":
@@ -303,6 +305,8 @@ def build_state(run: Run) -> RunState:
     run.enc, run.data_info = prepare_data(config, load_tokenizer(config.encoder))
     model = build_model(config).to(run.device)
     use_cuda_graphs(model, config, run.device)
+    if config.cuda_graphs:
+        run.graphs_before = recorded_cuda_graphs(run.device)
     if run.rank > 0:
         torch.manual_seed(config.seed * 1000 + run.rank)  # own dropout masks on every process
     optimizer = build_optimizer(model, config, run.device)
@@ -441,6 +445,9 @@ def score_epoch(run: Run, state: RunState, epoch: int, record: dict, cos_log: li
                       "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
     if cos_log:
         record["grad_cosines"] = summarize_cosines(cos_log)
+    if config.cuda_graphs and run.graphs_before is not None:  # graphs recorded so far (resumed: this session's)
+        now = recorded_cuda_graphs(run.device)
+        record["cuda_graphs_recorded"] = None if now is None else now - run.graphs_before
     state.history.append(record)
     state.epoch = epoch
     if config.progress and run.main:

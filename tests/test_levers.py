@@ -322,6 +322,26 @@ def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, compile_config):
     assert [n for n, _ in graphed.named_modules()] == [n for n, _ in eager.named_modules()]
 
 
+def test_recorded_cuda_graphs_counts_every_node_of_the_graph_trees(monkeypatch):
+    """Each epoch of a cuda_graphs run records how many graphs its trees hold (a step's second and third task forward
+    grow them by sequence of shapes); counted over a stand-in tree here, as CUDA has none on CPU."""
+    from types import SimpleNamespace
+    from torch._inductor import cudagraph_trees
+    from mtbert_utils.device import recorded_cuda_graphs
+
+    def node(**children):
+        return SimpleNamespace(children=children)
+    roots = [node(f1=[node(f2=[node()]), node()]), node()]  # 5 nodes: two roots, a root's two children, a grandchild
+    asked = []
+    monkeypatch.setattr(cudagraph_trees, "get_manager", lambda index, create_if_none_exists=True: asked.append(
+        (index, create_if_none_exists)) or SimpleNamespace(get_roots=lambda: iter(roots)))
+    assert recorded_cuda_graphs(torch.device("cuda", 1)) == 5 and asked == [(1, False)]  # never creates a tree
+    monkeypatch.setattr(cudagraph_trees, "get_manager", lambda index, create_if_none_exists=True: None)
+    assert recorded_cuda_graphs(torch.device("cuda")) == 0
+    monkeypatch.setattr(cudagraph_trees, "get_manager", lambda *a, **kw: SimpleNamespace())  # another torch's API
+    assert recorded_cuda_graphs(torch.device("cuda")) is None
+
+
 def _with_dropout(device):
     """The tiny encoder with dropout (0.1) in training, after use_cuda_graphs, and a batch for it."""
     from mtbert_utils.device import use_cuda_graphs
