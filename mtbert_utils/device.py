@@ -38,8 +38,9 @@ def pick_amp(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | N
 
 def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     """cuda_graphs: the encoder's forward in training steps becomes torch.compile(mode="reduce-overhead"),
-    i.e. CUDA graphs, one recorded per padded shape (pad_to_multiple keeps them few: 24 in 10 passes over
-    the local training data at batch 64 and a multiple of 16, results/bench/graph_shapes.json). It compiles
+    i.e. CUDA graphs, recorded per padded shape (pad_to_multiple keeps the shapes few: 24 in 10 passes over
+    the local training data at batch 64 and a multiple of 16, results/bench/graph_shapes.json), though within
+    a step per sequence of shapes (recorded_cuda_graphs counts them; docs/gpu.md). It compiles
     with dynamic shapes, once per kind of input (token types or not, grad on or off), not once per shape and
     grad mode (up to 48 compiles with dynamic=False; tests/test_levers.py counts them on CPU). Evaluation
     stays eager, as its batch sizes and lengths would record graphs of their own. training_step marks each
