@@ -73,13 +73,19 @@ def pcgrad(losses: dict, shared: list, *, config, scaler=None, generator=None, r
 
 
 def summarize_cosines(cos_log: list[dict]) -> dict:
-    """Per task pair: mean cosine, fraction of steps in conflict (cos < 0), and the per-step values."""
+    """Per task pair: mean cosine, fraction of steps in conflict (cos < 0), and the per-step values. A step
+    whose cosine is not finite (fp16: a step the GradScaler skips has inf gradients) is left out and counted
+    (non_finite_steps), instead of turning the epoch's mean into NaN."""
     out = {}
     pairs = sorted({pair for c in cos_log for pair in c})
     for pair in pairs:
         vals = np.array([c[pair] for c in cos_log if pair in c], dtype=float)
-        out[pair] = {"mean": float(vals.mean()), "conflict_rate": float((vals < 0).mean()),
-                     "values": [round(float(v), 5) for v in vals]}
+        finite = vals[np.isfinite(vals)]
+        out[pair] = {"mean": float(finite.mean()) if finite.size else None,
+                     "conflict_rate": float((finite < 0).mean()) if finite.size else None,
+                     "values": [round(float(v), 5) for v in finite]}
+        if finite.size < vals.size:
+            out[pair]["non_finite_steps"] = int(vals.size - finite.size)
     return out
 
 

@@ -251,3 +251,15 @@ def test_grad_methods_by_hand(method):
     GRAD_METHODS[method](losses, [w], config=config, generator=torch.Generator().manual_seed(0))
     want = T_([0.0, 1.0]) if method == "sum" else T_([0.5, 0.5]) + T_([0.0, 1.0])
     close(w.grad, want, BY_HAND)
+
+
+def test_cosine_summary_leaves_out_and_counts_non_finite_steps():
+    """fp16: a step the GradScaler skips has inf gradients and a NaN cosine; the epoch's summary keeps the other
+    steps' mean and says how many it left out (a clean epoch's summary has no such key)."""
+    from mtbert_utils.gradients import summarize_cosines
+    out = summarize_cosines([{"sst|para": 0.5}, {"sst|para": float("nan")}, {"sst|para": -0.1},
+                             {"sst|para": float("inf")}])
+    assert out["sst|para"]["values"] == [0.5, -0.1] and out["sst|para"]["non_finite_steps"] == 2
+    assert abs(out["sst|para"]["mean"] - 0.2) < 1e-12 and out["sst|para"]["conflict_rate"] == 0.5
+    assert "non_finite_steps" not in summarize_cosines([{"sst|para": 0.25}])["sst|para"]
+    assert summarize_cosines([{"sst|para": float("nan")}])["sst|para"]["mean"] is None
