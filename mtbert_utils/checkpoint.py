@@ -169,9 +169,9 @@ class RunState:
             ranks = ckpt.get(f"{key}_ranks")
             return ranks[rank] if ranks and len(ranks) == world else ckpt.get(key)
         torch.set_rng_state(rng("torch_rng"))
-        device = model_device(self.model)
-        if device.type == "cuda" and rng("cuda_rng") is not None:  # none from a CPU run or an older checkpoint
-            torch.cuda.set_rng_state(rng("cuda_rng"), device)
+        device, cuda_rng = model_device(self.model), rng("cuda_rng")
+        if device.type == "cuda" and cuda_rng is not None:  # none from a CPU run or an older checkpoint
+            torch.cuda.set_rng_state(cuda_rng, device)
         for k, missing in PROGRESS.items():
             value = ckpt.get(k, missing)
             if value is not None:

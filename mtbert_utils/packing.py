@@ -277,7 +277,12 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
     from mtbert_utils import progress
     todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer
     bar = progress.bar(total=len(todo), desc=desc, unit="run")
-    pending = {pool.submit(dataclasses.replace(cfg, progress=False).to_dict()): (rec, cfg) for rec, cfg in todo}
+
+    def submit(rec: dict, cfg) -> None:
+        pending[pool.submit(dataclasses.replace(cfg, progress=False).to_dict())] = (rec, cfg)
+    pending: dict = {}
+    for rec, cfg in todo:
+        submit(rec, cfg)
     while pending:
         for fut in wait(pending, return_when=FIRST_COMPLETED)[0]:
             rec, cfg = pending.pop(fut)
@@ -286,11 +291,10 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
             except Exception as e:  # noqa: BLE001 - the run could not be sent to a worker (RunPool reports deaths)
                 out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             if retry_eagerly(cfg, out):
-                eager = dataclasses.replace(cfg, cuda_graphs=False)
                 progress.write(f"[retry] {rec['run_name']}: {out['error']}; again without cuda_graphs, "
                                f"from its last checkpoint")
-                pending[pool.submit(dataclasses.replace(eager, progress=False).to_dict())] = (
-                    {**rec, "eager_retry": {"error": out["error"], "seconds": round(out["seconds"], 1)}}, eager)
+                submit({**rec, "eager_retry": {"error": out["error"], "seconds": round(out["seconds"], 1)}},
+                       dataclasses.replace(cfg, cuda_graphs=False))
                 continue
             records.append({**rec, **out})
             bar.update()

@@ -306,15 +306,23 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     torch._dynamo.reset()
 
 
+def _tiny_graphed(device=torch.device("cpu")):
+    """(config, a tiny model with its default dropout on `device`, after use_cuda_graphs). On CPU the CUDA device is
+    a stand-in: the encoder is compiled lazily, and reduce-overhead runs inductor's kernels without graphs."""
+    import dataclasses
+    from mtbert_utils.device import use_cuda_graphs
+    cfg = TrainConfig(encoder="tiny", pad_to_multiple=16, progress=False)
+    model = build_model(cfg).to(device)
+    use_cuda_graphs(model, dataclasses.replace(cfg, cuda_graphs=True), torch.device("cuda"))
+    return cfg, model
+
+
 def test_cuda_graphs_leave_the_state_dict_as_eager(one_thread, compile_config):
     """The compiled encoder is not a submodule: a cuda_graphs model's state_dict (what its checkpoints and kept
     epochs hold) has the eager model's keys, and each loads into the other, so a run resumes with the switch
     on or off (it is execution-only: the run name and checkpoint are the same) and keeps the encoder once."""
-    import torch._dynamo
-    from mtbert_utils.device import use_cuda_graphs
-    cfg = TrainConfig(encoder="tiny", pad_to_multiple=16, progress=False)
-    eager, graphed = build_model(cfg), build_model(cfg)
-    use_cuda_graphs(graphed, TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}), torch.device("cuda"))
+    cfg, graphed = _tiny_graphed()
+    eager = build_model(cfg)
     assert graphed.graphed_encoder is not None  # on CPU a stand-in device: compiled lazily, never run here
     assert list(graphed.state_dict()) == list(eager.state_dict())
     eager.load_state_dict(graphed.state_dict())  # strict: no key missing or unexpected
@@ -344,10 +352,7 @@ def test_recorded_cuda_graphs_counts_every_node_of_the_graph_trees(monkeypatch):
 
 def _with_dropout(device):
     """The tiny encoder with dropout (0.1) in training, after use_cuda_graphs, and a batch for it."""
-    from mtbert_utils.device import use_cuda_graphs
-    cfg = TrainConfig(encoder="tiny", pad_to_multiple=16, progress=False)
-    model = build_model(cfg).to(device).train()
-    use_cuda_graphs(model, TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}), torch.device("cuda"))
+    model = _tiny_graphed(device)[1].train()
     ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

@@ -100,16 +100,10 @@ def test_grad_method_follows_the_pcgrad_field_and_stays_out_of_the_config():
 def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoints_lack(tmp_path):
     """One field list: a RunState saved and restored into a fresh one carries every progress field; a checkpoint
     written before wall time, resumes, best, snapshot scores and data digests were kept restores their defaults."""
-    import random
-    from mtbert_utils.checkpoint import PROGRESS, RunState
-    from mtbert_utils.schedules import get_schedule
+    from mtbert_utils.checkpoint import PROGRESS
 
     def fresh():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2)
-        return RunState(model=model, optimizer=torch.optim.AdamW(model.parameters()), streams={},
-                        schedule=get_schedule("adaptive", reference={"sst": 0.5}), sched_rng=random.Random(0),
-                        pc_gen=torch.Generator().manual_seed(0))
+        return _linear_state(schedule="adaptive", reference={"sst": 0.5})
     config = TrainConfig(encoder="tiny")
     state = fresh()
     state.model.weight.data += 1.0
@@ -146,7 +140,7 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
     assert (back.epoch, back.step) == (2, 17)
 
 
-def _linear_state(device="cpu"):
+def _linear_state(device="cpu", schedule="sequential", **schedule_params):
     """A RunState over a Linear model on `device`, its generators seeded as build_model and build_state seed them."""
     import random
     from mtbert_utils.checkpoint import RunState
@@ -154,7 +148,8 @@ def _linear_state(device="cpu"):
     torch.manual_seed(0)  # as build_model does: the CPU generator and every CUDA one
     model = torch.nn.Linear(3, 2).to(device)
     return RunState(model=model, optimizer=torch.optim.AdamW(model.parameters()), streams={},
-                    schedule=get_schedule("sequential"), sched_rng=random.Random(0), pc_gen=torch.Generator())
+                    schedule=get_schedule(schedule, **schedule_params), sched_rng=random.Random(0),
+                    pc_gen=torch.Generator().manual_seed(0))
 
 
 def test_a_checkpoint_keeps_the_gpu_dropout_rng(tmp_path, monkeypatch):
