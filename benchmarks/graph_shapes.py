@@ -5,7 +5,7 @@
 CUDA graphs replay fixed shapes, so a run records one graph per distinct (batch size, padded length) of the
 encoder's input, per kind of input (token types or not) and per grad mode (full and heads-only steps). This
 counts those shapes for the gpu-minilm / paper-minilm batching (all the local training data, batch 64, grouped
-by length, padded to a multiple of 16; Quora pairs joint, STS pairs as model.embed_pair feeds them, both sentences
+by length, padded to a multiple of 16; Quora pairs joint, STS pairs as model.embed_parts feeds them, both sentences
 in one call of twice the batch), over `--passes` shuffled passes of each task. Needs no GPU and no model, only the tokenizer.
 With dynamic=True torch.compile compiles once per kind of input and grad mode, not once per shape
 (tests/test_levers.py counts the compiles on CPU); the shapes still cost one recording each.
@@ -28,7 +28,7 @@ from mtbert_utils.results import write_json  # noqa: E402
 
 
 def encoder_shape(batch: dict) -> tuple[int, int]:
-    """(rows, length) of the encoder's input for one batch (model.embed_pair pads a and b to one length)."""
+    """(rows, length) of the encoder's input for one batch (model.embed_parts pads a and b to one length)."""
     if "input_ids" in batch:
         return tuple(batch["input_ids"].shape)
     a, b = batch["input_ids_a"], batch["input_ids_b"]

@@ -29,10 +29,11 @@ process, on the same data and the same machine:
 and this repository's step (CUDA_SPEED: SPEED plus lengths padded to a multiple of 16), each in fp32 and
 bf16 autocast, on the same batches of 32; `precision` names the faster step, and `train_speedup` is that
 step over the plain fp32 loop (target >= 3x); MFU against the fp32 (TF32 off), TF32 and bf16 matmul peaks
-measured on the spot; PCGrad; evaluation (plain vs predict, and predict in fp32 vs bf16); with --accuracy,
-SST dev accuracy of REFERENCE, CUDA_SPEED, +TF32 and +bf16; with --levers, each CUDA_LEVERS switch alone
-(TF32, padding, fused AdamW, bf16, cache_frozen_encoder, CUDA graphs last). --time-cap skips what is left of
-the optional parts once spent, so the whole fits 2-3 minutes of a 10-minute GPU command.
+measured on the spot; PCGrad; the three-task step with fuse_tasks (one encoder call) against a call per
+task (task_fusion_step_ratio: its time over theirs); evaluation (plain vs predict, and predict in fp32 vs
+bf16); with --accuracy, SST dev accuracy of REFERENCE, CUDA_SPEED, +TF32 and +bf16; with --levers, each
+CUDA_LEVERS switch alone (TF32, padding, fused AdamW, bf16, cache_frozen_encoder, CUDA graphs last). --time-cap
+skips what is left of the optional parts once spent, so the whole fits 2-3 minutes of a 10-minute GPU command.
 
 Machines here are shared: variants are interleaved round by round so that load from
 other processes hits both alike, and every throughput is the median over rounds.
@@ -494,18 +495,22 @@ def three_batches(encoded: dict, model, batch_size: int) -> dict:
 
 
 class _StepRunner:
-    def __init__(self, trainer: Trainer, config: TrainConfig, batches: dict):
-        self.trainer, self.config, self.batches = trainer, config, batches
+    """A round: the trainer's step on `batches` (one step's {task: batch}, or a list of them) under `config`."""
+
+    def __init__(self, trainer: Trainer, config: TrainConfig, batches: dict | list):
+        self.trainer, self.config = trainer, config
+        self.steps = batches if isinstance(batches, list) else [batches]
 
     def round(self) -> dict:
         saved = self.trainer.config
         self.trainer.config = self.config
         t0 = time.perf_counter()
-        self.trainer.step(self.batches)
+        for batches in self.steps:
+            self.trainer.step(batches)
         _sync(self.trainer.device)
         dt = time.perf_counter() - t0
         self.trainer.config = saved
-        n = sum(len(b["ids"]) for b in self.batches.values())
+        n = sum(len(b["ids"]) for batches in self.steps for b in batches.values())
         return {"examples": n, "tokens": 0, "padded": 0, "flops": 0, "seconds": dt}
 
 
@@ -545,6 +550,32 @@ def bench_pcgrad(sizes: Sizes, train_enc: dict) -> dict:
             "rss_peak_bytes": {k: v["rss_peak_bytes"] for k, v in res.items()},
         },
     }
+
+
+def bench_task_fusion(sizes: Sizes, train_enc: dict, levers: dict, steps: int = 4) -> dict:
+    """Three-task steps with summed losses and a call of the encoder per task, against the same steps with
+    fuse_tasks (one call for the three, padded to the longest): same model, interleaved. Each round is `steps`
+    steps of batches as training draws them (grouped by length within each task, padded as `levers` say), so the
+    tasks' lengths differ as they do in a run."""
+    trainer = make_trainer(sizes, levers)
+    streams = {t: TaskBatchStream(enc, sizes.batch_size, seed=i, pair_mode=trainer.model.pair_mode(t),
+                                  group_by_length=levers.get("group_by_length", False),
+                                  pad_to_multiple=levers.get("pad_to_multiple"))
+               for i, (t, enc) in enumerate(train_enc.items())}
+    work = [{t: next(s) for t, s in streams.items()} for _ in range(steps)]
+    runners = {"apart": _StepRunner(trainer, trainer.config, work),
+               "fused": _StepRunner(trainer, lever_config(sizes, levers, fuse_tasks=True), work)}
+    res = interleave(runners, sizes.pcgrad_rounds)
+    n = sum(len(b["ids"]) for batches in work for b in batches.values())
+    step_s = {k: n / v["examples_per_s"] / steps for k, v in res.items()}  # median over rounds, per step
+    lengths = [{t: max(v.shape[1] for k, v in b.items() if k.startswith("input_ids")) for t, b in batches.items()}
+               for batches in work]
+    return {"task_fusion_step_ratio": step_s["fused"] / step_s["apart"],
+            "task_fusion_detail": {"apart_step_s": step_s["apart"], "fused_step_s": step_s["fused"],
+                                   "steps_per_round": steps, "timed_rounds": sizes.pcgrad_rounds,
+                                   "encoder": sizes.encoder, "batch_size": sizes.batch_size, "levers": levers,
+                                   "encoder_input_lengths": lengths,
+                                   "step_peak_bytes": {k: v["step_peak_bytes"] for k, v in res.items()}}}
 
 
 def _plain_eval_batch(tokenizer, task: str, pair_mode: str, exs: list) -> dict:
@@ -924,6 +955,8 @@ def run_cuda(data_dir=None, sizes: Sizes = CUDA_SIZES, levers: bool = False, acc
     log(f"train ex/s: {result['train_by_precision']}; faster precision {result['precision']}")
     on_part(result)
     result.update(bench_pcgrad(sizes, train_enc))
+    result.update(bench_task_fusion(sizes, train_enc, CUDA_SPEED))
+    log(f"three-task step, one encoder call / a call per task: {result['task_fusion_step_ratio']:.2f}x the time")
     result.update(bench_eval(sizes, tokenizer, dev_sets))
     result.update(bench_eval_precisions(sizes, dev_enc))
     log(f"eval: plain {result['eval_plain_examples_per_s']:.0f}, repo {result['eval_examples_per_s']:.0f} ex/s")
@@ -949,6 +982,18 @@ def run_cuda(data_dir=None, sizes: Sizes = CUDA_SIZES, levers: bool = False, acc
     result["load_average"] = {"start": None, "end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     result["environment"] = environment()
     return result
+
+
+def run_task_fusion(data_dir, sizes: Sizes) -> dict:
+    """--task-fusion: bench_task_fusion alone, with the levers of this device's training step (CUDA_SPEED on a
+    GPU, SPEED on CPU)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    train_enc = bench_data(sizes, data_dir)[5]
+    levers = CUDA_SPEED if sizes.device == "cuda" else SPEED
+    device = torch.cuda.get_device_name(0) if sizes.device == "cuda" else "cpu"
+    return {"device": device, "machine": _machine(), **bench_task_fusion(sizes, train_enc, levers),
+            "bench_seconds": time.perf_counter() - t0, "environment": environment()}
 
 
 # ---------------------------------------------------------------------------
@@ -1086,6 +1131,10 @@ def summary_markdown(r: dict) -> str:
                         ", ".join(f"{k} {v:.0f}" for k, v in r["train_by_precision"].items()),
                         f"faster repo precision: {r['precision']}; evaluation fp32 "
                         f"{r['eval_fp32_examples_per_s']:.0f}, bf16 {r['eval_bf16_examples_per_s']:.0f} ex/s"))
+        if "task_fusion_step_ratio" in r:  # measured since fuse_tasks
+            d = r["task_fusion_detail"]
+            rows.insert(6, ("three-task step, one encoder call / a call per task", f"{r['task_fusion_step_ratio']:.3f}",
+                            f"{d['fused_step_s'] * 1e3:.1f} ms vs {d['apart_step_s'] * 1e3:.1f} ms (fuse_tasks)"))
     lines = [(f"Device: {r['device']}. " if cuda else "")
              + f"Machine: {m['cpu']}, {m['cores']} cores ({m['cpu_capability']}), torch {r['environment']['torch']}, "
              f"encoder {r['encoder']}; load average at start {r.get('load_average', {}).get('start')}.", "",
@@ -1117,6 +1166,8 @@ def main(argv=None) -> dict:
                    help="cpu (default): the 2-core benchmark; cuda: fp32 vs bf16, CUDA levers (run_cuda)")
     p.add_argument("--time-cap", type=float, default=None,
                    help="cuda: seconds after which the optional parts (accuracy, levers) are skipped (default 150)")
+    p.add_argument("--task-fusion", action="store_true",
+                   help="only the three-task step with and without fuse_tasks (bench_task_fusion), on --device")
     p.add_argument("--out", default="results/bench/bench.json", help="where to write the JSON")
     p.add_argument("--summarize", metavar="JSON", help="print a saved result as a Markdown table and exit")
     args = p.parse_args(argv)
@@ -1125,11 +1176,14 @@ def main(argv=None) -> dict:
         text = summary_markdown(json.loads(Path(args.summarize).read_text()))
         print(text, end="")
         return {"summary": text}
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device cuda: no CUDA device here (torch {torch.__version__}, built for CUDA "
-                             f"{torch.version.cuda or 'none'}); run it on a GPU machine, e.g. through "
-                             f"benchmarks/gpu_run.py, or use --device cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device here (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda or 'none'}); run it on a GPU machine, e.g. through "
+                         f"benchmarks/gpu_run.py, or use --device cpu")
+    if args.task_fusion:
+        result = run_task_fusion(args.data_dir, dataclasses.replace(
+            QUICK if args.quick else (CUDA_SIZES if args.device == "cuda" else Sizes()), device=args.device))
+    elif args.device == "cuda":
         sizes = dataclasses.replace(QUICK, device="cuda") if args.quick else CUDA_SIZES
         if args.time_cap is not None:
             sizes = dataclasses.replace(sizes, time_cap_s=args.time_cap)

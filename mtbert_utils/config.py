@@ -27,8 +27,9 @@ OPTIMIZERS = ("auto", "foreach", "fused", "forloop")
 ADDED_LATER = {"val_fraction": 0.0, "optimizer": "auto", "encoder_dropout": None, "snapshot_ensemble": 0,
                "para_swap": False, "layer_lr_decay": 1.0, "cache_frozen_encoder": False}
 # how a run executes, not what it computes: the same run names on CPU and GPU (issue 12). Their values are
-# still in the result JSON's config. (pad_to_multiple: masked positions; tf32 and cuda_graphs: rounding only.)
-EXECUTION_ONLY = ("pad_to_multiple", "tf32", "cuda_graphs")
+# still in the result JSON's config. (pad_to_multiple: masked positions; tf32 and cuda_graphs: rounding only;
+# fuse_tasks: masked positions, and the dropout masks drawn in another order, as a longer padding draws them.)
+EXECUTION_ONLY = ("pad_to_multiple", "tf32", "cuda_graphs", "fuse_tasks")
 # what does not change the numbers: out of the fingerprint
 NOT_FINGERPRINTED = ("seed", "name", "out_dir", "progress", "data_dir", "write_predictions", *EXECUTION_ONLY)
 
@@ -101,6 +102,10 @@ class TrainConfig:
     cuda_graphs: bool = False          # CUDA only: torch.compile(mode="reduce-overhead") on the forward pass,
                                        # one CUDA graph per padded shape (needs pad_to_multiple); on CPU
                                        # train() stops with a ValueError
+    fuse_tasks: bool = False           # a step's task batches go through the encoder in one call (padded to the
+                                       # longest) instead of one call per task: a third of the kernel launches on
+                                       # a launch-bound GPU, one CUDA graph per step. Steps that take each task's
+                                       # gradient on its own (PCGrad, record_grad_cosines) keep one call per task
     freeze_word_embeddings: bool = False
     # -- run --------------------------------------------------------------------------
     seed: int = 0
@@ -266,7 +271,7 @@ def _validate_optimisation(c: TrainConfig) -> None:
         raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
     if c.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {c.optimizer!r}; choose one of {OPTIMIZERS}")
-    for name in ("tf32", "cuda_graphs", "cache_frozen_encoder"):
+    for name in ("tf32", "cuda_graphs", "fuse_tasks", "cache_frozen_encoder"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.cuda_graphs and not c.pad_to_multiple:

@@ -39,6 +39,13 @@ def per_task_needed(losses: dict, reduce_fn) -> bool:
     return len(losses) > 1 or reduce_fn is not None
 
 
+def backs_summed_loss(config) -> bool:
+    """Whether the run's method takes one backward pass of the summed loss, never a task's gradient on its own.
+    Only then may a step's tasks share one encoder call (TrainConfig.fuse_tasks): a per-task backward through
+    a shared call would run through every task's rows."""
+    return config.grad_method == "sum" and not config.record_grad_cosines
+
+
 def _backward_sum(losses: dict, scaler) -> None:
     total = sum(losses.values())
     (scaler.scale(total) if scaler else total).backward()

@@ -203,32 +203,46 @@ class MultitaskBert(nn.Module):
         swap = batch.get("swap") or [False] * len(ids)
         return [(task, part, i, s) for i, s in zip(ids, swap)]
 
-    def embed_pair(self, batch, task: str = "pair") -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed both sentences of a pair in one encoder call (pad a and b to one length)."""
-        a, b = batch["input_ids_a"], batch["input_ids_b"]
-        ma, mb = batch["attention_mask_a"], batch["attention_mask_b"]
-        L = max(a.shape[1], b.shape[1])
-        ids = torch.cat([F.pad(a, (0, L - a.shape[1])), F.pad(b, (0, L - b.shape[1]))])
-        mask = torch.cat([F.pad(ma, (0, L - ma.shape[1])), F.pad(mb, (0, L - mb.shape[1]))])
-        ka, kb = self.cache_keys(task, batch, "a"), self.cache_keys(task, batch, "b")
-        emb = self.embed(ids, mask, keys=ka + kb if ka is not None else None)
-        return emb[: a.shape[0]], emb[a.shape[0]:]
+    def encoder_inputs(self, task: str, batch: dict) -> list[tuple]:
+        """The encoder inputs of a task's batch, as (input_ids, attention_mask, token_type_ids or None, cache keys
+        or None): one for sst and joint pairs, two (sentence a, sentence b) for pairs embedded one by one."""
+        if task == "sst":
+            return [(batch["input_ids"], batch["attention_mask"], None, self.cache_keys(task, batch, "single"))]
+        if task == "para" and self.para_input == "joint":
+            return [(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     self.cache_keys(task, batch, "joint"))]
+        if task in ("para", "sts"):
+            return [(batch[f"input_ids_{s}"], batch[f"attention_mask_{s}"], None, self.cache_keys(task, batch, s))
+                    for s in "ab"]
+        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+    def embed_parts(self, parts: list[tuple]) -> list[torch.Tensor]:
+        """Pooled embeddings of several encoder inputs (encoder_inputs' tuples) from one encoder call: the inputs
+        padded to one length (the extra positions masked) and their rows stacked."""
+        if len(parts) == 1:
+            ids, mask, types, keys = parts[0]
+            return [self.embed(ids, mask, types, keys=keys)]
+        L = max(p[0].shape[1] for p in parts)
+        padded = [[F.pad(x, (0, L - x.shape[1])) if x is not None else None for x in p[:3]] for p in parts]
+        ids, mask = torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded])
+        types = None
+        if any(p[2] is not None for p in padded):  # sentences without token types are segment 0
+            types = torch.cat([p[2] if p[2] is not None else torch.zeros_like(p[0]) for p in padded])
+        keys = None if any(p[3] is None for p in parts) else [k for p in parts for k in p[3]]
+        return list(self.embed(ids, mask, types, keys=keys).split([p[0].shape[0] for p in parts]))
 
     # -- heads -----------------------------------------------------------------------
+    def task_output(self, task: str, embs: list[torch.Tensor]) -> torch.Tensor:
+        """A task's head on the embeddings of its encoder_inputs."""
+        if task == "sst":
+            return self.sst_head(self.shared(embs[0]))
+        if task == "para" and self.para_input == "joint":
+            return self.para_head(self.shared(embs[0])).squeeze(-1)
+        return self.pair_output(task, *embs)
+
     def forward_task(self, task: str, batch: dict) -> torch.Tensor:
         """Raw outputs: sst logits [B, 5]; para logit [B]; sts score [B] (cos in [-1, 1] for the cosine head)."""
-        if task == "sst":
-            keys = self.cache_keys(task, batch, "single")
-            return self.sst_head(self.shared(self.embed(batch["input_ids"], batch["attention_mask"], keys=keys)))
-        if task == "para":
-            if self.para_input == "joint":
-                emb = self.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                                 keys=self.cache_keys(task, batch, "joint"))
-                return self.para_head(self.shared(emb)).squeeze(-1)
-            return self.pair_output(task, *self.embed_pair(batch, task))
-        if task == "sts":
-            return self.pair_output(task, *self.embed_pair(batch, task))
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+        return self.task_output(task, self.embed_parts(self.encoder_inputs(task, batch)))
 
     def pair_output(self, task: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The head of a pair task embedded sentence by sentence (sts; para with para_input='separate')."""
@@ -239,9 +253,16 @@ class MultitaskBert(nn.Module):
         head = self.sts_head if task == "sts" else self.para_head
         return head(torch.cat([self.shared(u), self.shared(v)], -1)).squeeze(-1)
 
-    def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """One call for all the tasks of a step (one forward per step keeps DDP simple)."""
-        return {task: self.forward_task(task, batch) for task, batch in batches.items()}
+    def forward(self, batches: dict[str, dict], fuse: bool = False) -> dict[str, torch.Tensor]:
+        """One call for all the tasks of a step (one forward per step keeps DDP simple). fuse
+        (TrainConfig.fuse_tasks): the step's tasks share one encoder call instead of one call per task, their
+        inputs padded to the longest; each row is still encoded on its own (padding is masked). Not while the
+        frozen encoder's outputs are cached (embed_cache), which looks each task's rows up on its own."""
+        if not fuse or len(batches) < 2 or (self.embed_cache is not None and self.encoder_frozen):
+            return {task: self.forward_task(task, batch) for task, batch in batches.items()}
+        inputs = {task: self.encoder_inputs(task, batch) for task, batch in batches.items()}
+        embs = iter(self.embed_parts([part for parts in inputs.values() for part in parts]))
+        return {task: self.task_output(task, [next(embs) for _ in parts]) for task, parts in inputs.items()}
 
     def pair_mode(self, task: str) -> str:
         """How a task's batches must be collated for this model."""

@@ -28,7 +28,7 @@ from mtbert_utils.experiments import best_config, make_config
 
 def execution(speed: dict | None) -> dict:
     """A notebook's `speed` parameter: TrainConfig switches that change how a run executes, not its numbers
-    (config.EXECUTION_ONLY: pad_to_multiple, tf32, cuda_graphs), so not its run name either."""
+    (config.EXECUTION_ONLY: pad_to_multiple, tf32, cuda_graphs, fuse_tasks), so not its run name either."""
     bad = sorted(set(speed or {}) - set(EXECUTION_ONLY))
     if bad:
         raise ValueError(f"speed may only hold the execution-only switches {EXECUTION_ONLY}, got {bad}")

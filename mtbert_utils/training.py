@@ -30,7 +30,7 @@ from mtbert_utils.device import (pick_amp, pick_device, recorded_cuda_graphs, tf
                                  use_cuda_graphs)  # (also training.*)
 from mtbert_utils.batching import TaskBatchStream, collate, prepare_data
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
-from mtbert_utils.gradients import GRAD_METHODS, summarize_cosines
+from mtbert_utils.gradients import GRAD_METHODS, backs_summed_loss, summarize_cosines
 from mtbert_utils.model import (MultitaskBert, default_pooling, load_encoder, load_tokenizer,
                                 set_encoder_dropout)
 from mtbert_utils.optim import build_optimizer, lr_multiplier
@@ -137,7 +137,7 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     if config.cuda_graphs:  # a new step: the CUDA graphs may reuse the previous step's output memory
         torch.compiler.cudagraph_mark_step_begin()
     with autocast_context(device, amp_dtype):
-        outs = model(batches)
+        outs = model(batches, fuse=config.fuse_tasks and backs_summed_loss(config))
     losses, raw = {}, {}
     for t, batch in batches.items():
         loss = task_loss(t, outs[t], batch["labels"], config, class_weights)

@@ -170,6 +170,7 @@ def test_device_benchmark_reports_the_cpu_keys_plus_device_and_precision(device_
     for key in REQUIRED:
         assert math.isfinite(r[key]), key
     assert r["targets_met"].keys() == bench.CUDA_TARGETS.keys()
+    assert r["task_fusion_step_ratio"] > 0 and r["task_fusion_detail"]["levers"] == bench.CUDA_SPEED
 
 
 def test_device_benchmark_levers_skip_cleanly_on_cpu(device_report):
@@ -182,6 +183,18 @@ def test_device_benchmark_levers_skip_cleanly_on_cpu(device_report):
         assert math.isfinite(levers[name]["speedup"]) and levers[name]["speedup"] > 0, levers[name]
     acc = device_report["accuracy_check"]
     assert {r["config"] for r in acc["runs"]} == set(bench.CUDA_ACCURACY_CONFIGS)
+
+
+def test_task_fusion_alone_times_both_steps_on_length_grouped_batches(data_dir, tmp_path, one_thread):
+    """--task-fusion: the three-task step with and without fuse_tasks, on steps drawn as training draws them (each
+    task grouped by length, so the tasks' lengths differ), and the summary's row for it."""
+    out = tmp_path / "fusion.json"
+    r = bench_main(["--task-fusion", "--quick", "--data-dir", str(data_dir), "--out", str(out)])
+    assert json.loads(out.read_text())["task_fusion_step_ratio"] == r["task_fusion_step_ratio"] > 0
+    d = r["task_fusion_detail"]
+    assert d["fused_step_s"] > 0 and d["apart_step_s"] > 0 and len(d["encoder_input_lengths"]) == d["steps_per_round"]
+    assert any(len(set(step.values())) > 1 for step in d["encoder_input_lengths"])  # the shared call pads some
+    assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
 
 
 def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):

@@ -56,6 +56,9 @@ RUNS = {
                    lr={**BASE["lr"], "sts": 0.01}),  # MSE on 0-5 scores diverges at 0.1
     # the cosine STS head under PCGrad, on an encoder initialised wider (see tiny_config_for)
     "pcgrad_cosine": dict(BASE, schedule="rr_over", pcgrad=True, sts_head="cosine"),
+    # the three tasks through one encoder call (fuse_tasks), inside the DDP wrapper
+    "fused": dict(BASE, schedule="rr_over", fuse_tasks=True, sts_head="linear", sts_loss="mse",
+                  lr={**BASE["lr"], "sts": 0.01}),
 }
 RUNS_3 = ("plain", "pcgrad")  # the DDP path and the per-task averaging path, with 3 processes
 # the kill-and-resume runs keep the real encoder dropout, AdamW and learning rates

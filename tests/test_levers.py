@@ -4,6 +4,7 @@ pad_to_multiple and cache_frozen_encoder are checked against the plain path with
 tf32 and cuda_graphs are CUDA-only: on CPU tf32 is a no-op and cuda_graphs stops train() early.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from mtbert_utils.training import build_model, pick_amp, tf32_matmuls, train
 
 def test_execution_levers_leave_the_run_name_alone():
     base = TrainConfig()
-    fast = TrainConfig(pad_to_multiple=16, tf32=True, cuda_graphs=True)
+    fast = TrainConfig(pad_to_multiple=16, tf32=True, cuda_graphs=True, fuse_tasks=True)
     assert fast.run_name == base.run_name  # the same profile names its runs alike on CPU and GPU
     assert fast.to_dict()["tf32"] is True  # ... and the result JSON still records how it ran
 
@@ -36,7 +37,7 @@ def test_cache_frozen_encoder_changes_the_run_name_only_when_on():
 @pytest.mark.parametrize("bad, match", [
     (dict(pad_to_multiple=0), "pad_to_multiple"), (dict(pad_to_multiple=True), "pad_to_multiple"),
     (dict(pad_to_multiple="16"), "pad_to_multiple"), (dict(tf32="yes"), "tf32"),
-    (dict(cache_frozen_encoder=1), "cache_frozen_encoder"),
+    (dict(cache_frozen_encoder=1), "cache_frozen_encoder"), (dict(fuse_tasks="on"), "fuse_tasks"),
     (dict(cuda_graphs=True), "pad_to_multiple"),  # without buckets every length records a graph
     (dict(cuda_graphs=True, pad_to_multiple=16, device="cpu"), "cuda_graphs"),
 ])
@@ -201,6 +202,81 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
             assert abs(v - c_rec["train_loss"][t]) <= tol * (abs(v) + 1), (p_rec["epoch"], t)
 
 
+# -- fuse_tasks: one encoder call per step ----------------------------------------------------------------
+
+
+def _step_batches(encoded, model, rows, tasks=None):
+    """One batch per task of `rows` (each task a different slice and length), padded to a multiple of 16."""
+    return {t: collate(enc, rows[i % len(rows)], model.pair_mode(t), pad_to_multiple=16)
+            for i, (t, enc) in enumerate(encoded.items()) if tasks is None or t in tasks}
+
+
+@pytest.mark.parametrize("para_input, sts_head", [("joint", "cosine"), ("separate", "linear"), ("sbert", "cosine")])
+def test_fused_tasks_share_one_encoder_call_and_keep_each_tasks_outputs(encoded, para_input, sts_head, one_thread):
+    """fuse=True encodes a step's task batches (sst, joint or separate Quora pairs, STS pairs) in one encoder call,
+    padded to the longest; each row's outputs are those of its task's own call (eval mode: no dropout). Each task
+    in turn gets its shortest examples and the others their longest, so that every task's rows are padded."""
+    model = build_model(TrainConfig(encoder="tiny", para_input=para_input, sts_head=sts_head)).eval()
+    calls = _count_encoder_calls(model)
+    tol = float32_tol(TINY_FORWARD + 128)  # one tiny forward per value, then the heads (<= 2 x 64)
+    for short in TASKS:
+        batches = {}
+        for t, enc in encoded.items():
+            mode = model.pair_mode(t)
+            by_length = sorted(range(len(enc)), key=enc.lengths(mode).__getitem__)
+            batches[t] = collate(enc, by_length[:8] if t == short else by_length[-8:], mode)
+        longest = {t: max(v.shape[1] for k, v in b.items() if k.startswith("input_ids")) for t, b in batches.items()}
+        assert longest[short] < max(longest.values())  # its rows are padded in the shared call
+        with torch.no_grad():
+            apart, fused = model(batches), model(batches, fuse=True)
+        for t in TASKS:
+            assert apart[t].shape == fused[t].shape
+            assert (apart[t] - fused[t]).abs().max().item() <= tol * (apart[t].abs().max().item() + 1), (short, t)
+    assert len(calls) == len(TASKS) * (len(TASKS) + 1)  # a call per task, then one shared call, per step
+
+
+def test_fused_tasks_fall_back_to_a_call_per_task_where_it_cannot_pay(encoded, one_thread):
+    """One task, and the cached heads-only steps (cache_frozen_encoder looks each task's rows up on its own)."""
+    model = build_model(TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0)).train()
+    calls = _count_encoder_calls(model)
+    model(_step_batches(encoded, model, [range(8)], tasks=("sts",)), fuse=True)
+    assert len(calls) == 1
+    model.set_encoder_trainable(False)
+    model.embed_cache = {}
+    model(_step_batches(encoded, model, [range(8)]), fuse=True)
+    assert len(calls) == 1 + len(TASKS)  # filled task by task
+    model(_step_batches(encoded, model, [range(8)]), fuse=True)
+    assert len(calls) == 1 + len(TASKS)  # ... and read
+
+
+@pytest.mark.parametrize("method", [dict(), dict(pcgrad=True), dict(record_grad_cosines=True)])
+def test_fuse_tasks_trains_like_a_call_per_task(encoded, one_thread, method):
+    """training_step with fuse_tasks: the summed loss's step trains as one call per task does, within roundings
+    (dropout off: with dropout the masks are drawn in another order). Steps that take each task's gradient on its
+    own (PCGrad, the gradient cosines) keep one call per task: a backward through a shared call would run through
+    every task's rows."""
+    import copy
+    from mtbert_utils.training import training_step
+    cfgs = [TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, progress=False, fuse_tasks=fuse, **method)
+            for fuse in (False, True)]
+    models = [build_model(cfgs[0]).train()]
+    models.append(copy.deepcopy(models[0]))
+    calls = _count_encoder_calls(models[1])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
+    gens = [torch.Generator().manual_seed(0) for _ in models]
+    losses = [[], []]
+    plan = [None, None, ("sst",), None, ("para", "sts"), None]
+    for step, tasks in enumerate(plan):
+        batches = _step_batches(encoded, models[0], [range(8 * step % 32, 8 * step % 32 + 8), range(4, 16)], tasks)
+        for i, m in enumerate(models):
+            out = training_step(m, opts[i], batches, cfgs[i], device=torch.device("cpu"), generator=gens[i],
+                                shared=[p for p in m.parameters() if p.requires_grad])
+            losses[i].append(out["losses"].read())
+    per_task = sum(len(t) if t else len(TASKS) for t in plan)
+    assert len(calls) == (per_task if method else len(plan))
+    _assert_trained_alike(models, losses, steps=len(plan))
+
+
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
@@ -224,9 +300,10 @@ AS_THE_RUNS_GO = ([(False, None, True)] * 2 + [(True, None, True), (True, ("sst"
                   + [(False, None, True)])
 
 
-def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS):
+def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS, fuse=False, on_step=None):
     """Two copies of one tiny model trained side by side on the same batches, one eager and one through
-    use_cuda_graphs: batch sizes 8 and 16, several padded lengths, the steps of `plan`. SGD, so
+    use_cuda_graphs (with fuse_tasks if `fuse`): batch sizes 8 and 16, several padded lengths, the steps of `plan`,
+    on_step(batches, encoder trains) before each. SGD, so
     that a rounding difference in a gradient stays as small in the weights (Adam's first steps would turn a
     near-zero gradient's rounding into a step of +-lr). Returns (models, each one's losses by step, the distinct
     encoder inputs: (name, shape) of each tensor argument, and the grad mode)."""
@@ -236,7 +313,7 @@ def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS):
     from mtbert_utils.training import training_step
     common = dict(encoder="tiny", dropout=0.0, encoder_dropout=0.0, pad_to_multiple=16, pcgrad=pcgrad,
                   progress=False)
-    cfgs = TrainConfig(**common), TrainConfig(cuda_graphs=True, **common)
+    cfgs = TrainConfig(**common), TrainConfig(cuda_graphs=True, fuse_tasks=fuse, **common)
     eager = build_model(cfgs[0]).to(device)
     graphed = copy.deepcopy(eager)
     use_cuda_graphs(graphed, cfgs[1], torch.device("cuda"))  # on CPU a stand-in device: the model stays there
@@ -253,6 +330,8 @@ def _eager_and_graphed(encoded, device, *, pcgrad=False, plan=FULL_THEN_HEADS):
         start, size = 8 * (step % 3), 8 * (1 + step % 2)
         batches = {t: to_device(collate(enc, range(start, start + size), eager.pair_mode(t), pad_to_multiple=16),
                                 device) for t, enc in encoded.items() if tasks is None or t in tasks}
+        if on_step is not None:
+            on_step(batches, trains)
         for i, m in enumerate(models):
             m.train()
             m.set_encoder_trainable(trains)
@@ -303,6 +382,9 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
         for plan in (FULL_THEN_HEADS, AS_THE_RUNS_GO) if pcgrad else (AS_THE_RUNS_GO,):
             torch._dynamo.reset()
             _assert_trained_alike(*_eager_and_graphed(encoded, torch.device("cpu"), pcgrad=pcgrad, plan=plan)[:2])
+    for plan in (FULL_THEN_HEADS, AS_THE_RUNS_GO):  # fuse_tasks: a step's tasks through one compiled call
+        torch._dynamo.reset()
+        _assert_trained_alike(*_eager_and_graphed(encoded, torch.device("cpu"), plan=plan, fuse=True)[:2])
     torch._dynamo.reset()
 
 
@@ -395,12 +477,41 @@ def test_cuda_graphs_on_cuda_train_like_eager(encoded, compile_config):
     heads-only steps in either order, one-task steps and evaluation between steps, give the eager model's losses
     and weights."""
     import torch._dynamo
-    for pcgrad in (False, True):
+    for pcgrad, fuse in ((False, False), (True, False), (False, True)):
         for plan in (FULL_THEN_HEADS, AS_THE_RUNS_GO):
             torch._dynamo.reset()
-            models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad, plan=plan)
+            models, losses, _ = _eager_and_graphed(encoded, torch.device("cuda"), pcgrad=pcgrad, plan=plan, fuse=fuse)
             _assert_trained_alike(models, losses)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real CUDA graph trees (gpu_run.py runs it)")
+def test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape(encoded, compile_config):
+    """torch's graph trees record a step's second and third task call as children of the first (its activations
+    wait for the backward), so with a call per task they grow by sequence of shapes within a step. With fuse_tasks
+    a step is one call: at most a forward and a backward graph per (shape of the shared call, grad mode). Both
+    counts go to pytest's warnings summary, in the GPU command's log."""
+    import torch._dynamo
+    from mtbert_utils.device import recorded_cuda_graphs
+    device = torch.device("cuda")
+    plan = [(True, None, False)] * 12 + [(False, None, False)] * 4 + [(True, None, False)] * 4
+    model, counts, shapes = build_model(TrainConfig(encoder="tiny")), {}, set()
+
+    def shape_of(batches, trains):  # the shared call's input: the tasks' rows stacked, padded to the longest
+        parts = [p for t, b in batches.items() for p in model.encoder_inputs(t, b)]
+        shapes.add((sum(p[0].shape[0] for p in parts), max(p[0].shape[1] for p in parts), trains))
+
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        before = recorded_cuda_graphs(device) or 0
+        _eager_and_graphed(encoded, device, plan=plan, fuse=fuse, on_step=shape_of if fuse else None)
+        now = recorded_cuda_graphs(device)
+        assert now is not None, "this torch's graph trees cannot be counted (device.recorded_cuda_graphs)"
+        counts["fused" if fuse else "a call per task"] = now - before
+    torch._dynamo.reset()
+    warnings.warn(f"CUDA graphs recorded over {len(plan)} three-task steps: {counts}; "
+                  f"{len(shapes)} shapes of the shared call", stacklevel=1)
+    assert 0 < counts["fused"] <= 2 * len(shapes), (counts, sorted(shapes))  # a forward and a backward each
 
 
 # -- host reads: a training step queues its work and reads nothing back; the loop reads its losses a step later --
