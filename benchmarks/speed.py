@@ -570,11 +570,18 @@ def bench_task_fusion(sizes: Sizes, train_enc: dict, levers: dict, steps: int = 
     step_s = {k: n / v["examples_per_s"] / steps for k, v in res.items()}  # median over rounds, per step
     lengths = [{t: max(v.shape[1] for k, v in b.items() if k.startswith("input_ids")) for t, b in batches.items()}
                for batches in work]
+    # token positions the encoder runs on (rows x padded length), a call per task against the shared call
+    positions = {"apart": 0, "fused": 0}
+    for batches in work:
+        parts = {t: [tuple(p[0].shape) for p in trainer.model.encoder_inputs(t, b)] for t, b in batches.items()}
+        positions["apart"] += sum(sum(r for r, _ in ps) * max(n for _, n in ps) for ps in parts.values())
+        positions["fused"] += sum(r for ps in parts.values() for r, _ in ps) * max(n for ps in parts.values()
+                                                                                 for _, n in ps)
     return {"task_fusion_step_ratio": step_s["fused"] / step_s["apart"],
             "task_fusion_detail": {"apart_step_s": step_s["apart"], "fused_step_s": step_s["fused"],
                                    "steps_per_round": steps, "timed_rounds": sizes.pcgrad_rounds,
                                    "encoder": sizes.encoder, "batch_size": sizes.batch_size, "levers": levers,
-                                   "encoder_input_lengths": lengths,
+                                   "encoder_input_lengths": lengths, "encoder_positions": positions,
                                    "step_peak_bytes": {k: v["step_peak_bytes"] for k, v in res.items()}}}
 
 

@@ -193,7 +193,8 @@ def test_task_fusion_alone_times_both_steps_on_length_grouped_batches(data_dir, 
     assert json.loads(out.read_text())["task_fusion_step_ratio"] == r["task_fusion_step_ratio"] > 0
     d = r["task_fusion_detail"]
     assert d["fused_step_s"] > 0 and d["apart_step_s"] > 0 and len(d["encoder_input_lengths"]) == d["steps_per_round"]
-    assert any(len(set(step.values())) > 1 for step in d["encoder_input_lengths"])  # the shared call pads some
+    assert any(len(set(step.values())) > 1 for step in d["encoder_input_lengths"])  # the shared call pads some ...
+    assert d["encoder_positions"]["fused"] > d["encoder_positions"]["apart"] > 0  # ... so it runs on more positions
     assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
 
 
