@@ -240,3 +240,14 @@ def test_docs_speed_tables_are_the_second_cuda_benchmarks_summary():
     by = r["train_by_precision"]
     for loop in ("plain", "repo"):
         assert f"| {by[loop + '_fp32']:,.0f} ex/s | {by[loop + '_bf16']:,.0f} ex/s |" in doc
+
+
+def test_docs_task_fusion_numbers_are_the_committed_cpu_measurement():
+    """docs/gpu.md and docs/speed.md quote results/bench/task_fusion_cpu.json, not typed numbers."""
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "bench" / "task_fusion_cpu.json").read_text())
+    pos = r["task_fusion_detail"]["encoder_positions"]
+    gpu, speed = (root / "docs" / "gpu.md").read_text(), (root / "docs" / "speed.md").read_text()
+    assert f"**{r['task_fusion_step_ratio']:.2f}x**" in gpu
+    assert f"{pos['fused'] / pos['apart']:.2f}x the token positions ({pos['fused']:,} against {pos['apart']:,}" in gpu
+    assert f"{r['task_fusion_step_ratio']:.2f}x slower ({pos['fused'] / pos['apart']:.2f}x the token positions" in speed
