@@ -23,8 +23,10 @@ def _orders(T: int, shuffle: bool, generator: torch.Generator | None) -> list[li
     if not shuffle:
         return [[j for j in range(T) if j != i] for i in range(T)]
     device = generator.device if generator is not None else "cpu"
-    # One permutation of all tasks per i, skipping i (as Tseng's random.shuffle of the whole list).
-    return [[j for j in torch.randperm(T, generator=generator, device=device).tolist() if j != i] for i in range(T)]
+    # One permutation of all tasks per i, skipping i (as Tseng's random.shuffle of the whole list); drawn one by
+    # one as before, read back to the host together (on CUDA each read waits for the GPU)
+    perms = torch.stack([torch.randperm(T, generator=generator, device=device) for _ in range(T)]).tolist()
+    return [[j for j in perm if j != i] for i, perm in enumerate(perms)]
 
 
 def _projection_coefficients(gram: Tensor, orders: list[list[int]]) -> Tensor:
@@ -205,10 +207,11 @@ def pcgrad_backward(
     prior = _take_prior_grads(shared, as_views)  # gradients already in .grad (accumulation): added back at the end
     flat = _task_gradients([task_losses[n] for n in names], shared, as_views, scaler, reduce_fn)
 
+    pairs = [(i, j) for i in range(T) for j in range(i, T)]
+    dots = torch.stack([flat[i] @ flat[j] for i, j in pairs]).tolist()  # one read back to the host, not one per pair
     gram = torch.empty(T, T, dtype=torch.float64)  # T x T dot products; no [T, P] stack
-    for i in range(T):
-        for j in range(i, T):
-            gram[i, j] = gram[j, i] = float(flat[i] @ flat[j])
+    for (i, j), dot in zip(pairs, dots):
+        gram[i, j] = gram[j, i] = dot
     cosines = _cosines_from_gram(gram, names)
     conflicts = int((gram.triu(diagonal=1) < 0).sum())
 
