@@ -574,9 +574,10 @@ def bench_task_fusion(sizes: Sizes, train_enc: dict, levers: dict, steps: int = 
     positions = {"apart": 0, "fused": 0}
     for batches in work:
         parts = {t: [tuple(p[0].shape) for p in trainer.model.encoder_inputs(t, b)] for t, b in batches.items()}
-        positions["apart"] += sum(sum(r for r, _ in ps) * max(n for _, n in ps) for ps in parts.values())
-        positions["fused"] += sum(r for ps in parts.values() for r, _ in ps) * max(n for ps in parts.values()
-                                                                                 for _, n in ps)
+        positions["apart"] += sum(sum(rows for rows, _ in ps) * max(length for _, length in ps)
+                                  for ps in parts.values())
+        positions["fused"] += (sum(rows for ps in parts.values() for rows, _ in ps)
+                               * max(length for ps in parts.values() for _, length in ps))
     return {"task_fusion_step_ratio": step_s["fused"] / step_s["apart"],
             "task_fusion_detail": {"apart_step_s": step_s["apart"], "fused_step_s": step_s["fused"],
                                    "steps_per_round": steps, "timed_rounds": sizes.pcgrad_rounds,

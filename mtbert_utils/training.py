@@ -120,7 +120,8 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
                   amp_dtype=None, scaler=None, class_weights=None, generator=None,
                   averager=None, loss_scale: dict | None = None) -> dict:
     """One optimizer step on one batch per task: the weighted task losses, combined into gradients by
-    the run's method (gradients.GRAD_METHODS[config.grad_method]: sum or pcgrad).
+    the run's method (gradients.GRAD_METHODS[config.grad_method]: sum or pcgrad). With config.fuse_tasks, and a
+    method that backs the summed loss, the step's tasks share one encoder call (MultitaskBert.forward's fuse).
 
     Data parallel (mtbert_utils.distributed): for plain steps `model` is the DDP wrapper; with PCGrad
     or gradient cosines it is the bare model and `averager` (a TaskGradientAverager) averages each
