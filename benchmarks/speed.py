@@ -568,16 +568,15 @@ def bench_task_fusion(sizes: Sizes, train_enc: dict, levers: dict, steps: int = 
     res = interleave(runners, sizes.pcgrad_rounds)
     n = sum(len(b["ids"]) for batches in work for b in batches.values())
     step_s = {k: n / v["examples_per_s"] / steps for k, v in res.items()}  # median over rounds, per step
-    lengths = [{t: max(v.shape[1] for k, v in b.items() if k.startswith("input_ids")) for t, b in batches.items()}
-               for batches in work]
-    # token positions the encoder runs on (rows x padded length), a call per task against the shared call
-    positions = {"apart": 0, "fused": 0}
+    # per step, each task's encoder input length; the token positions the encoder runs on (rows x padded length),
+    # a call per task against the shared call
+    lengths, positions = [], {"apart": 0, "fused": 0}
     for batches in work:
-        parts = {t: [tuple(p[0].shape) for p in trainer.model.encoder_inputs(t, b)] for t, b in batches.items()}
-        positions["apart"] += sum(sum(rows for rows, _ in ps) * max(length for _, length in ps)
-                                  for ps in parts.values())
-        positions["fused"] += (sum(rows for ps in parts.values() for rows, _ in ps)
-                               * max(length for ps in parts.values() for _, length in ps))
+        shapes = {t: [p[0].shape for p in trainer.model.encoder_inputs(t, b)] for t, b in batches.items()}
+        rows = {t: sum(s[0] for s in ss) for t, ss in shapes.items()}
+        lengths.append({t: max(s[1] for s in ss) for t, ss in shapes.items()})
+        positions["apart"] += sum(rows[t] * lengths[-1][t] for t in shapes)
+        positions["fused"] += sum(rows.values()) * max(lengths[-1].values())
     return {"task_fusion_step_ratio": step_s["fused"] / step_s["apart"],
             "task_fusion_detail": {"apart_step_s": step_s["apart"], "fused_step_s": step_s["fused"],
                                    "steps_per_round": steps, "timed_rounds": sizes.pcgrad_rounds,
