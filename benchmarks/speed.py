@@ -14,7 +14,8 @@ process, on the same data and the same machine:
             (b) `training.training_step` with the SPEED levers, on exactly the same sentences.
     mfu     model FLOP/s of (b) over the fp32 matrix-multiply peak measured on the spot
             (6 x per-token parameters x real tokens, plus attention 12 x layers x hidden x padded length).
-    pcgrad  one PCGrad step / one plain combined-loss step on the same three task batches.
+    pcgrad  one PCGrad step / one plain combined-loss step on the same three task batches, and the
+            step's peak memory above the plain step's (PCGrad runs one task's forward at a time).
     eval    a plain loop (file order, padded per batch, tokenized per batch, no_grad) vs
             `evaluation.predict` (cached tokens, length-sorted batches) over the three dev sets.
     memory  peak RSS of the process; per part, the peak of the allocator's bytes in use
@@ -22,6 +23,7 @@ process, on the same data and the same machine:
 
 --levers   each speed lever alone against the plain repo config (REFERENCE), training examples/s;
            plus tokenization caching and the evaluation levers.
+--task-fusion, --pcgrad: that part alone (run_part), on --device.
 --accuracy trains SST briefly with REFERENCE, SPEED and SPEED with the encoder's own dropout kept
            (2 seeds each) and reports dev accuracy, so a lever that costs accuracy shows up.
 
@@ -991,15 +993,17 @@ def run_cuda(data_dir=None, sizes: Sizes = CUDA_SIZES, levers: bool = False, acc
     return result
 
 
-def run_task_fusion(data_dir, sizes: Sizes) -> dict:
-    """--task-fusion: bench_task_fusion alone, with the levers of this device's training step (CUDA_SPEED on a
-    GPU, SPEED on CPU)."""
+def run_part(part: str, data_dir, sizes: Sizes) -> dict:
+    """One part of the benchmark alone: "task_fusion" (--task-fusion: bench_task_fusion, with the levers of this
+    device's training step, CUDA_SPEED on a GPU, SPEED on CPU) or "pcgrad" (--pcgrad: bench_pcgrad)."""
     t0 = time.perf_counter()
     torch.manual_seed(0)
     train_enc = bench_data(sizes, data_dir)[5]
     levers = CUDA_SPEED if sizes.device == "cuda" else SPEED
+    parts = {"task_fusion": lambda: bench_task_fusion(sizes, train_enc, levers),
+             "pcgrad": lambda: bench_pcgrad(sizes, train_enc)}
     device = torch.cuda.get_device_name(0) if sizes.device == "cuda" else "cpu"
-    return {"device": device, "machine": _machine(), **bench_task_fusion(sizes, train_enc, levers),
+    return {"device": device, "machine": _machine(), **parts[part](),
             "bench_seconds": time.perf_counter() - t0, "environment": environment()}
 
 
@@ -1123,7 +1127,7 @@ def summary_markdown(r: dict) -> str:
         ("training speedup b/a", f"{r['train_speedup']:.2f}x", f"target {target_label(r, 'train_speedup')}x"),
         ("PCGrad step / plain step", f"{r['pcgrad_step_ratio']:.3f}",
          f"target {target_label(r, 'pcgrad_step_ratio', '.2f')}"),
-        ("PCGrad extra memory", f"{r['pcgrad_extra_bytes'] * mb:.0f} MiB",
+        ("PCGrad step memory above a plain step's", f"{r['pcgrad_extra_bytes'] * mb:.0f} MiB",
          f"one flat copy per task: {r['pcgrad_detail']['one_flat_copy_per_task_bytes'] * mb:.0f} MiB"),
         ("evaluation, plain loop", f"{r['eval_plain_examples_per_s']:.1f} ex/s", "three dev sets"),
         ("evaluation, predict()", f"{r['eval_examples_per_s']:.1f} ex/s", f"speedup {r['eval_speedup']:.2f}x, "
@@ -1175,6 +1179,8 @@ def main(argv=None) -> dict:
                    help="cuda: seconds after which the optional parts (accuracy, levers) are skipped (default 150)")
     p.add_argument("--task-fusion", action="store_true",
                    help="only the three-task step with and without fuse_tasks (bench_task_fusion), on --device")
+    p.add_argument("--pcgrad", action="store_true",
+                   help="only one PCGrad step against one plain step, time and memory (bench_pcgrad), on --device")
     p.add_argument("--out", default="results/bench/bench.json", help="where to write the JSON")
     p.add_argument("--summarize", metavar="JSON", help="print a saved result as a Markdown table and exit")
     args = p.parse_args(argv)
@@ -1187,8 +1193,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--device cuda: no CUDA device here (torch {torch.__version__}, built for CUDA "
                          f"{torch.version.cuda or 'none'}); run it on a GPU machine, e.g. through "
                          f"benchmarks/gpu_run.py, or use --device cpu")
-    if args.task_fusion:
-        result = run_task_fusion(args.data_dir, dataclasses.replace(
+    if args.task_fusion or args.pcgrad:
+        result = run_part("task_fusion" if args.task_fusion else "pcgrad", args.data_dir, dataclasses.replace(
             QUICK if args.quick else (CUDA_SIZES if args.device == "cuda" else Sizes()), device=args.device))
     elif args.device == "cuda":
         sizes = dataclasses.replace(QUICK, device="cuda") if args.quick else CUDA_SIZES

@@ -7,7 +7,10 @@ Methods are chosen by name from GRAD_METHODS (like schedules.SCHEDULES), filled 
              "Gradient Surgery for Multi-Task Learning"; pcgrad.py)
 
 A method is called as method(losses, shared, config=..., scaler=..., generator=..., reduce_fn=...) with
-`losses` the weighted task losses of the step, `shared` the trainable encoder and shared-layer parameters;
+`losses` the weighted task losses of the step: tensors, or, while the encoder trains in a run that does not back
+the summed loss (backs_summed_loss), functions that run their task's forward and return its loss (call each just
+before the task's backward, in order: one task's activations alive at a time); `shared` the trainable encoder and
+shared-layer parameters;
 it fills the parameters' .grad and returns the pairwise task-gradient cosines, or None when it did not
 compute them. TrainConfig.grad_method names the method of a run.
 """
@@ -47,7 +50,7 @@ def backs_summed_loss(config) -> bool:
 
 
 def _backward_sum(losses: dict, scaler) -> None:
-    total = sum(losses.values())
+    total = sum(loss() if callable(loss) else loss for loss in losses.values())
     (scaler.scale(total) if scaler else total).backward()
 
 

@@ -1,7 +1,8 @@
 """PCGrad: gradient surgery for multi-task learning (Yu et al. 2020).
 
     project_conflicting(grads)      the surgery on a list of per-task gradients
-    pcgrad_backward(losses, params) per-task backward + surgery on the shared params
+    pcgrad_backward(losses, params) per-task backward + surgery on the shared params (a loss may be a
+                                    function that runs its task's forward: one task's activations at a time)
     pairwise_cosines(grads, names)  diagnostics: cosine between every task pair
 
 All three work from the T x T Gram matrix of the task gradients (one matmul):
@@ -115,16 +116,20 @@ def _graph_nodes(loss: Tensor) -> set:
     return seen
 
 
-def _task_gradients(losses: list[Tensor], shared: list[torch.nn.Parameter], as_views: bool,
+def _task_gradients(losses: list[Tensor | Callable[[], Tensor]], shared: list[torch.nn.Parameter], as_views: bool,
                     scaler, reduce_fn) -> list[Tensor]:
     """Backward each loss in turn; return flat[t], task t's shared gradient (float32, P-sized), allocated
-    when its backward starts. as_views: the parameters' .grad are views of flat[t] while task t runs."""
+    when its backward starts. as_views: the parameters' .grad are views of flat[t] while task t runs.
+    A loss given as a function is called just before its backward: its graph does not exist before then."""
     sizes = [p.numel() for p in shared]
     P, device = sum(sizes), shared[0].device
-    nodes = [_graph_nodes(loss) for loss in losses]
+    nodes = [set() if callable(loss) else _graph_nodes(loss) for loss in losses]
     later = [set().union(*nodes[t + 1:]) for t in range(len(losses))]
     flat: list[Tensor] = []
     for t, loss in enumerate(losses):
+        if callable(loss):  # the task's forward, now that the earlier tasks' graphs are freed
+            loss = loss()
+            nodes[t] = _graph_nodes(loss)
         flat.append(torch.zeros(P, dtype=torch.float32, device=device))
         rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
         if as_views:
@@ -152,7 +157,7 @@ def _task_gradients(losses: list[Tensor], shared: list[torch.nn.Parameter], as_v
 
 
 def pcgrad_backward(
-    task_losses: dict[str, Tensor],
+    task_losses: dict[str, Tensor | Callable[[], Tensor]],
     shared_params: list[torch.nn.Parameter],
     *,
     reduction: str = "mean",
@@ -165,12 +170,21 @@ def pcgrad_backward(
     """Backward each task's (already weighted) loss and write the PCGrad-combined
     gradient of the shared parameters into their .grad.
 
+    A loss may also be given as a function of no arguments that runs the task's
+    forward and returns its loss. It is called just before that task's backward,
+    so that only one task's activations are alive at a time (the earlier tasks'
+    graphs are freed by then) instead of every task's: the step's peak memory is
+    its largest task's (plus the earlier tasks' gradient buffers), not the sum.
+    The gradients are the same as with the losses computed up front: the
+    forwards run in the same order, so dropout draws the same masks.
+
     Head parameters (anything not in `shared_params`) accumulate their task's
     gradient normally and are not projected. The shared gradients of each task
     are kept in one float32 P-sized buffer per task, so the extra memory is at most
     one flat copy of the shared gradients per task. A task's buffer is allocated
-    when its own backward starts, so at the step's peak (every task's activations
-    alive, first backward) only one exists. For float32 parameters, backward writes
+    when its own backward starts, so at the first backward (with the losses
+    computed up front, the step's peak: every task's activations alive) only one
+    exists. For float32 parameters, backward writes
     into the buffer directly and the final .grad are views of the first buffer.
 
     reduction: "mean" over tasks (Tseng's Pytorch-PCGrad, used by the study) or

@@ -11,6 +11,7 @@ The knobs are TrainConfig's (config.py); the presets are in presets.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -129,6 +130,9 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     loss_scale: task -> factor on its loss: this process's share of the global batch times the
     number of processes, so that averaging the gradients gives the global-batch mean.
 
+    Methods that take each task's gradient on its own (PCGrad, gradient cosines) get each task's loss as a function
+    that runs the task's forward, called just before its backward: one task's activations alive at a time.
+
     Returns {"losses": PendingLosses (its read() gives {task: unweighted loss} and raises NonFiniteLossError
     naming the task and batch when one is NaN or infinite), "cosines": pairwise task-gradient cosines or None}.
     The step reads nothing back to the host (PCGrad's bookkeeping, the cosines and fp16's GradScaler aside): the
@@ -137,16 +141,31 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     """
     if config.cuda_graphs:  # a new step: the CUDA graphs may reuse the previous step's output memory
         torch.compiler.cudagraph_mark_step_begin()
-    with autocast_context(device, amp_dtype):
-        outs = model(batches, fuse=config.fuse_tasks and backs_summed_loss(config))
-    losses, raw = {}, {}
-    for t, batch in batches.items():
-        loss = task_loss(t, outs[t], batch["labels"], config, class_weights)
+    raw = {}
+
+    def weighted_loss(t: str, out: torch.Tensor) -> torch.Tensor | None:
+        loss = task_loss(t, out, batches[t]["labels"], config, class_weights)
         raw[t] = loss.detach().float()
-        if loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
-            if loss_scale is not None:
-                loss = loss * loss_scale[t]
-            losses[t] = config.task_weights[t] * loss
+        if not loss.requires_grad:  # cosine STS on a frozen encoder has nothing to train this epoch
+            return None
+        return config.task_weights[t] * (loss * loss_scale[t] if loss_scale is not None else loss)
+
+    def forward_and_loss(t: str) -> torch.Tensor:  # one task's forward, when its gradient is taken on its own
+        with autocast_context(device, amp_dtype):
+            out = model({t: batches[t]})[t]
+        if (loss := weighted_loss(t, out)) is None:
+            raise RuntimeError(f"task {t!r} has nothing to train though the encoder trains")
+        return loss
+
+    summed = backs_summed_loss(config)
+    if not summed and not getattr(model, "module", model).encoder_frozen:
+        # the method takes each task's gradient on its own: each task's forward runs just before its backward, so
+        # one task's activations are alive at a time (pcgrad_backward). A frozen encoder keeps none: forward at once
+        losses = {t: functools.partial(forward_and_loss, t) for t in batches}
+    else:
+        with autocast_context(device, amp_dtype):
+            outs = model(batches, fuse=config.fuse_tasks and summed)
+        losses = {t: loss for t in batches if (loss := weighted_loss(t, outs[t])) is not None}
     cosines = None
     if losses:
         reduce_fn = averager.for_tasks(losses) if averager is not None else None  # one all-reduce per task

@@ -198,6 +198,19 @@ def test_task_fusion_alone_times_both_steps_on_length_grouped_batches(data_dir, 
     assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
 
 
+def test_pcgrad_alone_times_a_pcgrad_step_against_a_plain_step(data_dir, tmp_path, one_thread):
+    """--pcgrad: bench_pcgrad alone (a PCGrad step and a plain step on the same three batches, time and memory),
+    nothing else of the benchmark."""
+    out = tmp_path / "pcgrad.json"
+    r = bench_main(["--pcgrad", "--quick", "--data-dir", str(data_dir), "--out", str(out)])
+    assert json.loads(out.read_text())["pcgrad_step_ratio"] == r["pcgrad_step_ratio"] > 0
+    d = r["pcgrad_detail"]
+    assert d["tasks"] == ["sst", "para", "sts"] and set(d["step_peak_bytes"]) == {"plain", "pcgrad"}
+    assert d["plain_step_s"] > 0 and d["pcgrad_step_s"] > 0
+    assert "train_speedup" not in r and "task_fusion_step_ratio" not in r
+    assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
+
+
 def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):
     """Trainer.step gets {task: batch}: every task's tensors go to the device, not the outer dict (whose values
     are dicts, which a CPU run cannot tell apart; on CUDA the first embedding lookup failed)."""

@@ -277,6 +277,60 @@ def test_fuse_tasks_trains_like_a_call_per_task(encoded, one_thread, method):
     _assert_trained_alike(models, losses, steps=len(plan))
 
 
+# -- PCGrad and the gradient cosines: each task's forward just before its backward ------------------------
+
+
+@pytest.mark.parametrize("method", [dict(pcgrad=True), dict(record_grad_cosines=True)])
+def test_per_task_gradient_steps_run_each_forward_just_before_its_backward(encoded, one_thread, method):
+    """A step that takes each task's gradient on its own runs, while the encoder trains, each task's forward just
+    before that task's backward (one task's activations alive at a time), and trains exactly as the step that runs
+    every forward first (dropout on: the forwards run in the same order and draw the same masks). A frozen
+    encoder's step runs its forwards at once (they keep no activations; cosine STS then has nothing to train)."""
+    import copy
+    from mtbert_utils.gradients import GRAD_METHODS
+    from mtbert_utils.training import task_loss, training_step
+    config = TrainConfig(encoder="tiny", progress=False, **method)
+    model = build_model(config).train()
+    upfront = copy.deepcopy(model)  # the reference: every forward first, then the method on the losses
+    events = []
+    task_output = model.task_output
+
+    def logged(task, embs):
+        out = task_output(task, embs)
+        events.append(("forward", task))
+        if out.requires_grad:
+            out.register_hook(lambda g: events.append(("backward", task)))
+        return out
+
+    model.task_output = logged
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, upfront)]
+    losses_by_step, plan = [[], []], [True, True, False, True]
+    for step, trains in enumerate(plan):
+        batches = _step_batches(encoded, model, [range(8 * step, 8 * step + 8), range(3, 11)])
+        for m in (model, upfront):
+            m.set_encoder_trainable(trains)
+        events.clear()
+        torch.manual_seed(step)
+        out = training_step(model, opts[0], batches, config, device=torch.device("cpu"),
+                            generator=torch.Generator().manual_seed(step),
+                            shared=[p for p in model.parameters() if p.requires_grad])
+        if trains:
+            assert events == [(e, t) for t in TASKS for e in ("forward", "backward")]
+        else:
+            assert events[:len(TASKS)] == [("forward", t) for t in TASKS]
+        torch.manual_seed(step)
+        outs = upfront(batches)
+        raw = {t: task_loss(t, outs[t], batches[t]["labels"], config) for t in TASKS}
+        losses = {t: config.task_weights[t] * loss for t, loss in raw.items() if loss.requires_grad}
+        GRAD_METHODS[config.grad_method](losses, [p for p in upfront.parameters() if p.requires_grad], config=config,
+                                         generator=torch.Generator().manual_seed(step))
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+        losses_by_step[0].append(out["losses"].read())
+        losses_by_step[1].append({t: loss.item() for t, loss in raw.items()})
+    _assert_trained_alike([model, upfront], losses_by_step, steps=len(plan))  # dropout masks unlike would show
+
+
 # -- cuda_graphs: the compiled training path, traced on CPU ----------------------------------------------
 
 
@@ -489,8 +543,9 @@ def test_cuda_graphs_on_cuda_train_like_eager(encoded, compile_config):
 def test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape(encoded, compile_config):
     """torch's graph trees record a step's second and third task call as children of the first (its activations
     wait for the backward), so with a call per task they grow by sequence of shapes within a step. With fuse_tasks
-    a step is one call: at most a forward and a backward graph per (shape of the shared call, grad mode). Both
-    counts go to pytest's warnings summary, in the GPU command's log."""
+    a step is one call: at most a forward and a backward graph per (shape of the shared call, grad mode). PCGrad
+    steps keep a call per task, each task's forward just before its backward: their count is reported, not bounded.
+    The counts go to pytest's warnings summary, in the GPU command's log."""
     import torch._dynamo
     from mtbert_utils.device import recorded_cuda_graphs
     device = torch.device("cuda")
@@ -501,13 +556,13 @@ def test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape(encoded, 
         parts = [p for t, b in batches.items() for p in model.encoder_inputs(t, b)]
         shapes.add((sum(p[0].shape[0] for p in parts), max(p[0].shape[1] for p in parts), trains))
 
-    for fuse in (False, True):
+    for name, fuse, pcgrad in [("a call per task", False, False), ("fused", True, False), ("pcgrad", False, True)]:
         torch._dynamo.reset()
         before = recorded_cuda_graphs(device) or 0
-        _eager_and_graphed(encoded, device, plan=plan, fuse=fuse, on_step=shape_of if fuse else None)
+        _eager_and_graphed(encoded, device, plan=plan, fuse=fuse, pcgrad=pcgrad, on_step=shape_of if fuse else None)
         now = recorded_cuda_graphs(device)
         assert now is not None, "this torch's graph trees cannot be counted (device.recorded_cuda_graphs)"
-        counts["fused" if fuse else "a call per task"] = now - before
+        counts[name] = now - before
     torch._dynamo.reset()
     warnings.warn(f"CUDA graphs recorded over {len(plan)} three-task steps: {counts}; "
                   f"{len(shapes)} shapes of the shared call", stacklevel=1)

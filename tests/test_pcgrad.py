@@ -180,6 +180,31 @@ def test_pcgrad_backward_matches_projection_of_autograd_grads(reduction):
             close(p.grad, g, TINY, torch.float32)
 
 
+def test_losses_given_as_functions_run_each_forward_just_before_its_backward():
+    """A task's loss may be a function that runs its forward: pcgrad_backward calls it once the earlier tasks'
+    backwards are done (their graphs freed: one task's activations alive at a time), and the gradients, cosines
+    and conflicts are those of the losses computed up front."""
+    model = TinyMultitask()
+    trunk = list(model.trunk.parameters())
+    ref = pcgrad_backward(model.losses(), trunk, generator=torch.Generator().manual_seed(3))
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    events = []
+
+    def forward(n):
+        events.append(("forward", n))
+        loss = model.losses()[n]  # this task's graph only: the others' are dropped at once
+        loss.register_hook(lambda g: events.append(("backward", n)))
+        return loss
+
+    out = pcgrad_backward({n: (lambda n=n: forward(n)) for n in NAMES}, trunk, generator=torch.Generator().manual_seed(3))
+    assert events == [(e, n) for n in NAMES for e in ("forward", "backward")]
+    assert out["conflicts"] == ref["conflicts"] >= 1
+    assert out["cosines"] == pytest.approx(ref["cosines"], abs=float32_tol(TINY))
+    for k, p in model.named_parameters():
+        close(p.grad, ref_grads[k], TINY, torch.float32)
+
+
 def test_project_false_sum_equals_plain_backward():
     model = TinyMultitask()
     sum(model.losses().values()).backward()
