@@ -211,6 +211,18 @@ def test_pcgrad_alone_times_a_pcgrad_step_against_a_plain_step(data_dir, tmp_pat
     assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
 
 
+def test_docs_pcgrad_memory_is_the_committed_cpu_measurement():
+    """docs/speed.md quotes results/bench/pcgrad_cpu.json, not typed numbers; and there a PCGrad step, one task's
+    activations at a time, peaks below a plain step, which holds all three tasks' at once."""
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "bench" / "pcgrad_cpu.json").read_text())
+    peak = r["pcgrad_detail"]["step_peak_bytes"]
+    doc = (root / "docs" / "speed.md").read_text()
+    assert f"**{peak['pcgrad'] / 1e6:,.0f} MB against {peak['plain'] / 1e6:,.0f} MB**" in doc
+    assert f"takes {r['pcgrad_step_ratio']:.2f}x the plain step's time" in doc
+    assert peak["pcgrad"] < peak["plain"]
+
+
 def test_trainer_step_moves_each_task_batch_to_the_device(monkeypatch):
     """Trainer.step gets {task: batch}: every task's tensors go to the device, not the outer dict (whose values
     are dicts, which a CPU run cannot tell apart; on CUDA the first embedding lookup failed)."""
