@@ -184,8 +184,8 @@ def pcgrad_backward(
     one flat copy of the shared gradients per task. A task's buffer is allocated
     when its own backward starts, so at the first backward (with the losses
     computed up front, the step's peak: every task's activations alive) only one
-    exists. For float32 parameters, backward writes
-    into the buffer directly and the final .grad are views of the first buffer.
+    exists. For float32 parameters, backward writes into the buffer directly and
+    the final .grad are views of the first buffer.
 
     reduction: "mean" over tasks (Tseng's Pytorch-PCGrad, used by the study) or
         "sum" (the paper).

@@ -130,8 +130,9 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     loss_scale: task -> factor on its loss: this process's share of the global batch times the
     number of processes, so that averaging the gradients gives the global-batch mean.
 
-    Methods that take each task's gradient on its own (PCGrad, gradient cosines) get each task's loss as a function
-    that runs the task's forward, called just before its backward: one task's activations alive at a time.
+    Methods that take each task's gradient on its own (PCGrad, gradient cosines) get, while the encoder trains, each
+    task's loss as a function that runs the task's forward, called just before its backward: one task's activations
+    alive at a time.
 
     Returns {"losses": PendingLosses (its read() gives {task: unweighted loss} and raises NonFiniteLossError
     naming the task and batch when one is NaN or infinite), "cosines": pairwise task-gradient cosines or None}.
