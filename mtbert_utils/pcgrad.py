@@ -129,7 +129,8 @@ def _task_gradients(losses: list[Tensor | Callable[[], Tensor]], shared: list[to
     for t, loss in enumerate(losses):
         if callable(loss):  # the task's forward, now that the earlier tasks' graphs are freed
             loss = loss()
-            nodes[t] = _graph_nodes(loss)
+            if later[t]:  # a later loss given as a tensor may share activations with it (all functions: none may)
+                nodes[t] = _graph_nodes(loss)
         flat.append(torch.zeros(P, dtype=torch.float32, device=device))
         rows = [row.view_as(p) for p, row in zip(shared, flat[t].split(sizes))]
         if as_views:

@@ -323,6 +323,16 @@ def test_pcgrad_backward_keeps_activations_shared_by_the_first_and_second_of_thr
     assert torch.isfinite(w.grad).all() and torch.isfinite(v.grad).all()
 
 
+def test_pcgrad_backward_keeps_activations_a_loss_given_as_a_function_shares_with_a_later_tensor_loss():
+    """A loss given as a function runs its forward late, but may still run through activations that a later
+    loss given as a tensor needs: that task's backward keeps them."""
+    w, v = _two_task_params()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    h = torch.tanh(w * x)
+    pcgrad_backward({"a": lambda: h.sum() ** 2, "b": -(h * x).sum() + v.sum()}, [w, v])
+    assert torch.isfinite(w.grad).all() and torch.isfinite(v.grad).all()
+
+
 def test_pcgrad_backward_uses_the_value_a_reduce_fn_returns():
     """reduce_fn may return a new tensor instead of working in place (an all-reduce that returns)."""
     w, v = _two_task_params()
