@@ -922,8 +922,27 @@ def bench_eval_precisions(sizes: Sizes, dev_enc: dict) -> dict:
     return {f"eval_{k}_examples_per_s": n / v for k, v in secs.items()}
 
 
+@contextlib.contextmanager
+def compiler_settings_restored():
+    """torch.compile's process-wide settings (dynamo's and inductor's) put back as they were when the block ends.
+    use_cuda_graphs sets inductor's fallback_random and raises dynamo's cache limit for the rest of its process:
+    without this, a lever measured after the graphs levers (torch_compile) would run with eager's random draws,
+    not with what a run of that lever alone gets."""
+    import torch._dynamo.config
+    import torch._inductor.config
+    saved = [(c, c.get_config_copy()) for c in (torch._dynamo.config, torch._inductor.config)]
+    try:
+        yield
+    finally:
+        for c, before in saved:  # only what changed: setting a deprecated entry back would warn
+            now = c.get_config_copy()
+            for key in [k for k, v in before.items() if now[k] != v]:
+                setattr(c, key, before[key])
+
+
 def bench_cuda_levers(sizes: Sizes, sst_enc, deadline: float) -> dict:
-    """Each CUDA_LEVERS entry alone against REFERENCE, until the time cap is spent."""
+    """Each CUDA_LEVERS entry alone against REFERENCE, until the time cap is spent, each with torch.compile's
+    settings as the benchmark found them (compiler_settings_restored)."""
     out = {}
     for name, (base, lever) in CUDA_LEVERS.items():
         compiles = lever.get("cuda_graphs") or lever.get("compile")
@@ -937,8 +956,9 @@ def bench_cuda_levers(sizes: Sizes, sst_enc, deadline: float) -> dict:
             continue
         print(f"[bench] lever {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        out[name] = {**_lever_pair(sizes, sst_enc, name, base, lever),
-                     "wall_s": time.perf_counter() - t0}  # with cuda_graphs: mostly compiling
+        with compiler_settings_restored():
+            pair = _lever_pair(sizes, sst_enc, name, base, lever)
+        out[name] = {**pair, "wall_s": time.perf_counter() - t0}  # with cuda_graphs: mostly compiling
     return out
 
 

@@ -185,6 +185,29 @@ def test_device_benchmark_levers_skip_cleanly_on_cpu(device_report):
     assert {r["config"] for r in acc["runs"]} == set(bench.CUDA_ACCURACY_CONFIGS)
 
 
+def test_each_cuda_lever_gets_the_compiler_settings_the_benchmark_found(monkeypatch):
+    """use_cuda_graphs sets inductor's fallback_random and dynamo's cache limit for the rest of its process; the
+    levers measured after the graphs levers (torch_compile) must not inherit them."""
+    import torch._dynamo.config
+    import torch._inductor.config
+    seen = {}
+
+    def lever_pair(sizes, sst_enc, name, base, lever):
+        seen[name] = (torch._inductor.config.fallback_random, torch._dynamo.config.cache_size_limit)
+        if lever.get("sets"):  # what use_cuda_graphs does
+            torch._inductor.config.fallback_random = not torch._inductor.config.fallback_random
+            torch._dynamo.config.cache_size_limit += 64
+        return {"lever": name}
+
+    monkeypatch.setattr(bench, "_lever_pair", lever_pair)
+    monkeypatch.setattr(bench, "CUDA_LEVERS", {"graphs_like": ({}, {"sets": True}), "after": ({}, {})})
+    found = (torch._inductor.config.fallback_random, torch._dynamo.config.cache_size_limit)
+    out = bench.bench_cuda_levers(bench.QUICK, None, deadline=float("inf"))
+    assert set(out) == {"graphs_like", "after"}
+    assert seen == {"graphs_like": found, "after": found}
+    assert (torch._inductor.config.fallback_random, torch._dynamo.config.cache_size_limit) == found
+
+
 def test_task_fusion_alone_times_both_steps_on_length_grouped_batches(data_dir, tmp_path, one_thread):
     """--task-fusion: the three-task step with and without fuse_tasks, on steps drawn as training draws them (each
     task grouped by length, so the tasks' lengths differ), and the summary's row for it."""
