@@ -57,6 +57,7 @@ CUDA_TESTS = ["tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_a
               "tests/test_levers.py::test_cuda_graphs_on_cuda_train_like_eager",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
               "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape",
+              "tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
               "tests/test_training.py::test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would"]
 # (all skipped on a CPU)
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds

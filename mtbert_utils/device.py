@@ -59,6 +59,16 @@ def use_cuda_graphs(model, config: TrainConfig, device: torch.device) -> None:
     model.use_graphed_encoder(torch.compile(model.encoder, mode="reduce-overhead", dynamic=True))
 
 
+def graphs_backward_thread(config: TrainConfig):
+    """cuda_graphs: a step's backward runs on the thread that calls it (torch.autograd.set_multithreading_enabled
+    off), not on autograd's CUDA worker thread. The graphs runs that segfaulted on an H200 died in that worker thread
+    (pt_autograd_0, torch 2.11, docs/speed.md). Graph trees keep state per thread and share one memory pool between
+    threads; torch 2.11 does not serialize their capture and warm-up across threads (the lock that does,
+    graph_capture_lock, came later: 2.13 has it). On one thread, a run's graph work cannot interleave. Whether this
+    was the cause only a GPU can say. Execution only: the same arithmetic; runs without graphs are untouched."""
+    return torch.autograd.set_multithreading_enabled(False) if config.cuda_graphs else contextlib.nullcontext()
+
+
 def recorded_cuda_graphs(device: torch.device) -> int | None:
     """How many CUDA graphs torch.compile's graph trees hold on `device`, in this process. A tree records a graph
     per new input shape, and as a child of the node before it while that node's outputs live: a step's second

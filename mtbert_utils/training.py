@@ -27,8 +27,8 @@ from mtbert_utils import TASKS, distributed, progress
 from mtbert_utils.checkpoint import RunState
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import digest_changes, file_digests
-from mtbert_utils.device import (pick_amp, pick_device, recorded_cuda_graphs, tf32_matmuls,  # noqa: F401
-                                 use_cuda_graphs)  # (also training.*)
+from mtbert_utils.device import (graphs_backward_thread, pick_amp, pick_device, recorded_cuda_graphs,  # noqa: F401
+                                 tf32_matmuls, use_cuda_graphs)  # (also training.*)
 from mtbert_utils.batching import TaskBatchStream, collate, prepare_data
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
 from mtbert_utils.gradients import GRAD_METHODS, backs_summed_loss, summarize_cosines
@@ -170,8 +170,9 @@ def training_step(model, optimizer, batches: dict, config: TrainConfig, *, share
     cosines = None
     if losses:
         reduce_fn = averager.for_tasks(losses) if averager is not None else None  # one all-reduce per task
-        cosines = GRAD_METHODS[config.grad_method](losses, shared, config=config, scaler=scaler,
-                                                   generator=generator, reduce_fn=reduce_fn)
+        with graphs_backward_thread(config):  # cuda_graphs: the backward on this thread, not autograd's
+            cosines = GRAD_METHODS[config.grad_method](losses, shared, config=config, scaler=scaler,
+                                                       generator=generator, reduce_fn=reduce_fn)
     pending = PendingLosses(raw, batches, device)  # queued behind the backward, read by the loop a step later
     if losses:
         if config.max_grad_norm:

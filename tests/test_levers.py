@@ -442,6 +442,42 @@ def test_cuda_graphs_path_compiles_once_per_kind_of_input_and_trains_like_eager(
     torch._dynamo.reset()
 
 
+def _assert_backward_thread(encoded, device: torch.device, pcgrad: bool) -> None:
+    """With cuda_graphs a step's backward runs with autograd's multithreading off, on the thread that called it;
+    without graphs the step leaves autograd as it is (and puts the setting back after the step)."""
+    import threading
+    from mtbert_utils.evaluation import to_device
+    from mtbert_utils.training import training_step
+    for graphs in (False, True):
+        config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, pad_to_multiple=16, pcgrad=pcgrad,
+                             cuda_graphs=graphs, progress=False)
+        model = build_model(config).to(device).train()  # eager: the switch is what is checked, not the graphs
+        batches = {t: to_device(collate(enc, range(8), model.pair_mode(t), pad_to_multiple=16), device)
+                   for t, enc in encoded.items()}
+        seen = []
+        shared = [p for p in model.parameters() if p.requires_grad]
+        shared[0].register_hook(lambda g: seen.append((threading.get_ident(), torch._C._is_multithreading_enabled())))
+        training_step(model, torch.optim.SGD(model.parameters(), lr=0.01), batches, config, device=device,
+                      shared=shared)["losses"].read()
+        assert seen and all(multithreaded is not graphs for _, multithreaded in seen), (graphs, seen)
+        if graphs:
+            assert {ident for ident, _ in seen} == {threading.get_ident()}
+        assert torch._C._is_multithreading_enabled()
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_cuda_graphs_steps_run_their_backward_on_the_calling_thread(encoded, pcgrad):
+    """cuda_graphs steps keep their backward off autograd's CUDA worker thread, where the graphs runs segfaulted
+    (device.graphs_backward_thread). On CPU the backward runs on the calling thread anyway: the setting is checked."""
+    _assert_backward_thread(encoded, torch.device("cpu"), pcgrad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: autograd's CUDA worker thread (gpu_run.py runs it)")
+def test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda(encoded):
+    for pcgrad in (False, True):
+        _assert_backward_thread(encoded, torch.device("cuda"), pcgrad)
+
+
 def _tiny_graphed(device=torch.device("cpu")):
     """(config, a tiny model with its default dropout on `device`, after use_cuda_graphs). On CPU the CUDA device is
     a stand-in: the encoder is compiled lazily, and reduce-overhead runs inductor's kernels without graphs."""
