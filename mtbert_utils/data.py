@@ -494,7 +494,13 @@ def main(argv=None):
     c = sub.add_parser("check", help="print sizes and skipped rows per task")
     c.add_argument("dir", nargs="?", default=None, help=f"data dir (default: ${ENV_VAR}, else the repository's data/)")
     args = p.parse_args(argv)
+    try:
+        _run_command(args)
+    except (OSError, ValueError) as e:  # a missing folder or file, no network, a wrong sha256: the message alone
+        raise SystemExit(f"{p.prog}: error: {e}") from e
 
+
+def _run_command(args) -> None:
     if args.cmd == "download":
         for path in download(args.dir, args.names, args.overwrite):
             print(path)

@@ -429,4 +429,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run main from the package's module, not from this copy named __main__: packing raises the package module's
+    # ReproduceError, which this copy's `except ReproduceError` would not catch (a traceback instead of a message)
+    from mtbert_utils.reproduce import main as package_main
+    sys.exit(package_main())

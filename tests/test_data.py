@@ -448,6 +448,15 @@ def test_cli_check(data_dir, capsys):
     assert out.count("the pinned CS224N file") == 7  # the mirror's files are the pinned ones
 
 
+def test_cli_errors_are_one_message_not_a_traceback(tmp_path):
+    """A folder without the files (or a download that fails) ends the command with its message and exit status 1."""
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(tmp_path / "nowhere")])
+    message = str(e.value.code)
+    assert message.startswith("python -m mtbert_utils.data: error: data dir ") and "is missing 6 file(s)" in message
+    assert "python -m mtbert_utils.data download" in message  # and how to get them
+
+
 def test_cli_check_names_a_file_that_is_not_the_pinned_one(small_data_dir, tmp_path, capsys):
     import shutil
     shutil.copytree(small_data_dir, tmp_path / "d")

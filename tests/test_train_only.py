@@ -153,6 +153,19 @@ def test_shard_arithmetic():
     assert shards[3] == [3, 11]
 
 
+@pytest.mark.parametrize("args", [["--train-only", "--shard", "5/2"], ["--list-runs", "--set", "no_such_parameter=1"]])
+def test_train_only_errors_are_a_message_from_the_command_line(args, tmp_path):
+    """`python -m mtbert_utils.reproduce` with a bad --shard or --set: one line naming the problem and exit 1, not a
+    traceback (the module run as __main__ is a second copy of reproduce; packing raises the package's error class)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "mtbert_utils.reproduce", "--profile", "smoke", "--out", str(tmp_path),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("reproduce: error: ") and ("--shard '5/2'" in proc.stderr
+                                                            or "no_such_parameter" in proc.stderr), proc.stderr
+
+
 def test_list_runs_shards_partition_the_profile(data_dir, monkeypatch, tmp_path, capsys):
     """The shards' lists, together, are the whole list, each run in exactly one shard (nothing trains here)."""
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
