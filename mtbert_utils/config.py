@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from mtbert_utils import TASKS
-from mtbert_utils.model import ENCODER_NAMES
+from mtbert_utils.model import ENCODER_NAMES, PARA_INPUTS, POOLINGS
 from mtbert_utils.schedules import SCHEDULES
 from mtbert_utils.tasks import STS_LOSSES
 
@@ -203,51 +204,83 @@ def _fraction(name, v, what="in [0, 1)"):
         raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
+def _number(name, v, low=-math.inf, what="a number"):
+    """A finite int or float (not a bool) >= low."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+
+
+def _count(name, v, low=1, allow_none=False):
+    """An int (not a bool) >= low, or None where allowed."""
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {v!r}")
+
+
+def _choice(name, v, choices, allow_none=False):
+    if not (v is None and allow_none) and (not isinstance(v, str) or v not in choices):
+        raise ValueError(f"unknown {name} {v!r}; choose one of {sorted(choices)}{' or None' if allow_none else ''}")
+
+
+# switches: True or False only (a JSON 1 or "false" would pass a truth test and change the run's name)
+BOOL_FIELDS = ("class_weights", "compile", "cache_frozen_encoder", "para_swap", "group_by_length", "pcgrad",
+               "record_grad_cosines", "tf32", "cuda_graphs", "fuse_tasks", "freeze_word_embeddings",
+               "write_predictions", "progress")
+
+
 def _validate_model(c: TrainConfig) -> None:
-    if c.encoder not in ENCODER_NAMES and not isinstance(c.encoder, str):
+    if not isinstance(c.encoder, str) or not c.encoder:
         raise ValueError(f"encoder must be one of {ENCODER_NAMES}, a HF id or a path, got {c.encoder!r}")
-    if not 0 <= c.dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    _fraction("dropout", c.dropout)
     if c.encoder_dropout is not None:
         _fraction("encoder_dropout", c.encoder_dropout, "None or in [0, 1)")
-    if c.sts_loss is not None and c.sts_loss not in STS_LOSSES:
-        raise ValueError(f"unknown sts_loss {c.sts_loss!r}; choose one of {sorted(STS_LOSSES)}")
+    _choice("pooling", c.pooling, POOLINGS, allow_none=True)
+    _choice("para_input", c.para_input, PARA_INPUTS)
+    _choice("sts_head", c.sts_head, ("cosine", "linear"))
+    _choice("sts_loss", c.sts_loss, STS_LOSSES, allow_none=True)
+    _number("sts_threshold", c.sts_threshold)
+    _number("sts_margin", c.sts_margin)
+    if not isinstance(c.attn_implementation, str):
+        raise ValueError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {c.attn_implementation!r}")
     if c.sts_head == "linear" and c.sts_loss not in (None, "mse"):
         raise ValueError("the linear STS head is trained with sts_loss='mse'")
 
 
 def _validate_data(c: TrainConfig) -> None:
     _positive("batch_size", c.batch_size)
-    _positive("eval_batch_size", c.eval_batch_size)
-    _positive("max_length", c.max_length)
     if not isinstance(c.batch_size, int):
         raise ValueError(f"batch_size must be an integer, got {c.batch_size!r}")
+    _count("eval_batch_size", c.eval_batch_size)
+    _count("max_length", c.max_length)
     for name in ("max_train", "max_dev"):
         v = getattr(c, name)
         vals = v.values() if isinstance(v, dict) else [v]
-        if any(x is not None and (not isinstance(x, int) or x < 1) for x in vals):
+        if any(x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1) for x in vals) \
+                or (isinstance(v, dict) and set(v) - set(TASKS)):
             raise ValueError(f"{name} must be None, a positive int, or a dict task -> positive int; got {v!r}")
     _fraction("val_fraction", c.val_fraction)
-    if not isinstance(c.para_swap, bool):
-        raise ValueError(f"para_swap must be True or False, got {c.para_swap!r}")
     m = c.pad_to_multiple
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"pad_to_multiple must be None or a positive int (8, 16, ...), got {m!r}")
 
 
 def _validate_schedule(c: TrainConfig) -> None:
-    if c.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {c.schedule!r}; choose one of {sorted(SCHEDULES)}")
-    if not c.train_tasks or any(t not in TASKS for t in c.train_tasks) \
+    _choice("schedule", c.schedule, SCHEDULES)
+    if not isinstance(c.schedule_params, dict):
+        raise ValueError(f"schedule_params must be a dict of the schedule's parameters, got {c.schedule_params!r}")
+    if not isinstance(c.train_tasks, (list, tuple)) or not c.train_tasks or any(t not in TASKS for t in c.train_tasks) \
             or len(set(c.train_tasks)) != len(c.train_tasks):
         raise ValueError(f"train_tasks must be a non-empty list of distinct tasks from {TASKS}, "
                          f"got {c.train_tasks!r}")
-    if set(c.task_weights) != set(TASKS):
-        raise ValueError(f"task_weights needs the keys {TASKS}, got {sorted(c.task_weights)}")
+    if not isinstance(c.task_weights, dict) or set(c.task_weights) != set(TASKS):
+        raise ValueError(f"task_weights needs a dict with the keys {TASKS}, got {c.task_weights!r}")
     for k, v in c.task_weights.items():
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"task_weights[{k!r}] must be >= 0, got {v!r}")
-    if not c.phases or any(len(p) != 2 or int(p[0]) < 0 for p in c.phases) or c.epochs < 1:
+        _number(f"task_weights[{k!r}]", v, 0, "a number >= 0")
+    if not isinstance(c.phases, (list, tuple)) or not c.phases \
+            or any(not isinstance(p, (list, tuple)) or len(p) != 2 or isinstance(p[0], bool)
+                   or not isinstance(p[0], int) or p[0] < 0 or not isinstance(p[1], bool) for p in c.phases) \
+            or c.epochs < 1:
         raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
                          f"got {c.phases!r}")
     if c.examples_budget is not None and (not isinstance(c.examples_budget, int)
@@ -256,24 +289,23 @@ def _validate_schedule(c: TrainConfig) -> None:
 
 
 def _validate_optimisation(c: TrainConfig) -> None:
-    missing = [k for k in LR_KEYS if k not in c.lr]
-    if missing or set(c.lr) - set(LR_KEYS):
-        raise ValueError(f"lr needs exactly the keys {LR_KEYS}, got {sorted(c.lr)}")
+    if not isinstance(c.lr, dict) or set(c.lr) != set(LR_KEYS):
+        raise ValueError(f"lr needs a dict with exactly the keys {LR_KEYS}, got {c.lr!r}")
     for k, v in c.lr.items():
         _positive(f"lr[{k!r}]", v)
-    if not 0 < c.lr_decay <= 1:
-        raise ValueError(f"lr_decay must be in (0, 1], got {c.lr_decay!r}")
-    if not isinstance(c.layer_lr_decay, (int, float)) or not 0 < c.layer_lr_decay <= 1:
-        raise ValueError(f"layer_lr_decay must be in (0, 1], got {c.layer_lr_decay!r}")
-    if c.pcgrad_reduction not in ("mean", "sum"):
-        raise ValueError(f"pcgrad_reduction must be 'mean' or 'sum', got {c.pcgrad_reduction!r}")
-    if c.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
-    if c.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose one of {OPTIMIZERS}")
-    for name in ("tf32", "cuda_graphs", "fuse_tasks", "cache_frozen_encoder"):
-        if not isinstance(getattr(c, name), bool):
-            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    for name in ("lr_decay", "layer_lr_decay"):
+        if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)) \
+                or not 0 < getattr(c, name) <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {getattr(c, name)!r}")
+    if not isinstance(c.lr_decay_epochs, (list, tuple)) \
+            or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in c.lr_decay_epochs):
+        raise ValueError(f"lr_decay_epochs must be a list of epoch numbers (ints >= 0), got {c.lr_decay_epochs!r}")
+    _number("weight_decay", c.weight_decay, 0, "a number >= 0")
+    if c.max_grad_norm is not None:
+        _positive("max_grad_norm", c.max_grad_norm)
+    _choice("pcgrad_reduction", c.pcgrad_reduction, ("mean", "sum"))
+    _choice("precision", c.precision, PRECISIONS)
+    _choice("optimizer", c.optimizer, OPTIMIZERS)
     if c.cuda_graphs and not c.pad_to_multiple:
         raise ValueError("cuda_graphs records one graph per batch shape: set pad_to_multiple (e.g. 16) too, "
                          "else every new padded length compiles a new graph")
@@ -282,10 +314,17 @@ def _validate_optimisation(c: TrainConfig) -> None:
 
 
 def _validate_run(c: TrainConfig) -> None:
-    if isinstance(c.snapshot_ensemble, bool) or not isinstance(c.snapshot_ensemble, int) \
-            or c.snapshot_ensemble < 0:
-        raise ValueError(f"snapshot_ensemble must be an int >= 0, got {c.snapshot_ensemble!r}")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    _count("seed", c.seed, 0)
+    if c.name is not None and (not isinstance(c.name, str) or not c.name):
+        raise ValueError(f"name must be None or a non-empty string, got {c.name!r}")
+    for name in ("out_dir", "data_dir"):
+        v = getattr(c, name)
+        if not (v is None and name == "data_dir") and not isinstance(v, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a folder path, got {v!r}")
+    _count("snapshot_ensemble", c.snapshot_ensemble, 0)
     if c.snapshot_ensemble and not c.val_fraction:
         raise ValueError("snapshot_ensemble chooses its members on validation: set val_fraction > 0")
-    if c.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
+    _choice("device", c.device, ("auto", "cpu", "cuda"))
