@@ -478,6 +478,36 @@ def test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda(enco
         _assert_backward_thread(encoded, torch.device("cuda"), pcgrad)
 
 
+def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
+    """benchmarks/graph_shapes.py's model of torch's graph trees ("trees" in results/bench/graph_shapes.json): with a
+    call per task a full step is one chain (three forwards, three backwards), so a step that differs in its last
+    task's shape adds four nodes; fuse_tasks makes a step one call (here both steps pad to one shape); PCGrad's
+    chains are one task long; heads-only calls keep nothing, one chain each. docs/gpu.md quotes the committed
+    counts."""
+    import importlib.util
+    import json
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("graph_shapes", root / "benchmarks" / "graph_shapes.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    a = {"sst": ("no_types", 64, 32), "para": ("types", 64, 48), "sts": ("no_types", 128, 32)}
+    b = dict(a, sts=("no_types", 128, 48))
+
+    def nodes(how, trains=True):
+        return gs.tree_nodes([c for step in (a, a, b) for c in gs.step_chains(step, trains, how)])
+    assert nodes("a call per task") == 6 + 4
+    assert nodes("fused") == 2 and nodes("pcgrad") == 2 * 4  # sst, para and both STS shapes, fwd and bwd each
+    assert nodes("a call per task", trains=False) == nodes("pcgrad", trains=False) == 4 and nodes("fused", False) == 1
+    trees = json.loads((root / "results" / "bench" / "graph_shapes.json").read_text())["trees"]
+    doc = " ".join((root / "docs" / "gpu.md").read_text().split())
+    quoted = re.search(r"model of the trees gives (\d+) graphs with a call per task, (\d+) with `fuse_tasks` and (\d+) "
+                       r"for PCGrad", doc)
+    assert quoted and [int(x) for x in quoted.groups()] == [trees["nodes"][k] for k in ("a call per task", "fused",
+                                                                                      "pcgrad")]
+
+
 def _tiny_graphed(device=torch.device("cpu")):
     """(config, a tiny model with its default dropout on `device`, after use_cuda_graphs). On CPU the CUDA device is
     a stand-in: the encoder is compiled lazily, and reduce-overhead runs inductor's kernels without graphs."""
