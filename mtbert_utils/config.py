@@ -290,7 +290,7 @@ def _validate_schedule(c: TrainConfig) -> None:
 
 def _validate_optimisation(c: TrainConfig) -> None:
     if not isinstance(c.lr, dict) or set(c.lr) != set(LR_KEYS):
-        raise ValueError(f"lr needs a dict with exactly the keys {LR_KEYS}, got {c.lr!r}")
+        raise ValueError(f"lr needs exactly the keys {LR_KEYS} (a dict of learning rates), got {c.lr!r}")
     for k, v in c.lr.items():
         _positive(f"lr[{k!r}]", v)
     for name in ("lr_decay", "layer_lr_decay"):

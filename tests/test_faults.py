@@ -328,11 +328,35 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(refer
     ("max_train", 0, "max_train"), ("precision", "fp8", "precision"), ("sts_loss", "hinge", "sts_loss"),
     ("task_weights", {"sst": 1.0, "para": -1.0, "sts": 1.0}, "task_weights['para']"),
     ("phases", [], "phases"), ("lr_decay", 0.0, "lr_decay"), ("dropout", 1.0, "dropout"),
+    # as a JSON --set or a profile could give them: a string "false" switched a boolean on, a typo'd sts_head failed
+    # only once the data was read, lr=1e-4 failed with "argument of type 'float' is not iterable"
+    ("pcgrad", "false", "pcgrad"), ("progress", 0, "progress"), ("compile", "no", "compile"),
+    ("pooling", "max", "pooling"), ("para_input", "both", "para_input"), ("sts_head", "cosin", "sts_head"),
+    ("sts_loss", ["mse"], "sts_loss"), ("sts_threshold", "2.5", "sts_threshold"), ("sts_margin", float("nan"),
+    "sts_margin"), ("attn_implementation", 1, "attn_implementation"), ("dropout", "0.1", "dropout"),
+    ("lr", 1e-4, "lr needs exactly the keys"), ("lr_decay", True, "lr_decay"), ("lr_decay_epochs", 5,
+    "lr_decay_epochs"), ("weight_decay", -0.1, "weight_decay"), ("max_grad_norm", 0, "max_grad_norm"),
+    ("seed", 1.5, "seed"), ("schedule", ["rr_over"], "schedule"), ("schedule_params", [2], "schedule_params"),
+    ("train_tasks", "sst", "train_tasks"), ("task_weights", 1.0, "task_weights"), ("phases", [[5, "no"]], "phases"),
+    ("max_train", True, "max_train"), ("max_dev", {"quora": 5}, "max_dev"), ("eval_batch_size", 0.5,
+    "eval_batch_size"), ("max_length", 12.5, "max_length"), ("name", "", "name"), ("out_dir", None, "out_dir"),
+    ("device", "gpu", "device"), ("encoder", None, "encoder"),
 ])
 def test_bad_config_values_name_the_field(field, value, expect):
     with pytest.raises(ValueError) as e:
         TrainConfig(**{field: value})
     assert expect in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["x", -1, 1.5, [1], {"k": 1}, None, True, float("nan")])
+def test_any_value_of_any_field_is_taken_or_refused_with_a_value_error(value):
+    """Never a TypeError or another error from deep inside validation: the CLIs turn ValueErrors into messages."""
+    import dataclasses
+    for f in dataclasses.fields(TrainConfig):
+        try:
+            TrainConfig(**{f.name: value})
+        except ValueError:
+            pass
 
 
 def test_unknown_schedule_lists_the_valid_names():
