@@ -74,7 +74,7 @@ def step_chains(step: dict, trains: bool, how: str) -> list[list[tuple]]:
     grad = "grad" if trains else "no_grad"
     if how == "fused":
         kind = "types" if any(k == "types" for k, _, _ in step.values()) else "no_types"
-        calls = [((kind, sum(r for _, r, _ in step.values()), max(n for _, _, n in step.values())))]
+        calls = [(kind, sum(r for _, r, _ in step.values()), max(n for _, _, n in step.values()))]
     else:
         calls = list(step.values())
     fwd = [("fwd", grad, *c) for c in calls]

@@ -482,8 +482,8 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     """benchmarks/graph_shapes.py's model of torch's graph trees ("trees" in results/bench/graph_shapes.json): with a
     call per task a full step is one chain (three forwards, three backwards), so a step that differs in its last
     task's shape adds four nodes; fuse_tasks makes a step one call (here both steps pad to one shape); PCGrad's
-    chains are one task long; heads-only calls keep nothing, one chain each. docs/gpu.md quotes the committed
-    counts."""
+    chains are one task long; heads-only calls keep nothing, one chain each. docs/gpu.md and docs/speed.md quote
+    the committed counts."""
     import importlib.util
     import json
     import re
@@ -506,6 +506,10 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
                        r"for PCGrad", doc)
     assert quoted and [int(x) for x in quoted.groups()] == [trees["nodes"][k] for k in ("a call per task", "fused",
                                                                                       "pcgrad")]
+    speed = " ".join((root / "docs" / "speed.md").read_text().split())
+    quoted = re.search(r"model of them counts (\d+) for a tuned run with a call per task and (\d+) with `fuse_tasks`",
+                       speed)
+    assert quoted and [int(x) for x in quoted.groups()] == [trees["nodes"][k] for k in ("a call per task", "fused")]
 
 
 def _tiny_graphed(device=torch.device("cpu")):
