@@ -1,6 +1,7 @@
 """How many CUDA graphs `cuda_graphs` records: the distinct encoder input shapes of a run's training batches.
 
     python benchmarks/graph_shapes.py --data-dir ../shared/data/cs224n [--passes 10] [--out results/bench/graph_shapes.json]
+    python benchmarks/graph_shapes.py --profile gpu-minilm [--set KEY=VALUE ...]   # the model's count for each run
 
 CUDA graphs replay fixed shapes, so a run records one graph per distinct (batch size, padded length) of the
 encoder's input, per kind of input (token types or not) and per grad mode (full and heads-only steps). This
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import random
 import sys
 from pathlib import Path
 
@@ -39,7 +42,9 @@ from mtbert_utils import TASKS  # noqa: E402
 from mtbert_utils.batching import TaskBatchStream, prepare_data  # noqa: E402
 from mtbert_utils.config import TrainConfig  # noqa: E402
 from mtbert_utils.model import load_tokenizer, pair_mode  # noqa: E402
+from mtbert_utils.reproduce import parse_override  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
+from mtbert_utils.schedules import get_schedule  # noqa: E402
 
 
 def encoder_shape(batch: dict) -> tuple[int, int]:
@@ -85,27 +90,57 @@ def step_chains(step: dict, trains: bool, how: str) -> list[list[tuple]]:
     return [fwd + [("bwd", *f[1:]) for f in reversed(fwd)]]
 
 
-def count_tree_nodes(config: TrainConfig, phases: list, seed: int = 0) -> dict:
-    """Graph-tree nodes after a round-robin run of `phases` ([epochs, encoder trains], ...), per kind of step,
-    with the training loop's batch streams (training.py: seed * 1000 + the task's index)."""
+def step_kind(config: TrainConfig) -> str:
+    """How a run's full steps call the encoder (training.training_step): a task at a time with its own backward
+    (PCGrad, gradient cosines), one shared call (fuse_tasks), or a call per task with one summed backward."""
+    if config.grad_method != "sum":
+        return "pcgrad"
+    return "fused" if config.fuse_tasks else "a call per task"
+
+
+def run_chains(config: TrainConfig, how: str | None = None) -> list[list[tuple]]:
+    """The chains of encoder calls a run makes, step by step as train() draws them: its schedule, phases and
+    examples_budget, the training loop's batch streams (seed * 1000 + the task's index) and the schedule's
+    random.Random(seed). `how`: step_kind(config) unless given."""
+    how = how or step_kind(config)
     enc, _ = prepare_data(config, load_tokenizer(config.encoder))
-    streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, seed * 1000 + i,
+    streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, config.seed * 1000 + i,
                                   pair_mode=pair_mode(t, config.para_input), group_by_length=config.group_by_length,
-                                  pad_to_multiple=config.pad_to_multiple) for i, t in enumerate(TASKS)}
-    steps_per_epoch = max(s.num_batches for s in streams.values())  # rr_over: the largest task's batches
-    chains = {how: [] for how in ("a call per task", "fused", "pcgrad")}
-    for epochs, trains in phases:
-        for _ in range(epochs * steps_per_epoch):
+                                  pad_to_multiple=config.pad_to_multiple)
+               for i, t in enumerate(TASKS) if t in config.train_tasks}
+    num_batches = {t: s.num_batches for t, s in streams.items()}
+    schedule, rng = get_schedule(config.schedule, **config.schedule_params), random.Random(config.seed)
+    chains, seen = [], 0
+    for epoch in range(config.epochs):
+        trains = config.encoder_trainable(epoch)
+        for tasks in schedule.steps(num_batches, epoch, rng):
             step = {}
-            for t, stream in streams.items():
-                b = next(stream)
+            for t in tasks:
+                b = next(streams[t])
                 step[t] = ("types" if "token_type_ids" in b else "no_types", *encoder_shape(b))
-            for how, cs in chains.items():
-                cs.extend(step_chains(step, trains, how))
-    by_shape = {how: tree_nodes([[c] for chain in cs for c in chain]) for how, cs in chains.items()}
-    return {"phases": phases, "steps_per_epoch": steps_per_epoch, "seed": seed,
-            "nodes": {how: tree_nodes(cs) for how, cs in chains.items()},
-            "distinct_calls": by_shape}  # one node per distinct call: what the trees would hold by shape alone
+                seen += len(b["ids"])
+            chains.extend(step_chains(step, trains, how))
+            if config.examples_budget is not None and seen >= config.examples_budget:
+                return chains
+    return chains
+
+
+def count_tree_nodes(config: TrainConfig, how: str | None = None) -> dict:
+    """Graph-tree nodes after a run of `config` (see the module's doc), and its distinct calls (by shape alone)."""
+    chains = run_chains(config, how)
+    return {"step_kind": how or step_kind(config), "nodes": tree_nodes(chains),
+            "distinct_calls": tree_nodes([[c] for chain in chains for c in chain])}
+
+
+def profile_predictions(profile: str, overrides: dict) -> dict:
+    """run name -> the model's graph-tree nodes, for the first-stage runs of a profile with `overrides` (reproduce's
+    --set): what a cuda_graphs run's last cuda_graphs_recorded should be, if the model holds."""
+    from mtbert_utils.packing import stage_wave, training_notebooks
+    from mtbert_utils.reproduce import resolve
+    _, results_dir, _, plan = resolve(profile, None, overrides, None)
+    params = training_notebooks(plan)
+    wave = stage_wave(params, {nb: [] for nb in params}, 0, results_dir / "runs", [])
+    return {cfg.run_name: {"notebook": nb, **count_tree_nodes(cfg)} for nb, _, cfg, _ in wave}
 
 
 def main(argv=None) -> int:
@@ -114,13 +149,33 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=10, help="shuffled passes over each task's training data")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--pad-to-multiple", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "graph_shapes.json"))
+    ap.add_argument("--out", default=None, help="default: results/bench/graph_shapes.json, or with --profile "
+                                                "results/bench/graph_trees-PROFILE.json")
+    ap.add_argument("--profile", default=None, help="instead: the model's graph counts for each first-stage run "
+                                                    "of this profile (reproduce's profiles), with --set overrides")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as reproduce's --set")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "results" / "bench" / (f"graph_trees-{args.profile}.json" if args.profile
+                                                             else "graph_shapes.json"))
+    if args.profile:  # predictions for a profile's runs, e.g. the GPU check's (docs/gpu.md)
+        overrides = dict(parse_override(o) for o in args.set)
+        report = {"profile": args.profile, "overrides": overrides, "model": "graph_shapes.py's docstring",
+                  "runs": profile_predictions(args.profile, overrides)}
+        write_json(args.out, report)
+        for name, r in report["runs"].items():
+            print(f"{name:55s} {r['step_kind']:16s} {r['nodes']:5d} graphs ({r['distinct_calls']} distinct calls)")
+        print(f"-> {args.out}")
+        return 0
     config = TrainConfig(data_dir=args.data_dir, batch_size=args.batch_size, pad_to_multiple=args.pad_to_multiple,
                          progress=False)
     tasks = count_shapes(config, args.passes)
     per_grad_mode = sum(t["distinct_shapes"] for t in tasks.values())
-    trees = count_tree_nodes(config, [[2, False], [6, True], [2, False]])  # gpu-minilm's tuned runs
+    tuned = dataclasses.replace(config, phases=[[2, False], [6, True], [2, False]])
+    trees = {"phases": tuned.phases, "schedule": tuned.schedule, "seed": tuned.seed,
+             **{k: {} for k in ("nodes", "distinct_calls")}}
+    for how in ("a call per task", "fused", "pcgrad"):  # gpu-minilm's tuned runs, each way
+        counted = count_tree_nodes(tuned, how)
+        trees["nodes"][how], trees["distinct_calls"][how] = counted["nodes"], counted["distinct_calls"]
     report = {"encoder": config.encoder, "batch_size": config.batch_size, "pad_to_multiple": config.pad_to_multiple,
               "passes": args.passes, "tasks": tasks, "shapes_per_grad_mode": per_grad_mode,
               "graphs_recorded_at_most": 2 * per_grad_mode,  # full and heads-only steps, by shape alone

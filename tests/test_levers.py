@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_FORWARD, float32_tol
-from mtbert_utils import TASKS
+from mtbert_utils import TASKS, packing
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import load_tasks
 from mtbert_utils.batching import collate, encode_task, eval_batches
@@ -478,20 +478,54 @@ def test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda(enco
         _assert_backward_thread(encoded, torch.device("cuda"), pcgrad)
 
 
+def _graph_shapes_script():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "graph_shapes", Path(__file__).resolve().parents[1] / "benchmarks" / "graph_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, tmp_path):
+    """graph_shapes.py --profile: the model's count for every first-stage run of a profile, keyed by the names the
+    runs will have (as results/bench/graph_trees-gpu-minilm-check.json does for the GPU check), each run's steps
+    replayed as train() draws them. With fuse_tasks a three-task step is one call, so the fused runs' trees hold no
+    more than a call per task would; a PCGrad run's chains are one task long, so its nodes are its distinct calls."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    gs = _graph_shapes_script()
+    fused = gs.profile_predictions("smoke", {"speed": {"pad_to_multiple": 16, "fuse_tasks": True}})
+    apart = gs.profile_predictions("smoke", {"speed": {"pad_to_multiple": 16}})
+    listed = packing.train_only("smoke", out_root=tmp_path, list_only=True)
+    assert set(fused) == set(apart) == {r["run_name"] for r in listed["runs"] if r["stage"] == 1}
+    for name, r in fused.items():
+        assert 0 < r["distinct_calls"] <= r["nodes"] <= apart[name]["nodes"], (name, r, apart[name])
+        if "pcgrad" in name:
+            assert r["step_kind"] == apart[name]["step_kind"] == "pcgrad" and r["nodes"] == r["distinct_calls"]
+    assert any(r["nodes"] < apart[n]["nodes"] for n, r in fused.items())  # fusion does shrink some trees
+    # docs/gpu.md quotes the committed prediction for the GPU check's six runs, in the order of the file
+    from pathlib import Path
+    import json
+    import re
+    root = Path(__file__).resolve().parents[1]
+    check = json.loads((root / "results" / "bench" / "graph_trees-gpu-minilm-check.json").read_text())["runs"]
+    doc = " ".join((root / "docs" / "gpu.md").read_text().split())
+    quoted = re.search(r"the model predicts (\d+), (\d+), (\d+), (\d+), (\d+) and (\d+) graphs", doc)
+    assert quoted and [int(x) for x in quoted.groups()] == [r["nodes"] for r in check.values()]
+
+
 def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     """benchmarks/graph_shapes.py's model of torch's graph trees ("trees" in results/bench/graph_shapes.json): with a
     call per task a full step is one chain (three forwards, three backwards), so a step that differs in its last
     task's shape adds four nodes; fuse_tasks makes a step one call (here both steps pad to one shape); PCGrad's
     chains are one task long; heads-only calls keep nothing, one chain each. docs/gpu.md and docs/speed.md quote
     the committed counts."""
-    import importlib.util
     import json
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("graph_shapes", root / "benchmarks" / "graph_shapes.py")
-    gs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gs)
+    gs = _graph_shapes_script()
     a = {"sst": ("no_types", 64, 32), "para": ("types", 64, 48), "sts": ("no_types", 128, 32)}
     b = dict(a, sts=("no_types", 128, 48))
 
