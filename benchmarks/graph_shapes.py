@@ -98,11 +98,10 @@ def step_kind(config: TrainConfig) -> str:
     return "fused" if config.fuse_tasks else "a call per task"
 
 
-def run_chains(config: TrainConfig, how: str | None = None) -> list[list[tuple]]:
-    """The chains of encoder calls a run makes, step by step as train() draws them: its schedule, phases and
+def run_steps(config: TrainConfig) -> list[tuple[dict, bool]]:
+    """(step, encoder trains) for each optimizer step of a run, as train() draws them: its schedule, phases and
     examples_budget, the training loop's batch streams (seed * 1000 + the task's index) and the schedule's
-    random.Random(seed). `how`: step_kind(config) unless given."""
-    how = how or step_kind(config)
+    random.Random(seed). A step: task -> (kind of input, rows, length) of its encoder input."""
     enc, _ = prepare_data(config, load_tokenizer(config.encoder))
     streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, config.seed * 1000 + i,
                                   pair_mode=pair_mode(t, config.para_input), group_by_length=config.group_by_length,
@@ -110,7 +109,7 @@ def run_chains(config: TrainConfig, how: str | None = None) -> list[list[tuple]]
                for i, t in enumerate(TASKS) if t in config.train_tasks}
     num_batches = {t: s.num_batches for t, s in streams.items()}
     schedule, rng = get_schedule(config.schedule, **config.schedule_params), random.Random(config.seed)
-    chains, seen = [], 0
+    steps, seen = [], 0
     for epoch in range(config.epochs):
         trains = config.encoder_trainable(epoch)
         for tasks in schedule.steps(num_batches, epoch, rng):
@@ -119,16 +118,17 @@ def run_chains(config: TrainConfig, how: str | None = None) -> list[list[tuple]]
                 b = next(streams[t])
                 step[t] = ("types" if "token_type_ids" in b else "no_types", *encoder_shape(b))
                 seen += len(b["ids"])
-            chains.extend(step_chains(step, trains, how))
+            steps.append((step, trains))
             if config.examples_budget is not None and seen >= config.examples_budget:
-                return chains
-    return chains
+                return steps
+    return steps
 
 
-def count_tree_nodes(config: TrainConfig, how: str | None = None) -> dict:
-    """Graph-tree nodes after a run of `config` (see the module's doc), and its distinct calls (by shape alone)."""
-    chains = run_chains(config, how)
-    return {"step_kind": how or step_kind(config), "nodes": tree_nodes(chains),
+def tree_counts(steps: list[tuple[dict, bool]], how: str) -> dict:
+    """Graph-tree nodes after `steps` (run_steps') made the `how` way (see the module's doc), and the distinct
+    calls among them (what the trees would hold by shape alone)."""
+    chains = [chain for step, trains in steps for chain in step_chains(step, trains, how)]
+    return {"step_kind": how, "nodes": tree_nodes(chains),
             "distinct_calls": tree_nodes([[c] for chain in chains for c in chain])}
 
 
@@ -140,7 +140,7 @@ def profile_predictions(profile: str, overrides: dict) -> dict:
     _, results_dir, _, plan = resolve(profile, None, overrides, None)
     params = training_notebooks(plan)
     wave = stage_wave(params, {nb: [] for nb in params}, 0, results_dir / "runs", [])
-    return {cfg.run_name: {"notebook": nb, **count_tree_nodes(cfg)} for nb, _, cfg, _ in wave}
+    return {cfg.run_name: {"notebook": nb, **tree_counts(run_steps(cfg), step_kind(cfg))} for nb, _, cfg, _ in wave}
 
 
 def main(argv=None) -> int:
@@ -173,8 +173,9 @@ def main(argv=None) -> int:
     tuned = dataclasses.replace(config, phases=[[2, False], [6, True], [2, False]])
     trees = {"phases": tuned.phases, "schedule": tuned.schedule, "seed": tuned.seed,
              **{k: {} for k in ("nodes", "distinct_calls")}}
+    steps = run_steps(tuned)
     for how in ("a call per task", "fused", "pcgrad"):  # gpu-minilm's tuned runs, each way
-        counted = count_tree_nodes(tuned, how)
+        counted = tree_counts(steps, how)
         trees["nodes"][how], trees["distinct_calls"][how] = counted["nodes"], counted["distinct_calls"]
     report = {"encoder": config.encoder, "batch_size": config.batch_size, "pad_to_multiple": config.pad_to_multiple,
               "passes": args.passes, "tasks": tasks, "shapes_per_grad_mode": per_grad_mode,

@@ -70,6 +70,15 @@ def run_profile(data_dir, tmp_path_factory):
     return run
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks folder is a checkout's, not an installed package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # -----------------------------------------------------------------------------
 # float tolerances: derived from the dtype and the number of reductions, never tuned on one machine
 

@@ -11,7 +11,7 @@ from mtbert_utils import experiments
 from mtbert_utils.tasks import TASK_SPECS
 from mtbert_utils.training import TrainConfig
 
-from conftest import float32_tol
+from conftest import float32_tol, load_benchmark
 
 NB = "08_best_model"
 
@@ -139,17 +139,8 @@ def test_ensemble_table_from_the_smoke_runs(best_run):
         experiments.ensemble_table([{**runs[0], "selection": {"epoch": 1}}])
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, one_thread):
-    mod = _load_benchmark("best_ablation")
+    mod = load_benchmark("best_ablation")
     args = ["--encoder", "tiny", "--data-dir", str(small_data_dir), "--max-train", "40", "--max-dev", "16",
             "--epochs", "2", "--out", str(tmp_path)]
     mod.main(["--change", "no_para_swap", *args])
@@ -170,7 +161,7 @@ def test_best_ablation_script_reuses_the_profile_run(small_data_dir, tmp_path, o
     mod.main(["--change", "para_swap", *args])
     assert "para_swap" not in json.loads((tmp_path / "ablation.json").read_text())["variants"]
     # the runs' dev outputs averaged (benchmarks/best_run_ensemble.py): each member's dev is its run's
-    ens = _load_benchmark("best_run_ensemble").main(["--best", str(tmp_path)])
+    ens = load_benchmark("best_run_ensemble").main(["--best", str(tmp_path)])
     assert json.loads((tmp_path / "run_ensemble.json").read_text())["dev"] == ens["dev"]
     for name, member in ens["members"].items():
         # accuracies exactly; r from the scores csv, whose text round trip moves each float32 score x by up to
@@ -196,7 +187,7 @@ def test_ablation_table_by_hand():
 
 
 def test_run_ensemble_averages_probabilities_and_scores_dev_by_hand(tmp_path):
-    mod = _load_benchmark("best_run_ensemble")
+    mod = load_benchmark("best_run_ensemble")
     ids = ["a", "b", "c", "d"]
     gold = {"sst": [0, 1, 2, 3], "para": [1, 0, 1, 0], "sts": [0.0, 1.0, 2.0, 3.0]}
     # run x: right on SST a, b; run y: right on c, d but unsure: the average of probabilities decides

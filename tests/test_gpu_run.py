@@ -2,7 +2,6 @@
 
 CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records that and goes on."""
 
-import importlib.util
 import json
 import os
 import re
@@ -17,14 +16,9 @@ import torch
 
 from mtbert_utils import model
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def test_minilm_dir_fp16_copy_loads_as_fp32(tiny_minilm, tmp_path, monkeypatch):
 def test_packed_minilm_comes_back_byte_for_byte(tiny_minilm, tmp_path):
     """gpu_run packs MiniLM's fp16 weights as byte planes in an xz archive (smaller, to fit the 64 MiB that
     travel); unpacked, every file is the export's, byte for byte."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     export = model.export_minilm(tmp_path / "export", fp16=True, source=tiny_minilm)
     raw = (export / "model.safetensors").read_bytes()
     assert gpu_run.byte_planes(raw) != raw and gpu_run.byte_planes(gpu_run.byte_planes(raw), inverse=True) == raw
@@ -87,7 +81,7 @@ def test_minilm_dir_leaves_run_names_alone(tiny_minilm, monkeypatch):
 
 
 def test_unpack_refuses_paths_outside_results(tmp_path):
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     bad = tmp_path / "bad.tar.gz"
     (tmp_path / "x").write_text("x")
     with tarfile.open(bad, "w:gz") as tar:
@@ -100,7 +94,7 @@ def test_unpack_writes_new_files_and_keeps_those_there_that_differ(tmp_path, cap
     """A GPU archive held train-only summaries ("0 trained, 18 reused") that would have replaced the committed ones
     recording how the runs were trained: unpack writes the new files, skips the identical ones (untouched) and keeps
     and lists those whose bytes differ; --replace replaces them."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     src, into, archive = tmp_path / "src", tmp_path / "into", tmp_path / "gpu_results.tar.gz"
     archived = {"figures/p.svg": "<svg/>", "results/p/executed/train-only.json": '{"trained": 0, "reused": 18}',
                 "results/p/gpu_run/timings.json": '{"seconds": 9}', "results/p/runs/new.json": "new",
@@ -132,7 +126,7 @@ def test_unpack_writes_new_files_and_keeps_those_there_that_differ(tmp_path, cap
 def test_run_logs_go_to_a_folder_named_by_the_start_time(tmp_path):
     """Every call's logs get their own folder, gpu_run-YYYYMMDD-HHMMSS (UTC start), so none replaces an earlier
     session's committed gpu_run/; a job with no time for any step (budget 5 s) still writes and packs them."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     root, out, pack = tmp_path / "root", tmp_path / "out", tmp_path / "pack"
     pack.mkdir()  # empty: nothing to restore
     earlier = root / "results" / "smoke" / "gpu_run" / "timings.json"
@@ -157,7 +151,7 @@ def test_run_logs_go_to_a_folder_named_by_the_start_time(tmp_path):
 
 def test_pack_checks_the_data_folder_before_packing_minilm(tmp_path, monkeypatch):
     """Without csv files, pack stops at once (not after ~40 s of MiniLM) and leaves the pack folder as it was."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     monkeypatch.setattr(gpu_run, "pack_minilm", lambda *a: pytest.fail("MiniLM packed before the data were checked"))
     empty, dest = tmp_path / "empty", tmp_path / "pack"
     empty.mkdir()
@@ -174,7 +168,7 @@ def test_pack_checks_the_data_folder_before_packing_minilm(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypatch):
     """pack (tiny data, a tiny 'MiniLM'), run the smoke profiles with 2 jobs, unpack into a fresh folder."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MTBERT_DATA_DIR", raising=False)
     pack, root, out, into = (tmp_path / d for d in ("pack", "root", "out", "into"))
@@ -237,7 +231,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
 def test_packing_timeline_sums_the_rates_of_the_runs_training_together():
     """benchmarks/packing_timeline.py on numbers worked by hand: run a trains one heads-only then one full
     epoch of 100 examples, 10 s each, from t=0; run b one full epoch of 50 examples from t=10."""
-    timeline, pool_starts = (getattr(load_script("packing_timeline"), f) for f in ("timeline", "pool_starts"))
+    timeline, pool_starts = (getattr(load_benchmark("packing_timeline"), f) for f in ("timeline", "pool_starts"))
 
     def run(epochs):
         seen, history = 0, []
@@ -260,7 +254,7 @@ def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
     """--mps with a stand-in nvidia-cuda-mps-control that logs its calls: missing, it is reported and nothing
     changes; when the CUDA check fails (as on this CPU) the daemon is stopped again and the environment restored;
     when it passes, the clients' environment names the daemon's pipe folder, and stop_mps quits it."""
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     calls, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / gpu_run.MPS_CONTROL
@@ -305,7 +299,7 @@ def test_the_gpu_run_commands_in_the_docs_parse():
     """A GPU session pastes docs/gpu.md's commands as they are: a flag renamed in gpu_run.py must not leave a
     command there that stops at its first word, minutes of device time later."""
     from mtbert_utils.reproduce import parse_override
-    gpu_run = load_script("gpu_run")
+    gpu_run = load_benchmark("gpu_run")
     calls = [c for doc in ("docs/gpu.md", "README.md") for c in gpu_run_commands((ROOT / doc).read_text())]
     assert len(calls) >= 6 and any("--jobs" in c for c in calls), calls
     for argv in calls:

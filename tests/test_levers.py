@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import TINY_FORWARD, float32_tol
+from conftest import TINY_FORWARD, float32_tol, load_benchmark
 from mtbert_utils import TASKS, packing
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import load_tasks
@@ -478,23 +478,13 @@ def test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda(enco
         _assert_backward_thread(encoded, torch.device("cuda"), pcgrad)
 
 
-def _graph_shapes_script():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "graph_shapes", Path(__file__).resolve().parents[1] / "benchmarks" / "graph_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, tmp_path):
     """graph_shapes.py --profile: the model's count for every first-stage run of a profile, keyed by the names the
     runs will have (as results/bench/graph_trees-gpu-minilm-check.json does for the GPU check), each run's steps
     replayed as train() draws them. With fuse_tasks a three-task step is one call, so the fused runs' trees hold no
     more than a call per task would; a PCGrad run's chains are one task long, so its nodes are its distinct calls."""
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
-    gs = _graph_shapes_script()
+    gs = load_benchmark("graph_shapes")
     fused = gs.profile_predictions("smoke", {"speed": {"pad_to_multiple": 16, "fuse_tasks": True}})
     apart = gs.profile_predictions("smoke", {"speed": {"pad_to_multiple": 16}})
     listed = packing.train_only("smoke", out_root=tmp_path, list_only=True)
@@ -525,7 +515,7 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    gs = _graph_shapes_script()
+    gs = load_benchmark("graph_shapes")
     a = {"sst": ("no_types", 64, 32), "para": ("types", 64, 48), "sts": ("no_types", 128, 32)}
     b = dict(a, sts=("no_types", 128, 48))
 
