@@ -248,9 +248,7 @@ def _validate_model(c: TrainConfig) -> None:
 
 
 def _validate_data(c: TrainConfig) -> None:
-    _positive("batch_size", c.batch_size)
-    if not isinstance(c.batch_size, int):
-        raise ValueError(f"batch_size must be an integer, got {c.batch_size!r}")
+    _count("batch_size", c.batch_size)
     _count("eval_batch_size", c.eval_batch_size)
     _count("max_length", c.max_length)
     for name in ("max_train", "max_dev"):
@@ -260,9 +258,7 @@ def _validate_data(c: TrainConfig) -> None:
                 or (isinstance(v, dict) and set(v) - set(TASKS)):
             raise ValueError(f"{name} must be None, a positive int, or a dict task -> positive int; got {v!r}")
     _fraction("val_fraction", c.val_fraction)
-    m = c.pad_to_multiple
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ValueError(f"pad_to_multiple must be None or a positive int (8, 16, ...), got {m!r}")
+    _count("pad_to_multiple", c.pad_to_multiple, allow_none=True)  # 8, 16, ...
 
 
 def _validate_schedule(c: TrainConfig) -> None:
@@ -283,9 +279,7 @@ def _validate_schedule(c: TrainConfig) -> None:
             or c.epochs < 1:
         raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
                          f"got {c.phases!r}")
-    if c.examples_budget is not None and (not isinstance(c.examples_budget, int)
-                                          or isinstance(c.examples_budget, bool) or c.examples_budget < 1):
-        raise ValueError(f"examples_budget must be None or a positive int, got {c.examples_budget!r}")
+    _count("examples_budget", c.examples_budget, allow_none=True)
 
 
 def _validate_optimisation(c: TrainConfig) -> None:
