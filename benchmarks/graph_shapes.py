@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtbert_utils import TASKS  # noqa: E402
-from mtbert_utils.batching import TaskBatchStream, prepare_data  # noqa: E402
+from mtbert_utils.batching import TaskBatchStream, prepare_data, training_streams  # noqa: E402
 from mtbert_utils.config import TrainConfig  # noqa: E402
 from mtbert_utils.model import load_tokenizer, pair_mode  # noqa: E402
 from mtbert_utils.reproduce import parse_override  # noqa: E402
@@ -103,10 +103,7 @@ def run_steps(config: TrainConfig) -> list[tuple[dict, bool]]:
     examples_budget, the training loop's batch streams (seed * 1000 + the task's index) and the schedule's
     random.Random(seed). A step: task -> (kind of input, rows, length) of its encoder input."""
     enc, _ = prepare_data(config, load_tokenizer(config.encoder))
-    streams = {t: TaskBatchStream(enc["train"][t], config.batch_size, config.seed * 1000 + i,
-                                  pair_mode=pair_mode(t, config.para_input), group_by_length=config.group_by_length,
-                                  pad_to_multiple=config.pad_to_multiple)
-               for i, t in enumerate(TASKS) if t in config.train_tasks}
+    streams = training_streams(config, enc["train"])
     num_batches = {t: s.num_batches for t, s in streams.items()}
     schedule, rng = get_schedule(config.schedule, **config.schedule_params), random.Random(config.seed)
     steps, seen = [], 0

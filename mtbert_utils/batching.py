@@ -14,9 +14,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mtbert_utils import TASKS
 from mtbert_utils.data import COLUMNS, FILES, _check_task, file_digests, load_tasks, split_by_hash
 from mtbert_utils.config import TrainConfig
-from mtbert_utils.model import ENCODER_NAMES
+from mtbert_utils.model import ENCODER_NAMES, pair_mode as task_pair_mode
 
 PAIR_MODES = ("joint", "separate", "both")
 
@@ -222,6 +223,16 @@ class TaskBatchStream:
         self.rng.setstate((v, tuple(internal), gauss))  # tuple: survives a json/list round trip
         self.order = [list(b) for b in state["order"]]
         self.position, self.passes = state["position"], state["passes"]
+
+
+def training_streams(config: TrainConfig, train_enc: dict, rank: int = 0, world_size: int = 1) -> dict:
+    """The batch stream of every task the run trains, as train() draws them: task i of TASKS is shuffled with
+    seed * 1000 + i, so the streams do not depend on which other tasks train. train_enc: task -> EncodedTask."""
+    return {t: TaskBatchStream(train_enc[t], config.batch_size, seed=config.seed * 1000 + i,
+                               pair_mode=task_pair_mode(t, config.para_input), group_by_length=config.group_by_length,
+                               rank=rank, world_size=world_size, swap_pairs=config.para_swap and t == "para",
+                               pad_to_multiple=config.pad_to_multiple)
+            for i, t in enumerate(TASKS) if t in config.train_tasks}
 
 
 def eval_batches(enc, batch_size, pair_mode="joint", sort_by_length=True, swap=False,

@@ -29,7 +29,7 @@ from mtbert_utils.config import TrainConfig
 from mtbert_utils.data import digest_changes, file_digests
 from mtbert_utils.device import (graphs_backward_thread, pick_amp, pick_device, recorded_cuda_graphs,  # noqa: F401
                                  tf32_matmuls, use_cuda_graphs)  # (also training.*)
-from mtbert_utils.batching import TaskBatchStream, collate, prepare_data
+from mtbert_utils.batching import TaskBatchStream, collate, prepare_data, training_streams
 from mtbert_utils.evaluation import autocast_context, evaluate_run, to_device, write_predictions
 from mtbert_utils.gradients import GRAD_METHODS, backs_summed_loss, summarize_cosines
 from mtbert_utils.model import (MultitaskBert, default_pooling, load_encoder, load_tokenizer,
@@ -336,11 +336,7 @@ def build_state(run: Run) -> RunState:
     schedule = get_schedule(config.schedule, **config.schedule_params)
     if config.class_weights:
         run.class_weights = sst_class_weights(run.enc["train"]["sst"].labels).to(run.device)
-    streams = {t: TaskBatchStream(run.enc["train"][t], config.batch_size, seed=config.seed * 1000 + i,
-                                  pair_mode=model.pair_mode(t), group_by_length=config.group_by_length,
-                                  rank=run.rank, world_size=run.world, swap_pairs=config.para_swap and t == "para",
-                                  pad_to_multiple=config.pad_to_multiple)
-               for i, t in enumerate(TASKS) if t in config.train_tasks}
+    streams = training_streams(config, run.enc["train"], rank=run.rank, world_size=run.world)
     run.num_batches = {t: s.num_batches for t, s in streams.items()}
     # Data parallel: plain steps go through DDP; PCGrad (and gradient cosines) needs each task's
     # gradient averaged on its own before the surgery, which DDP cannot do (mtbert_utils.distributed).
