@@ -18,6 +18,8 @@ from pathlib import Path
 
 from mtbert_utils import distributed
 from mtbert_utils.config import TrainConfig, check_keys
+from mtbert_utils.data import check_data_dir
+from mtbert_utils.model import load_tokenizer
 from mtbert_utils.training import train
 
 
@@ -39,6 +41,14 @@ def build_config(config_path: str | None = None, overrides: list[str] = (), pres
     return TrainConfig.baseline(**d) if preset == "baseline" else TrainConfig(**d)
 
 
+def check_inputs(config: TrainConfig) -> None:
+    """What a run reads before it trains, read up front: the data files (FileNotFoundError naming the missing
+    ones) and the encoder's tokenizer (ValueError naming the known encoders), so that a wrong path or name
+    ends the command with its message instead of a traceback from inside train()."""
+    check_data_dir(config.data_dir)
+    load_tokenizer(config.encoder)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m mtbert_utils.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="JSON file of TrainConfig fields")
@@ -51,6 +61,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     try:
         config = build_config(args.config, args.set, args.preset)
+        check_inputs(config)
     except (ValueError, TypeError, OSError) as e:
         ap.error(str(e))
 

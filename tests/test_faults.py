@@ -529,3 +529,18 @@ def test_atomic_writes_get_the_permissions_open_would_give(tmp_path, mask):
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.json": 0o666 & ~mask, "b.txt": 0o666 & ~mask, "c.txt": 0o666 & ~mask}
     assert os.umask(before) == before  # reading the mask left it as it was
+
+
+@pytest.mark.parametrize("setting,expect", [
+    ("data_dir={tmp}/no_such_folder", "is missing 6 file(s)"),
+    ("encoder={tmp}/no_such_model", "cannot load encoder"),
+])
+def test_train_command_names_a_wrong_path_or_encoder_without_a_traceback(setting, expect, data_dir, tmp_path):
+    """`python -m mtbert_utils.train` reads the data files and the encoder's tokenizer before it trains: a wrong
+    data folder or encoder ends it with argparse's one message (exit 2), not a traceback from inside train()."""
+    sets = [f"data_dir={data_dir}", "max_train=8", "max_dev=8", f"out_dir={tmp_path}", setting.format(tmp=tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "mtbert_utils.train", *(a for s in sets for a in ("--set", s))],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "python -m mtbert_utils.train: error: " in proc.stderr and expect in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing trained or written
