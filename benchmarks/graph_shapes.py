@@ -25,6 +25,8 @@ the roots. So a node is a distinct prefix of a chain of calls made without retur
 The first use of each call, which the trees run eagerly to warm up, is counted as a recording: an upper bound.
 It is a model of torch's code (torch/_inductor/cudagraph_trees.py), not a measurement: cuda_graphs runs record
 the real count per epoch (cuda_graphs_recorded), which a GPU will compare with it.
+`trees.encoder_positions`, an exact count: the token positions (rows x padded length) the encoder processes in
+that run, a call per task against fuse_tasks, which pads a step's rows to its longest task's length.
 """
 from __future__ import annotations
 
@@ -129,6 +131,14 @@ def tree_counts(steps: list[tuple[dict, bool]], how: str) -> dict:
             "distinct_calls": tree_nodes([[c] for chain in chains for c in chain])}
 
 
+def encoder_positions(steps: list[tuple[dict, bool]]) -> dict:
+    """Token positions the encoder processes over `steps` (run_steps'): a call per task pads each task's batch to
+    its own length; fuse_tasks pads a step's rows to the step's longest (what fusion pays for fewer calls)."""
+    per_task = sum(r * n for step, _ in steps for _, r, n in step.values())
+    fused = sum(sum(r for _, r, _ in step.values()) * max(n for _, _, n in step.values()) for step, _ in steps)
+    return {"a call per task": per_task, "fused": fused, "fused_ratio": round(fused / per_task, 3)}
+
+
 def profile_predictions(profile: str, overrides: dict) -> dict:
     """run name -> the model's graph-tree nodes, for the first-stage runs of a profile with `overrides` (reproduce's
     --set): what a cuda_graphs run's last cuda_graphs_recorded should be, if the model holds."""
@@ -174,6 +184,7 @@ def main(argv=None) -> int:
     for how in ("a call per task", "fused", "pcgrad"):  # gpu-minilm's tuned runs, each way
         counted = tree_counts(steps, how)
         trees["nodes"][how], trees["distinct_calls"][how] = counted["nodes"], counted["distinct_calls"]
+    trees["encoder_positions"] = encoder_positions(steps)
     report = {"encoder": config.encoder, "batch_size": config.batch_size, "pad_to_multiple": config.pad_to_multiple,
               "passes": args.passes, "tasks": tasks, "shapes_per_grad_mode": per_grad_mode,
               "graphs_recorded_at_most": 2 * per_grad_mode,  # full and heads-only steps, by shape alone
@@ -185,6 +196,8 @@ def main(argv=None) -> int:
     print(f"{per_grad_mode} shapes per grad mode, so at most {2 * per_grad_mode} CUDA graphs a run by shape")
     for how, n in trees["nodes"].items():
         print(f"graph trees of a tuned rr_over run, {how}: {n} nodes ({trees['distinct_calls'][how]} distinct calls)")
+    print(f"fuse_tasks pads that run's encoder input to {trees['encoder_positions']['fused_ratio']}x the token "
+          f"positions of a call per task")
     print(f"-> {args.out}")
     return 0
 

@@ -524,6 +524,10 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     assert nodes("a call per task") == 6 + 4
     assert nodes("fused") == 2 and nodes("pcgrad") == 2 * 4  # sst, para and both STS shapes, fwd and bwd each
     assert nodes("a call per task", trains=False) == nodes("pcgrad", trains=False) == 4 and nodes("fused", False) == 1
+    # token positions: a call per task pads each task to its own length, fusion every row to the step's longest
+    per_task, fused = 64 * 32 + 64 * 48 + 128 * 32 + 64 * 32 + 64 * 48 + 128 * 48, 2 * 256 * 48
+    assert gs.encoder_positions([(a, True), (b, False)]) == {"a call per task": per_task, "fused": fused,
+                                                             "fused_ratio": round(fused / per_task, 3)}
     trees = json.loads((root / "results" / "bench" / "graph_shapes.json").read_text())["trees"]
     doc = " ".join((root / "docs" / "gpu.md").read_text().split())
     quoted = re.search(r"model of the trees gives (\d+) graphs with a call per task, (\d+) with `fuse_tasks` and (\d+) "
@@ -534,6 +538,12 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     quoted = re.search(r"model of them counts (\d+) for a tuned run with a call per task and (\d+) with `fuse_tasks`",
                        speed)
     assert quoted and [int(x) for x in quoted.groups()] == [trees["nodes"][k] for k in ("a call per task", "fused")]
+    positions = trees["encoder_positions"]
+    assert positions["fused"] >= positions["a call per task"] > 0
+    assert positions["fused_ratio"] == round(positions["fused"] / positions["a call per task"], 3)
+    assert f"processes {positions['fused_ratio']} times the token positions" in speed
+    assert f"pads to {positions['fused_ratio']}x the token positions" in speed
+    assert f"{positions['fused_ratio']}x the token positions of a call per task" in doc
 
 
 def _tiny_graphed(device=torch.device("cpu")):
