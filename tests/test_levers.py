@@ -503,6 +503,17 @@ def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, 
     doc = " ".join((root / "docs" / "gpu.md").read_text().split())
     quoted = re.search(r"the model predicts (\d+), (\d+), (\d+), (\d+), (\d+) and (\d+) graphs", doc)
     assert quoted and [int(x) for x in quoted.groups()] == [r["nodes"] for r in check.values()]
+    # and the prediction for gpu-minilm itself with graphs and fusion: keyed by the names of the committed runs (the
+    # switches are execution-only), its ranges quoted in docs/gpu.md
+    full = json.loads((root / "results" / "bench" / "graph_trees-gpu-minilm.json").read_text())["runs"]
+    committed = {p.stem for p in (root / "results" / "gpu-minilm" / "runs").glob("*.json")}
+    assert set(full) == {n for n in committed if not n.startswith("zero-shot")} and len(full) == 18
+    by_kind = {k: [r["nodes"] for r in full.values() if r["step_kind"] == k] for k in ("fused", "pcgrad")}
+    assert len(by_kind["fused"]) == 15 and len(by_kind["pcgrad"]) == 3
+    quoted = re.search(r"(\d+) to (\d+) graphs for each of the 15 runs with fused steps and (\d+) to (\d+) for the "
+                       r"three PCGrad runs", doc)
+    assert quoted and [int(x) for x in quoted.groups()] == [min(by_kind["fused"]), max(by_kind["fused"]),
+                                                            min(by_kind["pcgrad"]), max(by_kind["pcgrad"])]
 
 
 def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
