@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import random
 import warnings
@@ -412,6 +413,196 @@ def test_stream_data_parallel_ranks_split_the_global_batch(sts_enc):
         chunks = [next(s)["index"].tolist() for s in ranks]
         assert chunks[0] + chunks[1] == next(single)["index"].tolist()
         assert len(chunks[0]) >= len(chunks[1])
+
+
+def test_training_streams_are_seeded_by_task_not_by_which_tasks_train(sst_enc, sts_enc):
+    """A run's streams (batching.training_streams, what train() draws from): one per trained task, task i of TASKS
+    shuffled with seed * 1000 + i whatever else trains (the committed runs were drawn so), the task's pair mode,
+    pair swaps for joint Quora pairs only, and the config's batching switches."""
+    from mtbert_utils.config import TrainConfig
+    enc = {"sst": sst_enc, "para": sts_enc, "sts": sts_enc}  # any pair task's encoding serves as Quora's here
+
+    def first(stream, n=3):
+        return [next(stream)["index"].tolist() for _ in range(n)]
+    cfg = TrainConfig(encoder="tiny", batch_size=16, seed=3, group_by_length=False)
+    all3 = batching.training_streams(cfg, enc)
+    assert list(all3) == ["sst", "para", "sts"]
+    for i, t in enumerate(("sst", "para", "sts")):
+        assert first(all3[t]) == first(batching.TaskBatchStream(enc[t], 16, seed=3000 + i)), t
+    alone = batching.training_streams(TrainConfig(encoder="tiny", batch_size=16, seed=3, group_by_length=False,
+                                                  train_tasks=("sts",)), enc)
+    assert list(alone) == ["sts"]
+    assert first(alone["sts"]) == first(batching.training_streams(cfg, enc)["sts"])
+    assert first(batching.training_streams(dataclasses.replace(cfg, seed=4), enc)["sts"]) != first(
+        batching.training_streams(cfg, enc)["sts"])
+    modes = {t: (s.pair_mode, s.swap_pairs) for t, s in all3.items()}
+    assert modes == {"sst": ("joint", False), "para": ("joint", False), "sts": ("separate", False)}
+    swapped = batching.training_streams(dataclasses.replace(cfg, para_swap=True, para_input="joint"), enc)
+    assert {t: s.swap_pairs for t, s in swapped.items()} == {"sst": False, "para": True, "sts": False}
+    assert batching.training_streams(dataclasses.replace(cfg, para_input="separate"), enc)["para"].pair_mode == \
+        "separate"
+    tuned = batching.training_streams(dataclasses.replace(cfg, group_by_length=True, pad_to_multiple=16,
+                                                          batch_size=8), enc, rank=1, world_size=2)
+    for s in tuned.values():
+        assert (s.group_by_length, s.pad_to_multiple, s.batch_size, s.rank, s.world_size) == (True, 16, 8, 1, 2)
+        assert next(s)["input_ids" if s.pair_mode == "joint" else "input_ids_a"].shape[1] % 16 == 0
+
+
+def test_check_trainable_names_the_file_a_split_without_labels_or_rows_came_from():
+    """A run needs labels and at least one row in every train and dev split: the error names the file the split was
+    read from (Quora's train split carved from quora-dev.csv names that file), the label column or the skipped rows."""
+    def report(name, labeled=True, skipped=None):
+        return {"path": f"/d/{name}", "labeled": labeled, "skipped": skipped or {}, "first_lines": {"bad": [3]}}
+
+    def tasks(**change):
+        reports = {"sst": {n: report(n) for n in ("ids-sst-train.csv", "ids-sst-dev.csv")},
+                   "para": {"quora-dev.csv": report("quora-dev.csv")},  # no quora-train.csv: both splits carved
+                   "sts": {n: report(n) for n in ("sts-train.csv", "sts-dev.csv")}}
+        splits = {t: {"train": ["x"], "dev": ["y"]} for t in reports}
+        for key, value in change.items():
+            t, split, what = key.split("__")
+            name = data.FILES[t][split] if data.FILES[t][split] in reports[t] else data.FILES[t]["dev"]
+            if what == "unlabeled":
+                reports[t][name]["labeled"] = False
+            else:
+                splits[t][split] = []
+                reports[t][name]["skipped"] = value
+        return {t: data.TaskData(t, splits[t]["train"], splits[t]["dev"], [], {}, reports[t]) for t in reports}
+
+    batching.check_trainable(tasks())  # every split labeled and non-empty
+    with pytest.raises(ValueError, match=r"^/d/sts-train.csv: no 'similarity' column, so the sts train split has no "
+                                         r"labels$"):
+        batching.check_trainable(tasks(sts__train__unlabeled=True))
+    with pytest.raises(ValueError, match=r"^/d/ids-sst-dev.csv: no 'sentiment' column, so the sst dev split"):
+        batching.check_trainable(tasks(sst__dev__unlabeled=True))
+    with pytest.raises(ValueError, match=r"^/d/quora-dev.csv: no 'is_duplicate' column, so the para train split"):
+        batching.check_trainable(tasks(para__train__unlabeled=True))
+    with pytest.raises(ValueError, match=r"^/d/quora-dev.csv: no usable para dev rows; skipped \{'bad': 7\} "
+                                         r"\(first bad lines \{'bad': \[3\]\}\)$"):
+        batching.check_trainable(tasks(para__dev__empty={"bad": 7}))
+    with pytest.raises(ValueError, match=r"^/d/sts-train.csv: no usable sts train rows"):
+        batching.check_trainable(tasks(sts__train__empty={"bad": 1}))
+
+
+def test_encode_task_truncates_every_field_to_max_length_and_pads_with_the_tokenizers_pad_id(tokenizer):
+    """Every tokenized field (SST sentences, joint pairs, each pair sentence alone) is cut to max_length, 128 unless
+    given; collate pads with the tokenizer's pad id (0 when it has none)."""
+    long = " ".join(["word"] * 300)
+    sst = batching.encode_task([Example("s1", long, None, 2, 2)], tokenizer, "sst")
+    pair = batching.encode_task([Example("p1", long, "short one", 1.0, 2), Example("p2", "a b", long, 0.0, 3)],
+                                tokenizer, "sts")
+    assert len(sst.single[0]) == 128 and [len(j) for j in pair.joint] == [128, 128]
+    assert [len(x) for x in pair.a] == [128, 4] and [len(x) for x in pair.b] == [4, 128]
+    assert [len(x) for x in batching.encode_task([Example("p1", long, long, 1.0, 2)], tokenizer, "sts",
+                                                 max_length=16).joint] == [16]
+
+    class Tokenizer:  # the real tokenizer with another pad id
+        def __init__(self, pad_token_id):
+            self.pad_token_id = pad_token_id
+
+        def __call__(self, *args, **kw):
+            return tokenizer(*args, **kw)
+    short = [Example("a", "one two three four", None, 1, 2), Example("b", "one", None, 3, 3)]
+    seven = batching.encode_task(short, Tokenizer(7), "sst")
+    assert seven.pad_id == 7 and batching.encode_task(short, Tokenizer(None), "sst").pad_id == 0
+    ids = batching.collate(seven, [0, 1])["input_ids"]
+    assert ids[1, len(seven.single[1]):].tolist() == [7] * (ids.shape[1] - len(seven.single[1]))
+
+
+@pytest.mark.parametrize("task", ["sst", "para", "sts"])
+def test_encode_task_of_no_examples_is_an_empty_task(tokenizer, task):
+    enc = batching.encode_task([], tokenizer, task)
+    assert len(enc) == 0 and enc.labels is None
+    for mode in ("joint", "separate", "both"):
+        assert enc.lengths(mode) == []
+
+
+def test_eval_batches_are_unswapped_unless_asked_and_pad_to_the_multiple(sts_enc):
+    for b in batching.eval_batches(sts_enc, 100):
+        assert "swap" not in b
+        assert torch.equal(b["input_ids"], batching.collate(sts_enc, b["index"].tolist())["input_ids"])
+    widths = [(b["input_ids"].shape[1], max(len(sts_enc.joint[i]) for i in b["index"].tolist()))
+              for b in batching.eval_batches(sts_enc, 100, pad_to_multiple=16)]
+    assert all(w % 16 == 0 and longest <= w < longest + 16 for w, longest in widths)
+
+
+def test_stream_refuses_a_state_of_another_shape_naming_both(sts_enc):
+    n = len(sts_enc)
+    with pytest.raises(ValueError, match=rf"^state is for \(n, batch_size, world_size\) = \({n}, 16, 1\), this "
+                                         rf"stream has \({n}, 32, 1\)$"):
+        batching.TaskBatchStream(sts_enc, 32, seed=0).load_state_dict(
+            batching.TaskBatchStream(sts_enc, 16, seed=0).state_dict())
+
+
+def test_lengths_per_pair_mode_and_an_unknown_mode_named(sts_enc):
+    assert sts_enc.lengths("separate") == [len(a) + len(b) for a, b in zip(sts_enc.a, sts_enc.b)]
+    with pytest.raises(ValueError, match=r"^unknown pair_mode 'pairs'; valid: \('joint', 'separate', 'both'\)$"):
+        sts_enc.lengths("pairs")
+    with pytest.raises(ValueError, match=r"^unknown pair_mode 'pairs'; valid: "):
+        batching.collate(sts_enc, [0], "pairs")
+
+
+def test_collate_shapes_dtypes_padding_and_swap_flags(sts_enc):
+    """Every id and mask tensor is int64 (what embedding lookups take), token types pad with 0 and every tensor of a
+    batch pads to the same multiple; the swap flags are kept for the model; no examples give empty tensors (a data-
+    parallel rank with nothing left of the last global batch collates that before training stands an example in)."""
+    lengths = sts_enc.lengths("joint")
+    idx = [lengths.index(min(lengths)), lengths.index(max(lengths))]  # the short pair's row is padded
+    b = batching.collate(sts_enc, idx, "both", swap=[True, False], pad_to_multiple=16)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "input_ids_a", "attention_mask_a", "input_ids_b",
+                "attention_mask_b", "index"):
+        assert b[key].dtype == torch.long, key
+    assert b["input_ids"].shape == b["token_type_ids"].shape and b["input_ids"].shape[1] % 16 == 0
+    assert b["input_ids_a"].shape[1] % 16 == 0 and b["input_ids_b"].shape[1] % 16 == 0
+    assert b["token_type_ids"][0, min(lengths):].eq(0).all() and b["swap"] == [True, False]
+    empty = batching.collate(sts_enc, [], "both", pad_to_multiple=16)
+    assert empty["input_ids"].shape == empty["input_ids_a"].shape == empty["input_ids_b"].shape == (0, 0)
+    with pytest.raises(ValueError, match=r"^swap has 1 flags for 2 examples$"):
+        batching.collate(sts_enc, idx, swap=[True])
+
+
+def test_batch_indices_takes_batches_of_one_and_names_bad_arguments():
+    assert batching.batch_indices(3, 1) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):
+        batching.batch_indices(3, 0)
+    for lengths in (None, [1, 2]):
+        with pytest.raises(ValueError, match=r"^group_by_length needs one length per example$"):
+            batching.batch_indices(3, 1, random.Random(0), lengths, group_by_length=True)
+
+
+def test_group_by_length_sorts_within_windows_of_fifty_batches():
+    """The documented bucketing: shuffle, sort by length within windows of 50 batches, cut, shuffle the batches. With
+    every length distinct, the batches are exactly the consecutive runs of each window's sorted examples."""
+    n, bs = 2 * 50 * 4 + 40, 4
+    lengths = random.Random(1).sample(range(10 * n), n)
+    order = list(range(n))
+    random.Random(7).shuffle(order)
+    expected = set()
+    for w in range(0, n, 50 * bs):
+        chunk = sorted(order[w:w + 50 * bs], key=lambda i: lengths[i])
+        expected |= {tuple(chunk[i:i + bs]) for i in range(0, len(chunk), bs)}
+    got = batching.batch_indices(n, bs, random.Random(7), lengths, group_by_length=True)
+    assert {tuple(b) for b in got} == expected and len(got) == len(expected)
+
+
+def test_stream_of_one_example_and_bad_arguments_named(sts_enc):
+    one = batching.EncodedTask("sts", ["x"], None, joint=[[101, 102]], joint_types=[[0, 0]], a=[[101]], b=[[102]])
+    assert next(batching.TaskBatchStream(one, 4, seed=0))["ids"] == ["x"]
+    empty = batching.EncodedTask("sts", [], None, joint=[], joint_types=[], a=[], b=[])
+    with pytest.raises(ValueError, match=r"^task 'sts' has no examples to batch$"):
+        batching.TaskBatchStream(empty, 4, seed=0)
+    with pytest.raises(ValueError, match=r"^rank 2 not in \[0, 2\)$"):
+        batching.TaskBatchStream(sts_enc, 4, seed=0, rank=2, world_size=2)
+
+
+def test_stream_groups_by_length_when_asked(sts_enc):
+    lengths = sts_enc.lengths("joint")
+
+    def padding(stream):
+        batches = [next(stream)["index"].tolist() for _ in range(stream.num_batches)]
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    grouped = padding(batching.TaskBatchStream(sts_enc, 32, seed=0, group_by_length=True))
+    assert grouped < 0.3 * padding(batching.TaskBatchStream(sts_enc, 32, seed=0))
 
 
 def test_group_by_length_reduces_padding(sst_enc):
