@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (pip install -e ".[mutation]"): plants single-line bugs
-# in pcgrad, schedules, stats, tasks and the parsing half of data, one at a time, runs the tests that reach
+# in pcgrad, schedules, stats, tasks, the parsing half of data and batching, one at a time, runs the tests that reach
 # the mutated function, and writes results/mutation/{summary.md,mutants.json}. Not part of CI (docs/testing.md).
 #
 #   bash benchmarks/mutation.sh                   # fresh run (deletes ./mutants), then the summary
@@ -12,6 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the tests run from ./mutants, where conftest's default (the mirror beside the repository) is one level off:
+# without this, every test that reads the CS224N files skips and the batching tests reach no mutant
+export MTBERT_DATA_DIR="$(realpath "${MTBERT_DATA_DIR:-$(cd .. && pwd)/shared/data/cs224n}")"
 if [ $# -gt 0 ]; then
     scope=("$@")
 else
