@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # the tests run from ./mutants, where conftest's default (the mirror beside the repository) is one level off:
 # without this, every test that reads the CS224N files skips and the batching tests reach no mutant
-export MTBERT_DATA_DIR="$(realpath "${MTBERT_DATA_DIR:-$(cd .. && pwd)/shared/data/cs224n}")"
+export MTBERT_DATA_DIR="$(realpath -m "${MTBERT_DATA_DIR:-$(cd .. && pwd)/shared/data/cs224n}")"
 if [ $# -gt 0 ]; then
     scope=("$@")
 else
