@@ -194,19 +194,29 @@ def check_keys(d: dict) -> None:
 # validation, one function per section
 
 
+def _is_number(v) -> bool:
+    """An int or a float, not a bool (True is an int to Python, not a number to a config)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_count(v, low) -> bool:
+    """An int >= low, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
 def _positive(name, v):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+    if not _is_number(v) or not v > 0 or not math.isfinite(v):
         raise ValueError(f"{name} must be a positive number, got {v!r}")
 
 
 def _fraction(name, v, what="in [0, 1)"):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+    if not _is_number(v) or not 0 <= v < 1:
         raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
 def _number(name, v, low=-math.inf, what="a number"):
     """A finite int or float (not a bool) >= low."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+    if not _is_number(v) or not math.isfinite(v) or v < low:
         raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
@@ -214,7 +224,7 @@ def _count(name, v, low=1, allow_none=False):
     """An int (not a bool) >= low, or None where allowed."""
     if v is None and allow_none:
         return
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if not _is_count(v, low):
         raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {v!r}")
 
 
@@ -254,7 +264,7 @@ def _validate_data(c: TrainConfig) -> None:
     for name in ("max_train", "max_dev"):
         v = getattr(c, name)
         vals = v.values() if isinstance(v, dict) else [v]
-        if any(x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1) for x in vals) \
+        if any(x is not None and not _is_count(x, 1) for x in vals) \
                 or (isinstance(v, dict) and set(v) - set(TASKS)):
             raise ValueError(f"{name} must be None, a positive int, or a dict task -> positive int; got {v!r}")
     _fraction("val_fraction", c.val_fraction)
@@ -274,8 +284,8 @@ def _validate_schedule(c: TrainConfig) -> None:
     for k, v in c.task_weights.items():
         _number(f"task_weights[{k!r}]", v, 0, "a number >= 0")
     if not isinstance(c.phases, (list, tuple)) or not c.phases \
-            or any(not isinstance(p, (list, tuple)) or len(p) != 2 or isinstance(p[0], bool)
-                   or not isinstance(p[0], int) or p[0] < 0 or not isinstance(p[1], bool) for p in c.phases) \
+            or any(not isinstance(p, (list, tuple)) or len(p) != 2 or not _is_count(p[0], 0)
+                   or not isinstance(p[1], bool) for p in c.phases) \
             or c.epochs < 1:
         raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
                          f"got {c.phases!r}")
@@ -288,11 +298,10 @@ def _validate_optimisation(c: TrainConfig) -> None:
     for k, v in c.lr.items():
         _positive(f"lr[{k!r}]", v)
     for name in ("lr_decay", "layer_lr_decay"):
-        if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)) \
-                or not 0 < getattr(c, name) <= 1:
+        if not _is_number(getattr(c, name)) or not 0 < getattr(c, name) <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {getattr(c, name)!r}")
     if not isinstance(c.lr_decay_epochs, (list, tuple)) \
-            or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in c.lr_decay_epochs):
+            or any(not _is_count(e, 0) for e in c.lr_decay_epochs):
         raise ValueError(f"lr_decay_epochs must be a list of epoch numbers (ints >= 0), got {c.lr_decay_epochs!r}")
     _number("weight_decay", c.weight_decay, 0, "a number >= 0")
     if c.max_grad_norm is not None:
