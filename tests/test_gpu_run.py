@@ -306,3 +306,72 @@ def test_the_gpu_run_commands_in_the_docs_parse():
         args = gpu_run.build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
         for item in getattr(args, "set", []):
             parse_override(item)  # KEY=VALUE, as reproduce --set reads it
+
+
+def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, capsys):
+    """benchmarks/compare_runs.py on committed gpu-minilm run files altered by hand: three runs come back with
+    graphs and fusion on, their scores raised by 0.01, 0.02 and 0.03 and trained in half the time; one has no
+    committed twin (a subsample run); the call's summary names a crashed-then-eager run and a failed one."""
+    compare_runs = load_benchmark("compare_runs")
+    src = ROOT / "results" / "gpu-minilm" / "runs"
+    names = [f"rr_under-baseline-b66b3d54-seed{s}" for s in range(3)]
+    old_dir, new_dir = tmp_path / "old", tmp_path / "back" / "results" / "gpu-minilm"
+    (old_dir / "runs").mkdir(parents=True)
+    (new_dir / "runs").mkdir(parents=True)
+    for i, name in enumerate(names + ["rr_under-baseline-54172dee-seed0"]):
+        run = json.loads((src / f"{names[min(i, 2)]}.json").read_text())
+        if i < 3:
+            (old_dir / "runs" / f"{name}.json").write_text(json.dumps(run))
+        run["run_name"] = name
+        run["dev"] = {m: v + 0.01 * (i + 1) for m, v in run["dev"].items()}
+        run["config"].update(cuda_graphs=True, fuse_tasks=True)
+        run["train_time_s"] /= 2
+        for h in run["history"]:  # cumulative: the last epoch's count is the run's
+            h["cuda_graphs_recorded"] = [20, 30, 40, 9][i] // (1 if h is run["history"][-1] else 2)
+        (new_dir / "runs" / f"{name}.json").write_text(json.dumps(run))
+    log_dir = new_dir / "gpu_run-3"
+    log_dir.mkdir()
+    (log_dir / "gpu-minilm-train-only.json").write_text(json.dumps({
+        "profile": "gpu-minilm", "jobs": 10, "minutes": 4.2, "trained": 4, "failed": 1, "runs": [
+            {"run_name": names[2], "status": "trained", "eager_retry": {"error": "worker died", "seconds": 80.0}},
+            {"run_name": "sequential-baseline-96aa0014-seed0", "status": "failed", "error": "CUDA out of memory"}]}))
+    predicted = tmp_path / "graph_trees.json"
+    predicted.write_text(json.dumps({"runs": {names[0]: {"nodes": 22}, names[1]: {"nodes": 24},
+                                              names[2]: {"nodes": 22}}}))
+
+    out = log_dir / "compare.md"
+    assert compare_runs.main([str(new_dir), "--against", str(old_dir), "--predicted", str(predicted),
+                              "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    for m in compare_runs.METRICS:
+        assert result["paired"][m]["n"] == 3
+        assert result["paired"][m]["mean_diff"] == pytest.approx(0.02, abs=1e-12)
+        # differences 0.01, 0.02, 0.03: sd 0.01, t(0.975, 2 df) = 4.3027, so 0.0248 > 0.02 and 0 is inside
+        assert result["paired"][m]["ci95"] == pytest.approx(4.3027 * 0.01 / 3 ** 0.5, rel=1e-4)
+        assert result["paired"][m]["verdict"] == "not resolved"
+    assert result["train_time_s"]["committed"] == pytest.approx(2 * result["train_time_s"]["new"])
+    assert result["train_time_s"]["runs"] == 3
+    rows = {r["run_name"]: r for r in result["runs"]}
+    assert [rows[n]["cuda_graphs_recorded"] for n in names] == [20, 30, 40]  # the last epoch's count
+    assert result["graphs"] == {"runs": 3, "at_most_predicted": 1, "recorded": 90, "predicted": 68}
+    assert result["eager_retries"] == [names[2]]
+    assert result["failed"] == ["sequential-baseline-96aa0014-seed0"]
+    assert rows["sequential-baseline-96aa0014-seed0"]["error"] == "CUDA out of memory"
+    lonely = rows["rr_under-baseline-54172dee-seed0"]
+    assert lonely["cuda_graphs_recorded"] == 9 and "committed_dev" not in lonely and "predicted_graphs" not in lonely
+    assert rows[names[0]]["switches"]["cuda_graphs"] is True
+    text = out.read_text()
+    assert "1 of 3 runs recorded at most the predicted count (90 recorded, 68 predicted" in text
+    assert "sst: new - committed +0.0200 ± 0.0248 over 3 runs" in text and "no change beyond the spread" in text
+    assert "2.00x" in text
+    assert "cuda_graphs=True" in text and "fuse_tasks=True" in text and "tf32=True" in text
+    assert "profile gpu-minilm, 10 jobs, 4 trained, 1 failed, 4.2 min" in text
+    assert f"| {names[2]} | finished (eager retry) |" in text
+
+    with pytest.raises(SystemExit) as e:  # a folder that is not there: argparse's one-line error
+        compare_runs.main([str(tmp_path / "nowhere"), "--against", str(old_dir)])
+    assert e.value.code == 2 and "no results folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:  # a folder with no run and no summary: nothing came back
+        compare_runs.main([str(tmp_path / "empty"), "--against", str(old_dir)])
+    assert e.value.code == 2 and "no finished run and no train-only summary" in capsys.readouterr().err
