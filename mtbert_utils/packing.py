@@ -308,9 +308,11 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
 def retry_eagerly(cfg, out: dict) -> bool:
     """Whether a failed run is trained again, once, without cuda_graphs: its worker process died (not a Python
     error) while it trained with them, as torch's autograd thread segfaulted with CUDA graphs in packed runs on an
-    H200 (docs/speed.md). The switch is execution-only: the run keeps its name and resumes from its last epoch's
-    checkpoint, which loads into the eager model."""
-    return out["status"] == "failed" and "exitcode" in out and cfg.cuda_graphs
+    H200 (docs/speed.md), or it ran out of GPU memory with them (graphs keep their memory pools, and runs sharing
+    an 80 GB H100 with graphs are unmeasured). The switch is execution-only: the run keeps its name and resumes
+    from its last epoch's checkpoint, which loads into the eager model. Other Python errors are not retried."""
+    return (out["status"] == "failed" and cfg.cuda_graphs
+            and ("exitcode" in out or out.get("error", "").startswith("OutOfMemoryError")))
 
 
 def advance(params: dict, earlier: dict, stage: int, out_dir: Path) -> None:

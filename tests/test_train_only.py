@@ -118,6 +118,10 @@ def test_a_run_whose_worker_dies_with_cuda_graphs_is_trained_again_without(crash
     assert (runs["eager"]["status"], runs["eager"]["cuda_graphs"]) == ("trained", False)
     assert "eager_retry" not in runs["eager"]
     assert not packing.retry_eagerly(cfgs[0], {"status": "failed", "error": "ValueError: cuda_graphs=True needs CUDA"})
+    oom = {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB"}
+    assert packing.retry_eagerly(cfgs[0], oom)  # torch.OutOfMemoryError, as a worker reports it
+    assert not packing.retry_eagerly(cfgs[2], oom)  # already eager: nothing to drop
+    assert not packing.retry_eagerly(cfgs[0], {**oom, "status": "trained"})
     packing.print_summary({"profile": "p", "shard": "0/1", "jobs": 1, "threads_per_job": 1, "trained": 2,
                            "reused": 0, "failed": 1, "to train": 0, "minutes": 0.1, "not_listed": [],
                            "expected_examples": {"full": 3, "heads_only": 0}, "runs": records})
