@@ -1,7 +1,7 @@
 """The one prepared GPU job: Table 1 at full scale (profile gpu-minilm) and more, in one 10-minute command.
 
     python benchmarks/gpu_run.py pack      # here: .gpu/ = MiniLM in fp16 + the CS224N data, xz (~41 MB)
-    python benchmarks/gpu_run.py command   # here: print the device tool's `run` call
+    python benchmarks/gpu_run.py command   # here: print the next GPU session's device tool `run` calls
     python benchmarks/gpu_run.py run       # there: benchmark, train, pack $OUT/gpu_results.tar.gz
     python benchmarks/gpu_run.py unpack /work/.device/.../gpu_results.tar.gz   # here: files back in place
 
@@ -307,7 +307,8 @@ def run(args) -> int:
     bench_out = log_rel / "bench_cuda.json"
     # the CUDA benchmark: fp32 vs bf16, evaluation, MFU, then the accuracy check and each lever alone until its
     # own time cap (40 s under --bench-max: the last lever may overrun it); it writes its JSON after each part
-    steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", "--accuracy", "--levers",
+    accuracy = [] if args.no_accuracy else ["--accuracy"]
+    steps.append(run_step("bench", [py, "-m", "mtbert_utils.bench", "--device", "cuda", *accuracy, "--levers",
                                     "--time-cap", str(max(args.bench_max - 40, 0)), "--out", str(bench_out)],
                           min(deadline, time.time() + args.bench_max), log_dir, env, root))
     mps = start_mps(env, Path(args.tmp), log_dir, steps) if args.mps else "off"  # for the training, after the bench
@@ -403,11 +404,35 @@ def unpack(archive: Path, into: Path, replace: bool = False) -> list[str]:
     return written
 
 
-def command() -> str:
-    """The shell command for the device tool (with carry [".gpu"] and timeout_s 600)."""
-    cmd = "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 540 2>&1 | tee $OUT/gpu_run.log"
-    assert len(cmd) <= 2000
-    return cmd
+GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse_tasks": true}'
+# The next GPU session's calls, in order (docs/gpu.md, "What is left"): the device tool's 15 minutes hold a start
+# (1-2 min) and two calls if the second follows the first at once (a machine idle for 30 s is given back).
+#   1. gpu-minilm from scratch (--root: nothing reused) with CUDA graphs and fused task calls, 9 runs at once
+#      (the 9 tuned runs, the longest, start together): the 5-minute target, whether the segfault is gone (a run
+#      that crashes or runs out of memory with graphs is trained again without them), the graphs recorded
+#      against graph_shapes' prediction; the CUDA-only tests with the time left.
+#   2. the CUDA benchmark without its accuracy check (call 1's 18 runs check accuracy at full scale,
+#      benchmarks/compare_runs.py): the precisions, task fusion's step ratio, evaluation, then the graphs levers.
+NEXT_CALLS = [
+    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 480 --bench-max 0 "
+                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --then '' --log-name gpu_run-3-graphs "
+                "2>&1 | tee $OUT/gpu_run.log",
+     "carry": [".gpu"], "timeout_s": 510, "when": "first (the machine starts: 1-2 minutes)"},
+    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 240 --no-train "
+                "--no-accuracy --bench-max 210 --root /tmp/fresh --then '' --log-name gpu_run-3-bench "
+                "2>&1 | tee $OUT/gpu_run.log",
+     "carry": [".gpu"], "timeout_s": 270,
+     "when": "at once after the first, on the warm machine, if status's budget_left_s is at least 280"},
+]
+
+
+def command() -> list[dict]:
+    """The device tool's `run` calls of the next GPU session (NEXT_CALLS), each within the tool's limits."""
+    for call in NEXT_CALLS:
+        assert len(call["command"]) <= 2000 and call["timeout_s"] <= 600, call
+        budget = float(call["command"].split("--budget ")[1].split()[0])
+        assert budget + 20 <= call["timeout_s"], call  # the archive is written before the tool stops the command
+    return NEXT_CALLS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--then-min", type=float, default=150, help="start it only with this many seconds left")
     r.add_argument("--bench-max", type=float, default=300,
                    help="seconds the benchmark may take at most (on an H200 its parts before the levers took 100 s)")
+    r.add_argument("--no-accuracy", action="store_true",
+                   help="the benchmark without its accuracy check (35 s on an H200), for the levers' sake")
     r.add_argument("--pack-reserve", type=float, default=30, help="seconds kept for packing the results")
     r.add_argument("--pack-dir", default=str(PACK_DIR))
     r.add_argument("--log-name", default=None,
@@ -455,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--into", default=str(ROOT))
     u.add_argument("--replace", action="store_true",
                    help="also replace the files there already whose bytes differ (by default they are kept)")
-    sub.add_parser("command", help="print the device tool's run call")
+    sub.add_parser("command", help="print the next GPU session's device tool calls (docs/gpu.md)")
     return ap
 
 
@@ -471,7 +498,7 @@ def main(argv=None) -> int:
     if args.step == "unpack":
         unpack(Path(args.archive), Path(args.into), replace=args.replace)
         return 0
-    print(json.dumps({"command": command(), "carry": [".gpu"], "timeout_s": 600}, indent=2))
+    print(json.dumps(command(), indent=2))
     return 0
 
 

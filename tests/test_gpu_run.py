@@ -5,6 +5,7 @@ CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records th
 import json
 import os
 import re
+import shlex
 import shutil
 import tarfile
 import time
@@ -209,7 +210,8 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
         f.unlink()
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "",
                        "--shard", "1/2",
-                       "--bench-max", "0", "--log-name", "gpu_run-2", "--budget", "200", "--pack-dir", str(pack),
+                       "--bench-max", "0", "--no-accuracy", "--log-name", "gpu_run-2", "--budget", "200",
+                       "--pack-dir", str(pack),
                        "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out)])
     second = json.loads((root / "results" / "smoke" / "gpu_run-2" / "timings.json").read_text())
     steps = {s["step"]: s["status"] for s in second["steps"]}
@@ -217,6 +219,8 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     log = (root / "results" / "smoke" / "gpu_run-2" / "pytest.log").read_text()
     assert f"{len(gpu_run.CUDA_TESTS)} skipped" in log  # each default node id exists (a missing one is an error)
     assert steps["bench"].startswith("skipped")
+    assert "--accuracy" not in next(c["command"] for c in second["steps"] if c["step"] == "bench")
+    assert " --accuracy --levers " in next(c["command"] for c in timings["steps"] if c["step"] == "bench")
     summary = json.loads((root / "results" / "smoke" / "gpu_run-2" / "smoke-train-only-shard1of2.json").read_text())
     assert summary["shard"] == "1/2" and summary["reused"] == 3 and summary["trained"] == 0  # every 2nd run of 6
     with tarfile.open(out / gpu_run.ARCHIVE) as tar:
@@ -306,6 +310,36 @@ def test_the_gpu_run_commands_in_the_docs_parse():
         args = gpu_run.build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
         for item in getattr(args, "set", []):
             parse_override(item)  # KEY=VALUE, as reproduce --set reads it
+
+
+def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
+    """`gpu_run.py command` prints the next GPU session's calls (one home: NEXT_CALLS); docs/gpu.md shows each
+    word for word, in order, with its timeout, and each fits the device tool: under 2,000 characters and 600 s,
+    its --budget 20 s under its timeout (the archive is written before the tool stops the command), and the two
+    within the session's 15 minutes with a 2-minute start."""
+    gpu_run = load_benchmark("gpu_run")
+    flat = lambda text: " ".join(text.replace("\\\n", " ").split())
+    docs = flat((ROOT / "docs" / "gpu.md").read_text())
+    calls = gpu_run.command()
+    assert len(calls) == 2 and sum(c["timeout_s"] for c in calls) + 120 <= 15 * 60
+    at = [docs.find(flat(c["command"])) for c in calls]
+    assert -1 not in at and at == sorted(at), "docs/gpu.md must show NEXT_CALLS in order"
+    parsed = []
+    for c in calls:
+        assert f"timeout_s {c['timeout_s']}" in docs and c["carry"] == [".gpu"]
+        args = gpu_run.build_parser().parse_args(shlex.split(c["command"].split("benchmarks/gpu_run.py", 1)[1]
+                                                            .split("2>&1")[0]))
+        assert args.budget + 20 <= c["timeout_s"] and args.then == "" and args.root == "/tmp/fresh"
+        parsed.append(args)
+    first, second = parsed
+    from mtbert_utils.reproduce import parse_override
+    key, speed = parse_override(first.set[0])
+    assert key == "speed" and speed["cuda_graphs"] and speed["fuse_tasks"] and first.bench_max == 0
+    assert not first.no_train and first.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
+    assert second.no_train and second.no_accuracy and second.bench_max <= second.budget - second.pack_reserve
+    gpu_run.NEXT_CALLS[:] = [dict(c, timeout_s=700) for c in calls]  # this test's own copy of the module
+    with pytest.raises(AssertionError):
+        gpu_run.command()  # a call over the tool's 600 s is refused here, not on the GPU
 
 
 def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, capsys):
