@@ -118,7 +118,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- train-only summary `{h['file']}`: profile {h['profile']}, {h['jobs']} jobs, "
                      f"{h['trained']} trained, {h['failed']} failed, {_f(h['minutes'], '.1f')} min")
     t = result["train_time_s"]
-    if t["runs"]:
+    if t["runs"] and t["new"] > 0:
         lines.append(f"- training time of the {t['runs']} runs with a committed twin: {t['new'] / 60:.1f} min "
                      f"against {t['committed'] / 60:.1f} min summed over runs "
                      f"({t['committed'] / t['new']:.2f}x; runs shared the GPU, so this is not the call's wall time)")
