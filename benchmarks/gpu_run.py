@@ -422,7 +422,7 @@ NEXT_CALLS = [
                 "--no-accuracy --bench-max 210 --root /tmp/fresh --then '' --log-name gpu_run-3-bench "
                 "2>&1 | tee $OUT/gpu_run.log",
      "carry": [".gpu"], "timeout_s": 270,
-     "when": "at once after the first, on the warm machine, if status's budget_left_s is at least 280"},
+     "when": "at once after the first, if status says warm is true and budget_left_s is at least 280"},
 ]
 
 
