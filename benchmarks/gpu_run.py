@@ -18,7 +18,9 @@ seconds (default 540, under the tool's 600):
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10`;
      (with --mps, a CUDA MPS daemon then starts for the training: the runs' kernels share the GPU side by side)
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
-  5. the CUDA-only tests (--pytest), if time remains;
+  5. with --root outside the repository (runs retrained apart, as the next session's first call does), the
+     retrained runs set against the committed ones of the same names (benchmarks/compare_runs.py): compare.md;
+  6. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
 interrupted one is lost (its checkpoint does not come back). Every new or changed file under results/ and
 figures/ (not checkpoints), the logs (results/PROFILE/gpu_run-YYYYMMDD-HHMMSS/, the call's UTC start: each call
@@ -207,6 +209,48 @@ def run_step(name: str, cmd: list[str], deadline: float, log_dir: Path, env: dic
     return {**record, "status": status, "exit": rc, "seconds": round(time.time() - t0, 1)}
 
 
+def graph_prediction(profile: str, sets: list[str]) -> Path | None:
+    """The graph counts benchmarks/graph_shapes.py predicted for this profile and exactly these --set overrides,
+    committed before a GPU ran them (results/bench/graph_trees-*.json), if there is one."""
+    from mtbert_utils.reproduce import parse_override
+    overrides = dict(parse_override(s) for s in sets)
+    for path in sorted((ROOT / "results" / "bench").glob("graph_trees-*.json")):
+        made = json.loads(path.read_text())
+        if made.get("profile") == profile and made.get("overrides") == overrides:
+            return path
+    return None
+
+
+def compare_step(profile: str, sub: str, sets: list[str], root: Path, log_dir: Path) -> dict:
+    """Runs retrained under --root, set against the committed runs of the same names in the repository
+    (benchmarks/compare_runs.py, with graph_prediction's counts): compare.md and .json beside the logs, so the
+    comparison comes back with the archive, and its headline printed into the tool's output."""
+    import contextlib
+    import io
+    from benchmarks import compare_runs
+    t0 = time.time()
+    record = {"step": "compare", "started_s": round(t0 - JOB_START, 1)}
+    new, committed = root / "results" / sub, ROOT / "results" / sub
+    if not new.is_dir() or not (committed / "runs").is_dir():
+        return {**record, "status": "skipped (no committed runs of this profile)"}
+    argv = [str(new), "--against", str(committed), "--out", str(log_dir / "compare.md")]
+    predicted = graph_prediction(profile, sets)
+    if predicted is not None:
+        argv += ["--predicted", str(predicted)]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            compare_runs.main(argv)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a failed comparison must not cost the archive
+        status = f"failed: {type(e).__name__}: {e} {err.getvalue().strip()[-300:]}".strip()
+        print(f"[gpu_run] compare: {status}", flush=True)
+        return {**record, "status": status, "seconds": round(time.time() - t0, 1)}
+    headline = [line for line in (log_dir / "compare.md").read_text().splitlines() if line.startswith("- ")]
+    print("[gpu_run] compare: against the committed runs\n  " + "\n  ".join(headline), flush=True)
+    return {**record, "status": "ok", "predicted": predicted.name if predicted else None,
+            "seconds": round(time.time() - t0, 1)}
+
+
 MPS_CONTROL = "nvidia-cuda-mps-control"
 CUDA_CHECK = "import torch; assert torch.cuda.is_available(); print((torch.ones(1, device='cuda') + 1).item())"
 
@@ -327,6 +371,8 @@ def run(args) -> int:
     for summary in sorted((root / "results").glob("*/executed/train-only*.json")):  # this call's, beside its logs
         if summary.stat().st_mtime >= t0:
             shutil.copy2(summary, log_dir / f"{summary.parent.parent.name}-{summary.name}")
+    if not args.no_train and root != ROOT:  # retrained apart from the committed runs: set them side by side
+        steps.append(compare_step(args.profile, sub, args.set, root, log_dir))
     if args.pytest:  # CUDA-only tests, with whatever time is left
         steps.append(run_step("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest],
                               deadline - args.pack_reserve, log_dir, env, ROOT))  # from the repository

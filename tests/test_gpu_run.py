@@ -188,6 +188,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert rc == 0, steps
     assert steps["minilm-check"] == "ok"  # the fp16 copy loads as fp32 from the restored folder
     assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok" and "pytest" not in steps  # none asked
+    assert steps["compare"].startswith("skipped")  # retrained apart, but the repository has no smoke runs
     if not torch.cuda.is_available():
         assert steps["bench"] != "ok"  # recorded, not fatal
     assert timings["restored"]["data"] == "(--tmp)/cs224n"  # the machine's folders are not recorded
@@ -409,3 +410,46 @@ def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, 
     with pytest.raises(SystemExit) as e:  # a folder with no run and no summary: nothing came back
         compare_runs.main([str(tmp_path / "empty"), "--against", str(old_dir)])
     assert e.value.code == 2 and "no finished run and no train-only summary" in capsys.readouterr().err
+
+
+def test_a_call_that_retrains_apart_sets_its_runs_against_the_committed_ones(tmp_path, monkeypatch, capsys):
+    """With --root elsewhere (the next GPU session's first call), gpu_run compares the retrained runs with the
+    repository's committed runs and with the graph counts committed for exactly those overrides; the comparison
+    comes back in the archive, and a comparison that cannot be made costs nothing else."""
+    gpu_run = load_benchmark("gpu_run")
+    first = gpu_run.build_parser().parse_args(shlex.split(
+        gpu_run.NEXT_CALLS[0]["command"].split("benchmarks/gpu_run.py", 1)[1].split("2>&1")[0]))
+    check = ["seeds=[0]", 'max_train={"sst": 2048, "para": 2048, "sts": 2048}', "max_dev=512", first.set[0]]
+    assert gpu_run.graph_prediction("gpu-minilm", first.set).name == "graph_trees-gpu-minilm.json"
+    assert gpu_run.graph_prediction("gpu-minilm", check).name == "graph_trees-gpu-minilm-check.json"
+    assert gpu_run.graph_prediction("gpu-minilm", []) is None  # eager, no prediction
+    assert gpu_run.graph_prediction("paper-minilm", first.set) is None
+
+    repo, root = tmp_path / "repo", tmp_path / "fresh"
+    for d in (repo / "results" / "gpu-minilm" / "runs", repo / "results" / "bench", root / "results" / "gpu-minilm" / "runs"):
+        d.mkdir(parents=True)
+    shutil.copy2(ROOT / "results" / "bench" / "graph_trees-gpu-minilm.json", repo / "results" / "bench")
+    names = [f"rr_under-baseline-b66b3d54-seed{s}" for s in (0, 1)]
+    for name, graphs in zip(names, (20, 30)):
+        run = json.loads((ROOT / "results" / "gpu-minilm" / "runs" / f"{name}.json").read_text())
+        (repo / "results" / "gpu-minilm" / "runs" / f"{name}.json").write_text(json.dumps(run))
+        run["config"].update(cuda_graphs=True, fuse_tasks=True)
+        run["history"][-1]["cuda_graphs_recorded"] = graphs
+        (root / "results" / "gpu-minilm" / "runs" / f"{name}.json").write_text(json.dumps(run))
+    monkeypatch.setattr(gpu_run, "ROOT", repo)
+    log_dir = root / "results" / "gpu-minilm" / "gpu_run-3-graphs"
+    log_dir.mkdir()
+    record = gpu_run.compare_step("gpu-minilm", "gpu-minilm", first.set, root, log_dir)
+    assert record["status"] == "ok" and record["predicted"] == "graph_trees-gpu-minilm.json", record
+    result = json.loads((log_dir / "compare.json").read_text())
+    assert [r["predicted_graphs"] for r in result["runs"]] == [22, 24]  # seeds 0 and 1 in the committed prediction
+    assert result["graphs"]["at_most_predicted"] == 1 and result["paired"]["sst"]["mean_diff"] == 0
+    out = capsys.readouterr().out
+    assert "[gpu_run] compare: against the committed runs" in out and "1 of 2 runs recorded at most" in out
+    assert str(tmp_path) not in (log_dir / "compare.json").read_text()  # no machine folder in what comes back
+
+    assert gpu_run.compare_step("smoke", "smoke", [], root, log_dir)["status"].startswith("skipped")
+    (repo / "results" / "empty" / "runs").mkdir(parents=True)
+    (root / "results" / "empty").mkdir()
+    failed = gpu_run.compare_step("empty", "empty", [], root, log_dir)  # nothing came back to compare
+    assert failed["status"].startswith("failed: SystemExit") and "no finished run" in failed["status"]
