@@ -300,7 +300,7 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
             bar.update()
             progress.write(f"[{out['status']}] {rec['run_name']}"
                            + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
-                           + (" (without cuda_graphs, after a crash with them)" if "eager_retry" in rec else "")
+                           + (" (without cuda_graphs, after failing with them)" if "eager_retry" in rec else "")
                            + (f": {out['error']}" if out["status"] == "failed" else ""))
     bar.close()
 
@@ -339,7 +339,7 @@ def print_summary(summary: dict) -> None:
         if r["status"] == "failed":
             print(f"  FAILED {r['notebook']} {r['run_name']}: {r['error']}")
         if "eager_retry" in r:
-            print(f"  without cuda_graphs after a crash with them ({r['eager_retry']['error']}): {r['notebook']} "
+            print(f"  without cuda_graphs after failing with them ({r['eager_retry']['error']}): {r['notebook']} "
                   f"{r['run_name']}, {r['status']}")
     if summary["not_listed"]:
         print(f"  not listed: {', '.join(summary['not_listed'])} (they need earlier runs that are not all here: "

@@ -127,7 +127,7 @@ def test_a_run_whose_worker_dies_with_cuda_graphs_is_trained_again_without(crash
                            "expected_examples": {"full": 3, "heads_only": 0}, "runs": records})
     out = capsys.readouterr()
     assert f"[retry] {runs['graphed']['run_name']}: {sigsegv}; again without cuda_graphs" in out.out + out.err
-    assert f"without cuda_graphs after a crash with them ({sigsegv}): nb {runs['graphed']['run_name']}, trained" \
+    assert f"without cuda_graphs after failing with them ({sigsegv}): nb {runs['graphed']['run_name']}, trained" \
         in out.out
 
 
