@@ -288,16 +288,19 @@ def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
                                                    f"args= stdin=quit pipe={tmp_path / 'mps-pipe'}"]
 
 
+def gpu_run_argv(line: str) -> list[str]:
+    """The arguments of the `benchmarks/gpu_run.py` call in a shell line (a comment, the shell's redirections and
+    pipes left out)."""
+    return shlex.split(line.split("benchmarks/gpu_run.py", 1)[1].split(" #")[0].split("2>&1")[0].split("|")[0])
+
+
 def gpu_run_commands(text: str):
-    """The argument lists of every `benchmarks/gpu_run.py` call in a text's ```bash blocks (comments and the
-    shell's redirections and pipes left out)."""
-    import shlex
+    """The argument lists of every `benchmarks/gpu_run.py` call in a text's ```bash blocks."""
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             if line.lstrip().startswith("#") or "benchmarks/gpu_run.py" not in line:
                 continue
-            call = line.split("benchmarks/gpu_run.py", 1)[1].split(" #")[0].split("2>&1")[0].split("|")[0]
-            yield shlex.split(call)
+            yield gpu_run_argv(line)
 
 
 def test_the_gpu_run_commands_in_the_docs_parse():
@@ -328,8 +331,7 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     parsed = []
     for c in calls:
         assert f"timeout_s {c['timeout_s']}" in docs and c["carry"] == [".gpu"]
-        args = gpu_run.build_parser().parse_args(shlex.split(c["command"].split("benchmarks/gpu_run.py", 1)[1]
-                                                            .split("2>&1")[0]))
+        args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
         assert args.budget + 20 <= c["timeout_s"] and args.then == "" and args.root == "/tmp/fresh"
         parsed.append(args)
     first, second = parsed
@@ -417,8 +419,7 @@ def test_a_call_that_retrains_apart_sets_its_runs_against_the_committed_ones(tmp
     repository's committed runs and with the graph counts committed for exactly those overrides; the comparison
     comes back in the archive, and a comparison that cannot be made costs nothing else."""
     gpu_run = load_benchmark("gpu_run")
-    first = gpu_run.build_parser().parse_args(shlex.split(
-        gpu_run.NEXT_CALLS[0]["command"].split("benchmarks/gpu_run.py", 1)[1].split("2>&1")[0]))
+    first = gpu_run.build_parser().parse_args(gpu_run_argv(gpu_run.NEXT_CALLS[0]["command"]))
     check = ["seeds=[0]", 'max_train={"sst": 2048, "para": 2048, "sts": 2048}', "max_dev=512", first.set[0]]
     assert gpu_run.graph_prediction("gpu-minilm", first.set).name == "graph_trees-gpu-minilm.json"
     assert gpu_run.graph_prediction("gpu-minilm", check).name == "graph_trees-gpu-minilm-check.json"
