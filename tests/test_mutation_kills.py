@@ -7,6 +7,7 @@ and why (equivalent mutants).
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from mtbert_utils.pcgrad import pairwise_cosines, pcgrad_backward
 from mtbert_utils.schedules import SCHEDULES, get_schedule
 from mtbert_utils.tasks import sts_cosine_embedding_loss
+
+from conftest import float32_tol, float64_tol
 
 NB = {"sst": 7, "para": 11, "sts": 3}
 PARAMS = {  # every registered schedule with non-default params
@@ -668,3 +671,100 @@ def test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device()
     g = [torch.tensor([1.0, 0.0], device="cuda"), torch.tensor([-1.0, 1.0], device="cuda")]
     out = project_conflicting(g, generator=gen)
     torch.testing.assert_close(out[0].cpu(), torch.tensor([0.5, 0.5]))  # g_a - (g_a.g_b / |g_b|^2) g_b
+
+
+# --------------------------------------------------------------------------- optimisation (optim.py)
+
+def tiny_model_and_config(**kw):
+    from mtbert_utils.config import TrainConfig
+    from mtbert_utils.training import build_model
+    config = TrainConfig(encoder="tiny", progress=False, **kw)
+    return build_model(config), config
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adamw_gets_the_configs_weight_decay(weight_decay):
+    """The config's weight decay reaches AdamW, 0 included: torch's AdamW would otherwise decay every weight
+    by its own default (0.01), which the study's setup does not."""
+    from mtbert_utils.optim import build_optimizer
+    model, config = tiny_model_and_config(weight_decay=weight_decay)
+    opt = build_optimizer(model, config, torch.device("cpu"))
+    assert opt.defaults["weight_decay"] == weight_decay
+    assert all(g["weight_decay"] == weight_decay for g in opt.param_groups)
+
+
+def test_layer_lr_decay_refuses_an_encoder_without_numbered_layers():
+    from mtbert_utils.optim import encoder_depths
+    with pytest.raises(ValueError, match=r"^layer_lr_decay needs an encoder with numbered layers \(\.layer\.<i>\.\)$"):
+        encoder_depths(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_optimizer_is_fused_adamw_on_cuda():
+    """optimizer="auto" is fused AdamW on CUDA (one kernel over every tensor), foreach on CPU."""
+    from mtbert_utils.optim import build_optimizer
+    model, config = tiny_model_and_config()
+    opt = build_optimizer(model.cuda(), config, torch.device("cuda"))
+    assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
+
+
+# --------------------------------------------------------------------------- metrics and ensembles (evaluation.py)
+
+def test_summary_metrics_by_hand():
+    """The study's mean of the three task metrics and the CS224N overall score, (sst + para + (r + 1) / 2) / 3,
+    once all three are there; neither before."""
+    from mtbert_utils.evaluation import add_summary_metrics
+    m = add_summary_metrics({"sst": 0.5, "para": 0.8, "sts": 0.6})
+    assert m["mean"] == pytest.approx((0.5 + 0.8 + 0.6) / 3, rel=float64_tol(3))
+    assert m["overall"] == pytest.approx((0.5 + 0.8 + 0.8) / 3, rel=float64_tol(4))
+    assert add_summary_metrics({"sst": 0.5, "para": 0.8}) == {"sst": 0.5, "para": 0.8}
+
+
+# a confident wrong member (c3) against two right ones: averaging probabilities keeps both examples right,
+# averaging logits would get the first wrong ((2 + 2 - 9) / 3 < 0)
+PARA = {1: np.array([2.0, -2.0]), 2: np.array([2.0, -2.0]), 3: np.array([-9.0, 1.0])}
+PARA_GOLD = np.array([1, 0])
+
+
+def mean_prob_logit(logits):
+    p = np.mean([1 / (1 + np.exp(-x)) for x in logits], axis=0)
+    return np.log(p / (1 - p))
+
+
+def test_an_ensemble_averages_each_tasks_probabilities_not_its_logits():
+    from mtbert_utils.evaluation import ensemble_prediction, select_members
+    members = [{"ids": ["a", "b"], "raw": PARA[k], "pred": None} for k in (1, 2, 3)]
+    out = ensemble_prediction("para", members)
+    # in float32: a cast, a sigmoid, a mean of 3 and a logit (slope 1 / (p (1 - p)), p >= 0.32 here)
+    assert out["raw"] == pytest.approx(mean_prob_logit(list(PARA.values())), abs=float32_tol(7) / (0.32 * 0.68))
+    assert list(out["pred"]) == [1, 0]
+    assert select_members("para", PARA, PARA_GOLD)["val_by_k"] == [1.0, 1.0, 1.0]
+    sst = [np.log([[0.9, 0.05, 0.02, 0.02, 0.01]]), np.log([[0.3, 0.4, 0.1, 0.1, 0.1]])]
+    got = ensemble_prediction("sst", [{"ids": ["s"], "raw": r, "pred": None} for r in sst])
+    # the mean probabilities (a logit mean would give their geometric mean: 0.52, 0.14, ...); in float32: a softmax
+    # over 5 classes, a mean of 2, a log and an exp
+    assert np.exp(got["raw"]) == pytest.approx(np.array([[0.6, 0.225, 0.06, 0.06, 0.055]]), rel=float32_tol(5 + 2 + 2))
+    assert list(got["pred"]) == [0]
+
+
+def test_an_sts_ensemble_predicts_the_cosine_heads_scores_by_default():
+    """ensemble_prediction's default head is the cosine one: 5 x the mean cosine, as predict gives it."""
+    from mtbert_utils.evaluation import ensemble_prediction
+    members = [{"ids": ["x", "y"], "raw": np.array(r), "pred": None} for r in ([0.2, 0.4], [0.6, 0.0])]
+    out = ensemble_prediction("sts", members)
+    assert out["pred"] == pytest.approx([2.0, 1.0], rel=float32_tol(3))
+    assert ensemble_prediction("sts", members, "linear")["pred"] == pytest.approx([0.4, 0.2], rel=float32_tol(3))
+
+
+def test_a_confident_para_ensemble_keeps_a_finite_logit():
+    """Probabilities are clamped to [1e-7, 1 - 1e-7] before the logit: members sure enough that float32's sigmoid
+    gives exactly 1 or 0 still give a finite logit of the right sign, not an infinity."""
+    from mtbert_utils.evaluation import combine_outputs
+    out = combine_outputs("para", [np.array([200.0, -200.0]), np.array([100.0, -120.0])])
+    assert np.isfinite(out).all() and out[0] > 15 and out[1] < -15
+
+
+def test_an_empty_ensemble_is_refused_with_its_message():
+    from mtbert_utils.evaluation import combine_outputs
+    with pytest.raises(ValueError, match="^an ensemble needs at least one member$"):
+        combine_outputs("para", [])
