@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (pip install -e ".[mutation]"): plants single-line bugs
-# in pcgrad, schedules, stats, tasks, the parsing half of data and batching, one at a time, runs the tests that reach
-# the mutated function, and writes results/mutation/{summary.md,mutants.json}. Not part of CI (docs/testing.md).
+# in pcgrad, schedules, stats, tasks, the parsing half of data, batching, optim, budget and evaluation's arithmetic,
+# one at a time, runs the tests that reach the mutated function, and writes results/mutation/{summary.md,mutants.json}.
+# Not part of CI (docs/testing.md).
 #
 #   bash benchmarks/mutation.sh                   # fresh run (deletes ./mutants), then the summary
 #   MUTATION_JOBS=2 bash benchmarks/mutation.sh   # parallel workers (default 1: a shared 2-core box)
@@ -9,18 +10,28 @@
 #                                                 # keeping ./mutants' other results; then the summary
 #   bash benchmarks/mutation.sh $(python benchmarks/mutation_summary.py --unsettled)
 #                                                 # after adding tests: re-check only the survivors
+#   MUTATION_MODULES="optim budget" bash benchmarks/mutation.sh
+#                                                 # a fresh run of these modules alone, scored on its own in
+#                                                 # results/mutation/optim-budget/ (the whole scope's summary
+#                                                 # stays as it was); re-check its survivors with the same
+#                                                 # MUTATION_MODULES and `--unsettled --modules optim budget`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # the tests run from ./mutants, where conftest's default (the mirror beside the repository) is one level off:
 # without this, every test that reads the CS224N files skips and the batching tests reach no mutant
 export MTBERT_DATA_DIR="$(realpath -m "${MTBERT_DATA_DIR:-$(cd .. && pwd)/shared/data/cs224n}")"
+read -r -a modules <<< "${MUTATION_MODULES:-}"
+only=() out=results/mutation
+if [ ${#modules[@]} -gt 0 ]; then
+    only=(--modules "${modules[@]}") out="results/mutation/$(IFS=-; echo "${modules[*]}")"
+fi
 if [ $# -gt 0 ]; then
     scope=("$@")
 else
     rm -rf mutants  # a fresh run: no result cached from older code or tests
-    mapfile -t scope < <(python benchmarks/mutation_summary.py --scope)
+    mapfile -t scope < <(python benchmarks/mutation_summary.py --scope "${only[@]}")
 fi
 # mutmut exits non-zero when mutants survive; the summary below is the verdict
 nice -n 19 mutmut run --max-children "${MUTATION_JOBS:-1}" "${scope[@]}" || true
-python benchmarks/mutation_summary.py --out results/mutation
+python benchmarks/mutation_summary.py --out "$out" "${only[@]}"

@@ -3,6 +3,9 @@
     python benchmarks/mutation_summary.py --scope        # the mutant-name patterns that are run and scored
     python benchmarks/mutation_summary.py --out DIR      # DIR/mutants.json (every scored mutant, its status and
                                                          # diff) and DIR/summary.md (kill rate, survivors)
+    python benchmarks/mutation_summary.py --modules optim budget --out DIR
+                                                         # the same for these modules alone (a run of
+                                                         # mutation.sh with their patterns only)
 
 A survivor is either killed by a test or listed in benchmarks/mutation_equivalent.json with the reason
 it cannot change behaviour. Equivalents are keyed by function and mutated line (not by mutmut's
@@ -38,9 +41,17 @@ SCOPE = [
                                                           "eval_batches", "training_streams", "check_trainable")),
     "mtbert_utils.batching.xǁEncodedTaskǁ*",
     "mtbert_utils.batching.xǁTaskBatchStreamǁ*",
+    # the study's tuned optimisation: per-module and layer-wise learning rates, the step decay
+    "mtbert_utils.optim.*",
+    # examples budgets (equal-budget runs, GPU planning); not train_sizes, which reads the data files
+    *(f"mtbert_utils.budget.x_{f}__mutmut_*" for f in ("expected_examples", "relative_cost", "batches_per_epoch",
+                                                        "budget_epochs", "epochs_for_budget")),
+    # evaluation's arithmetic: metrics, their summaries, ensembles and their members; not the model's forward
+    *(f"mtbert_utils.evaluation.x_{f}__mutmut_*" for f in ("score", "add_summary_metrics", "combine_outputs",
+                                                            "ensemble_prediction", "select_members")),
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
-MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching")
+MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation")
 
 
 def in_scope(name: str) -> bool:
@@ -83,11 +94,20 @@ def collect(diffs: bool = True) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) -> tuple[dict, str]:
-    known = {(e["function"], e["line"]): e["reason"] for e in equivalent["equivalent"]}
+def of_modules(function: str, modules) -> bool:
+    return function.split(".", 1)[0] in modules
+
+
+def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, modules: tuple = MODULES,
+              version: str = "", commit: str = "") -> tuple[dict, str]:
+    """rows: collect()'s, of `modules` only (a run over part of the scope is scored on that part alone);
+    version and commit: mutmut's and the code's, for the record."""
+    known = {(e["function"], e["line"]): e["reason"] for e in equivalent["equivalent"]
+             if of_modules(e["function"], modules)}
     # survivors that are real bugs but cannot be observed on this machine (e.g. CUDA only): they stay
     # survivors and count against the kill rate, with the reason shown
-    noted = {(e["function"], e["line"]): e["reason"] for e in equivalent.get("not_observable_here", [])}
+    noted = {(e["function"], e["line"]): e["reason"] for e in equivalent.get("not_observable_here", [])
+             if of_modules(e["function"], modules)}
     for r in rows:
         key = (r["function"], r.get("line"))
         if r["status"] in ("survived", "no tests") and key in known:
@@ -99,7 +119,7 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) 
     stale = [f"{f}: `{l}`" for f, l in [*known, *noted] if (f, l) not in used]
 
     by_module = {}
-    for m in MODULES:
+    for m in modules:
         c = Counter(r["status"] for r in rows if r["function"].startswith(m + "."))
         by_module[m] = dict(sorted(c.items()))
     total = Counter(r["status"] for r in rows)
@@ -108,16 +128,16 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) 
         + total["segfault"]
     killed = total["killed"] + total["timeout"] + total["segfault"]  # a mutant that hangs or crashes the tests is caught
     rate = killed / scored if scored else float("nan")
-    summary = {"tool": "mutmut", "scope": SCOPE, "counts": dict(sorted(total.items())), "by_module": by_module,
+    scope = [p for p in SCOPE if p.split(".")[1] in modules]
+    summary = {"tool": "mutmut", "scope": scope, "modules": list(modules), "counts": dict(sorted(total.items())),
+               "by_module": by_module,
                "non_equivalent": scored, "killed_or_timeout": killed, "kill_rate": round(rate, 4),
                "stale_equivalents": stale}
 
-    import subprocess
-    import mutmut
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    summary["mutmut"], summary["commit"] = mutmut.__version__, commit
-    md = ["# Mutation testing of the core modules", "",
-          f"Produced by `bash benchmarks/mutation.sh` (mutmut {mutmut.__version__}, code at {commit or 'unknown'}; "
+    summary["mutmut"], summary["commit"] = version, commit
+    part = "" if set(modules) == set(MODULES) else f": {', '.join(modules)}"
+    md = [f"# Mutation testing of the core modules{part}", "",
+          f"Produced by `bash benchmarks/mutation.sh` (mutmut {version}, code at {commit or 'unknown'}; "
           "scope and method in docs/testing.md).", "",
           f"**Kill rate: {killed} of {scored} non-equivalent mutants killed ({rate:.1%})**; "
           f"{total['equivalent']} survivors are equivalent (listed below with the reason), "
@@ -148,26 +168,36 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scope", action="store_true", help="print the mutant-name patterns, one a line")
+    p.add_argument("--scope", action="store_true", help="print the mutant-name patterns (of --modules), one a line")
     p.add_argument("--unsettled", action="store_true",
                    help="print the scored mutants not (yet) killed: to re-check them after adding tests")
     p.add_argument("--out", type=Path, default=Path("results/mutation"))
+    p.add_argument("--modules", nargs="+", choices=MODULES, default=list(MODULES),
+                   help="score these modules only (after a run of their patterns alone); default: the whole scope")
     args = p.parse_args(argv)
+    modules = tuple(m for m in MODULES if m in args.modules)
     if args.scope:
-        print("\n".join(SCOPE))
+        print("\n".join(p for p in SCOPE if p.split(".")[1] in modules))
         return 0
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {"equivalent": []}
+    rows = [r for r in collect() if of_modules(r["function"], modules)]
     if args.unsettled:
-        rows = collect()
-        summarize(rows, equivalent)  # marks the equivalent ones
+        summarize(rows, equivalent, modules=modules)  # marks the equivalent ones
         print("\n".join(r["mutant"] for r in rows if r["status"] not in ("killed", "timeout", "segfault", "equivalent")))
         return 0
-    rows = collect()
     if not rows:
         print("no mutmut results in ./mutants: run benchmarks/mutation.sh first", file=sys.stderr)
         return 1
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        tool = version("mutmut")
+    except PackageNotFoundError:  # results read back without mutmut installed
+        tool = "unknown"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     first = args.out / "first_run.json"  # an earlier full run kept for comparison, if there is one
-    summary, md = summarize(rows, equivalent, json.loads(first.read_text()) if first.exists() else None)
+    summary, md = summarize(rows, equivalent, json.loads(first.read_text()) if first.exists() else None, modules,
+                            tool, commit)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutants.json").write_text(json.dumps({"summary": summary, "mutants": rows}, indent=1,
                                                       ensure_ascii=False) + "\n")
