@@ -53,15 +53,16 @@ PACK_DIR = ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
 RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
-# the CUDA-only tests, run last with the time left, in this order: first the five no GPU has run yet (the graphs
-# step's backward on the calling thread, the step without host syncs, fused graph counts, dropout masks), then
-# the three that passed on an H200 in session 2. pytest runs node ids in the order given, and -v logs each
+# the CUDA-only tests, run last with the time left, in this order: first the six no GPU has run yet (the graphs
+# step's backward on the calling thread, the step without host syncs, fused graph counts, dropout masks, fused
+# AdamW by default), then the three that passed on an H200 in session 2. pytest runs node ids in the order given, and -v logs each
 # result as it comes, so a run stopped at the budget still says which passed (all skipped on a CPU)
 CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
               "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
               "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
               "tests/test_training.py::test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would",
+              "tests/test_mutation_kills.py::test_auto_optimizer_is_fused_adamw_on_cuda",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_train_like_eager",
               "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device",
               "tests/test_train_only.py::test_train_only_runs_share_one_gpu"]
