@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -404,6 +405,9 @@ def plant(checkpoint: Path, config) -> Path:
     ({"sts_head": "linear"}, "sts_head: checkpoint has 'cosine', config wants 'linear'"),
     ({"para_input": "separate"}, "para_input: checkpoint has 'joint', config wants 'separate'"),
     ({"pooling": "mean"}, "pooling: checkpoint has 'cls', config wants 'mean'"),
+    ({"sts_head": "linear", "para_input": "separate"},  # every difference, in the signature's order
+     "para_input: checkpoint has 'joint', config wants 'separate', "
+     "sts_head: checkpoint has 'cosine', config wants 'linear'"),
 ])
 def test_checkpoint_with_other_heads_is_refused(cosine_checkpoint, tiny_config, tmp_path, change, expect):
     config = tiny_config(tmp_path, phases=[[2, True]], **change)
@@ -432,14 +436,36 @@ def test_checkpoint_with_wrong_shapes_or_junk_is_refused(cosine_checkpoint, tiny
     ckpt = torch.load(dest, weights_only=False)
     ckpt["model"]["sst_head.weight"] = torch.zeros(3, 64)  # a 3-class head
     torch.save(ckpt, dest)
-    with pytest.raises(ValueError, match=r"sst_head.weight: checkpoint \(3, 64\) vs model \(5, 64\)"):
+    with pytest.raises(ValueError, match=r"sst_head.weight: checkpoint \(3, 64\) vs model \(5, 64\)") as e:
         train(config, resume=True)
+    assert str(e.value) == (f"checkpoint {dest} does not fit this model: "
+                            "sst_head.weight: checkpoint (3, 64) vs model (5, 64)")
+    # six tensors of the wrong shape: the first five named, in the checkpoint's order
+    wrong = [k for k, v in ckpt["model"].items() if v.ndim == 2][:6]
+    for k in wrong:
+        ckpt["model"][k] = torch.zeros(1, 1)
+    torch.save(ckpt, dest)
+    with pytest.raises(ValueError) as e:
+        train(config, resume=True)
+    shapes = {k: tuple(v.shape) for k, v in torch.load(cosine_checkpoint, weights_only=False)["model"].items()}
+    assert str(e.value) == f"checkpoint {dest} does not fit this model: " + "; ".join(
+        f"{k}: checkpoint (1, 1) vs model {shapes[k]}" for k in wrong[:5])
+    # tensors the model has and the checkpoint lacks: named, the first five in order
+    gone = sorted(k for k in torch.load(cosine_checkpoint, weights_only=False)["model"] if k.startswith("encoder."))[:7]
+    ckpt["model"] = {k: v for k, v in torch.load(cosine_checkpoint, weights_only=False)["model"].items()
+                     if k not in gone}
+    torch.save(ckpt, dest)
+    with pytest.raises(ValueError) as e:
+        train(config, resume=True)
+    assert str(e.value) == f"checkpoint {dest} does not fit this model:  missing: {', '.join(gone[:5])}"
     dest.write_bytes(dest.read_bytes()[:1000])  # truncated (as by a non-atomic copy)
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(dest))} cannot be read \(\w+Error: "):
         load_checkpoint(dest, config)
-    torch.save({"weights": torch.zeros(2)}, dest)
-    with pytest.raises(ValueError, match="not an mtbert checkpoint"):
-        load_checkpoint(dest, config)
+    for junk in ({"weights": torch.zeros(2)}, {"model": {}}, {"signature": {}}, [torch.zeros(2)]):
+        torch.save(junk, dest)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(dest))} is not an mtbert checkpoint \(no model "
+                                             r"state or signature\)$"):
+            load_checkpoint(dest, config)
 
 
 # ---------------------------------------------------------------------------

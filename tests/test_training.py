@@ -1,6 +1,7 @@
 """The training loop end to end with the tiny encoder: result files, exact resume, determinism, every schedule."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from mtbert_utils.data import digest_changes, file_digests
 from mtbert_utils.results import load_runs
 from mtbert_utils.config import LR_KEYS, TrainConfig
+from mtbert_utils.model import default_pooling
 from mtbert_utils.optim import lr_multiplier
 from mtbert_utils.training import train
 
@@ -117,8 +119,15 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
         setattr(state, k, v)
     path = tmp_path / "last.pt"
     state.save(path, config, session_start=__import__("time").time())
+    # the checkpoint's format: older checkpoints hold these names, and a part saved under another name would be
+    # skipped on their resume without a word
+    saved = torch.load(path, weights_only=False)
+    assert set(saved) == {*PROGRESS, "model", "optimizer", "streams", "schedule", "sched_rng", "pcgrad_gen", "scaler",
+                          "torch_rng", "cuda_rng", "signature", "config"}
+    assert saved["signature"] == {"encoder": "tiny", "pooling": default_pooling("tiny"), "para_input": "joint",
+                                  "sts_head": "cosine"}
     back = fresh()
-    back.restore(path, config)
+    assert back.restore(path, config) is True
     for k, v in changed.items():
         got = getattr(back, k)
         if k == "wall_time":
@@ -138,6 +147,43 @@ def test_run_state_restores_every_field_it_saves_and_defaults_what_old_checkpoin
     assert (back.wall_time, back.resumes, back.best["epoch"], back.snapshot_val) == (None, 1, None, {})
     assert back.data_sha256 is None
     assert (back.epoch, back.step) == (2, 17)
+
+
+def test_a_checkpoint_keeps_the_loss_scale(tmp_path):
+    """fp16 training's GradScaler (a CUDA run's; a CPU one stands in) is saved and restored with the rest; a
+    checkpoint without one leaves a scaler as it was, and a state without one ignores a saved scale."""
+    config, path, plain = TrainConfig(encoder="tiny"), tmp_path / "last.pt", tmp_path / "plain.pt"
+    state = _linear_state()
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state.save(path, config, session_start=0.0)
+    back = _linear_state()
+    back.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    back.restore(path, config)
+    assert back.scaler.get_scale() == 1024.0
+    _linear_state().save(plain, config, session_start=0.0)
+    assert torch.load(plain, weights_only=False)["scaler"] is None
+    back.restore(plain, config)
+    assert back.scaler.get_scale() == 1024.0
+    assert _linear_state().restore(path, config) is True  # no scaler here: the saved scale is not needed
+
+
+def test_a_checkpoint_of_other_data_files_restores_nothing_and_says_so(tmp_path):
+    """RunState.restore returns False, warns (naming the checkpoint and the files, attributed to its caller's line)
+    and leaves the fresh state as it was, when the checkpoint was written while training on other data files."""
+    config, path = TrainConfig(encoder="tiny"), tmp_path / "last.pt"
+    state = _linear_state()
+    state.data_sha256, state.epoch, state.step = {"ids-sst-train.csv": "aaaa"}, 3, 40
+    state.model.weight.data += 1.0
+    state.save(path, config, session_start=0.0)
+    back = _linear_state()
+    back.data_sha256 = {"ids-sst-train.csv": "bbbb"}
+    weight = back.model.weight.detach().clone()
+    with pytest.warns(UserWarning, match="other data files") as rec:
+        assert back.restore(path, config) is False
+    assert str(path) in str(rec[0].message) and "ids-sst-train.csv" in str(rec[0].message)
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a stack frame of its own
+        assert rec[0].filename == __file__
+    assert (back.epoch, back.step, back.resumes) == (-1, 0, 0) and torch.equal(back.model.weight, weight)
 
 
 def _linear_state(device="cpu", schedule="sequential", **schedule_params):
@@ -160,15 +206,16 @@ def test_a_checkpoint_keeps_the_gpu_dropout_rng(tmp_path, monkeypatch):
     config, path = TrainConfig(encoder="tiny"), tmp_path / "last.pt"
     _linear_state().save(path, config, session_start=0.0)
     assert torch.load(path, weights_only=False)["cuda_rng"] is None
-    gpu_rng, restored = torch.arange(16, dtype=torch.uint8), []
-    monkeypatch.setattr(checkpoint, "model_device", lambda model: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_rng.clone())
+    gpu_rng, restored, read = torch.arange(16, dtype=torch.uint8), [], []
+    monkeypatch.setattr(checkpoint, "model_device", lambda model: torch.device("cuda", 1))  # the model's GPU
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: read.append(device) or gpu_rng.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     _linear_state().restore(path, config)  # a CPU run's checkpoint: the GPU generator is left as it is
     assert restored == []
     _linear_state().save(path, config, session_start=0.0)
     _linear_state().restore(path, config)
-    assert len(restored) == 1 and torch.equal(restored[0][0], gpu_rng) and restored[0][1] == torch.device("cuda", 0)
+    assert len(restored) == 1 and torch.equal(restored[0][0], gpu_rng) and restored[0][1] == torch.device("cuda", 1)
+    assert read == [torch.device("cuda", 1)]  # the generator of the model's GPU, not the current device's
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (gpu_run.py runs it)")
