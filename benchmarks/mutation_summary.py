@@ -49,9 +49,17 @@ SCOPE = [
     # evaluation's arithmetic: metrics, their summaries, ensembles and their members; not the model's forward
     *(f"mtbert_utils.evaluation.x_{f}__mutmut_*" for f in ("score", "add_summary_metrics", "combine_outputs",
                                                             "ensemble_prediction", "select_members")),
+    # what a run carries between epochs, saved and restored (resumes must be exact)
+    "mtbert_utils.checkpoint.*",
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
-MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation")
+MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
+           "checkpoint")
+
+
+def scope_of(modules) -> list[str]:
+    """SCOPE's patterns for these modules."""
+    return [p for p in SCOPE if p.split(".")[1] in modules]
 
 
 def in_scope(name: str) -> bool:
@@ -128,9 +136,8 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, 
         + total["segfault"]
     killed = total["killed"] + total["timeout"] + total["segfault"]  # a mutant that hangs or crashes the tests is caught
     rate = killed / scored if scored else float("nan")
-    scope = [p for p in SCOPE if p.split(".")[1] in modules]
-    summary = {"tool": "mutmut", "scope": scope, "modules": list(modules), "counts": dict(sorted(total.items())),
-               "by_module": by_module,
+    summary = {"tool": "mutmut", "scope": scope_of(modules), "modules": list(modules),
+               "counts": dict(sorted(total.items())), "by_module": by_module,
                "non_equivalent": scored, "killed_or_timeout": killed, "kill_rate": round(rate, 4),
                "stale_equivalents": stale}
 
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     modules = tuple(m for m in MODULES if m in args.modules)
     if args.scope:
-        print("\n".join(p for p in SCOPE if p.split(".")[1] in modules))
+        print("\n".join(scope_of(modules)))
         return 0
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {"equivalent": []}
     rows = [r for r in collect() if of_modules(r["function"], modules)]
