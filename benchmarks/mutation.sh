@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (pip install -e ".[mutation]"): plants single-line bugs
-# in pcgrad, schedules, stats, tasks, the parsing half of data, batching, optim, budget and evaluation's arithmetic,
-# one at a time, runs the tests that reach the mutated function, and writes results/mutation/{summary.md,mutants.json}.
-# Not part of CI (docs/testing.md).
+# in pcgrad, schedules, stats, tasks, the parsing half of data, batching, optim, budget, evaluation's arithmetic and
+# checkpoint, one at a time, runs the tests that reach the mutated function, and writes
+# results/mutation/{summary.md,mutants.json}. Not part of CI (docs/testing.md).
 #
 #   bash benchmarks/mutation.sh                   # fresh run (deletes ./mutants), then the summary
 #   MUTATION_JOBS=2 bash benchmarks/mutation.sh   # parallel workers (default 1: a shared 2-core box)
