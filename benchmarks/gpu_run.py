@@ -55,8 +55,8 @@ RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
 # the CUDA-only tests, run last with the time left, in this order: first the six no GPU has run yet (the graphs
 # step's backward on the calling thread, the step without host syncs, fused graph counts, dropout masks, fused
-# AdamW by default), then the three that passed on an H200 in session 2. pytest runs node ids in the order given, and -v logs each
-# result as it comes, so a run stopped at the budget still says which passed (all skipped on a CPU)
+# AdamW by default), then the three that passed on an H200 in session 2. pytest runs node ids in the order given,
+# and -v logs each result as it comes, so a run stopped at the budget still says which passed (all skipped on a CPU)
 CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
               "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
               "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape",

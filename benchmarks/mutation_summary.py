@@ -128,7 +128,7 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, 
 
     by_module = {}
     for m in modules:
-        c = Counter(r["status"] for r in rows if r["function"].startswith(m + "."))
+        c = Counter(r["status"] for r in rows if of_modules(r["function"], (m,)))
         by_module[m] = dict(sorted(c.items()))
     total = Counter(r["status"] for r in rows)
     # "no tests": a mutant no selected test reaches counts as surviving

@@ -447,13 +447,12 @@ def test_checkpoint_with_wrong_shapes_or_junk_is_refused(cosine_checkpoint, tiny
     torch.save(ckpt, dest)
     with pytest.raises(ValueError) as e:
         train(config, resume=True)
-    shapes = {k: tuple(v.shape) for k, v in torch.load(cosine_checkpoint, weights_only=False)["model"].items()}
+    original = torch.load(cosine_checkpoint, weights_only=False)["model"]
     assert str(e.value) == f"checkpoint {dest} does not fit this model: " + "; ".join(
-        f"{k}: checkpoint (1, 1) vs model {shapes[k]}" for k in wrong[:5])
+        f"{k}: checkpoint (1, 1) vs model {tuple(original[k].shape)}" for k in wrong[:5])
     # tensors the model has and the checkpoint lacks: named, the first five in order
-    gone = sorted(k for k in torch.load(cosine_checkpoint, weights_only=False)["model"] if k.startswith("encoder."))[:7]
-    ckpt["model"] = {k: v for k, v in torch.load(cosine_checkpoint, weights_only=False)["model"].items()
-                     if k not in gone}
+    gone = sorted(k for k in original if k.startswith("encoder."))[:7]
+    ckpt["model"] = {k: v for k, v in original.items() if k not in gone}
     torch.save(ckpt, dest)
     with pytest.raises(ValueError) as e:
         train(config, resume=True)
