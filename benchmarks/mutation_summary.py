@@ -6,6 +6,13 @@
     python benchmarks/mutation_summary.py --modules optim budget --out DIR
                                                          # the same for these modules alone (a run of
                                                          # mutation.sh with their patterns only)
+    python benchmarks/mutation_summary.py --pyproject --modules config
+                                                         # pyproject.toml with [tool.mutmut] set for a
+                                                         # module with a test selection of its own
+
+A module whose mutants would reach nearly every selected test (config: every test builds a TrainConfig) has
+a test selection of its own, in pyproject.toml's [tool.mtbert.mutation-selection]; mutation.sh runs it in a
+copy of the repository whose [tool.mutmut] names that selection. The whole scope's run leaves it out.
 
 A survivor is either killed by a test or listed in benchmarks/mutation_equivalent.json with the reason
 it cannot change behaviour. Equivalents are keyed by function and mutated line (not by mutmut's
@@ -19,6 +26,7 @@ import argparse
 import fnmatch
 import json
 import sys
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -51,10 +59,16 @@ SCOPE = [
                                                             "ensemble_prediction", "select_members")),
     # what a run carries between epochs, saved and restored (resumes must be exact)
     "mtbert_utils.checkpoint.*",
+    # TrainConfig: its checks, derived values and run names (a test selection of its own: OWN_SELECTION)
+    "mtbert_utils.config.*",
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+# module -> the tests its mutants run against, instead of [tool.mutmut]'s selection
+OWN_SELECTION = tomllib.loads(PYPROJECT.read_text())["tool"]["mtbert"]["mutation-selection"]
 MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
-           "checkpoint")
+           "checkpoint", "config")
+SHARED = tuple(m for m in MODULES if m not in OWN_SELECTION)  # the whole scope's run: the shared selection
 
 
 def scope_of(modules) -> list[str]:
@@ -106,7 +120,7 @@ def of_modules(function: str, modules) -> bool:
     return function.split(".", 1)[0] in modules
 
 
-def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, modules: tuple = MODULES,
+def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, modules: tuple = SHARED,
               version: str = "", commit: str = "") -> tuple[dict, str]:
     """rows: collect()'s, of `modules` only (a run over part of the scope is scored on that part alone);
     version and commit: mutmut's and the code's, for the record."""
@@ -142,7 +156,7 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, 
                "stale_equivalents": stale}
 
     summary["mutmut"], summary["commit"] = version, commit
-    part = "" if set(modules) == set(MODULES) else f": {', '.join(modules)}"
+    part = "" if set(modules) == set(SHARED) else f": {', '.join(modules)}"
     md = [f"# Mutation testing of the core modules{part}", "",
           f"Produced by `bash benchmarks/mutation.sh` (mutmut {version}, code at {commit or 'unknown'}; "
           "scope and method in docs/testing.md).", "",
@@ -173,16 +187,47 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, 
     return summary, "\n".join(md) + "\n"
 
 
+def mutmut_section(modules) -> str:
+    """pyproject.toml with its [tool.mutmut] set for `modules`: for a module with its own test selection, that
+    selection and only that module mutated; otherwise the file as it is."""
+    own = [m for m in modules if m in OWN_SELECTION]
+    text = PYPROJECT.read_text()
+    if not own:
+        return text
+    if len(modules) > 1:
+        raise ValueError(f"{own[0]} has a test selection of its own: run it alone (MUTATION_MODULES={own[0]})")
+    conf = tomllib.loads(text)["tool"]["mutmut"]
+    conf["only_mutate"] = [f"mtbert_utils/{own[0]}.py"]
+    conf["pytest_add_cli_args_test_selection"] = OWN_SELECTION[own[0]]
+    head, _, rest = text.partition("[tool.mutmut]\n")
+    # the section ends at its first blank line, or at the next section's header
+    ends = [i + 1 for i in (rest.find("\n\n"), rest.find("\n[")) if i >= 0]
+    after = rest[min(ends):] if ends else ""
+    # TOML reads these values (strings, lists of strings, booleans) as JSON writes them
+    section = "[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items())
+    return head + section + after
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scope", action="store_true", help="print the mutant-name patterns (of --modules), one a line")
     p.add_argument("--unsettled", action="store_true",
                    help="print the scored mutants not (yet) killed: to re-check them after adding tests")
+    p.add_argument("--pyproject", action="store_true",
+                   help="print pyproject.toml with [tool.mutmut] set for --modules (their own test selection)")
     p.add_argument("--out", type=Path, default=Path("results/mutation"))
-    p.add_argument("--modules", nargs="+", choices=MODULES, default=list(MODULES),
-                   help="score these modules only (after a run of their patterns alone); default: the whole scope")
+    p.add_argument("--commit", help="the code's commit, for the record (default: git's HEAD here)")
+    p.add_argument("--modules", nargs="+", choices=MODULES, default=list(SHARED),
+                   help="score these modules only (after a run of their patterns alone); default: the whole "
+                        f"scope but {', '.join(OWN_SELECTION)}, which have test selections of their own")
     args = p.parse_args(argv)
     modules = tuple(m for m in MODULES if m in args.modules)
+    if args.pyproject:
+        try:
+            sys.stdout.write(mutmut_section(modules))
+        except ValueError as e:
+            p.error(str(e))
+        return 0
     if args.scope:
         print("\n".join(scope_of(modules)))
         return 0
@@ -201,7 +246,8 @@ def main(argv=None) -> int:
         tool = version("mutmut")
     except PackageNotFoundError:  # results read back without mutmut installed
         tool = "unknown"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
     first = args.out / "first_run.json"  # an earlier full run kept for comparison, if there is one
     summary, md = summarize(rows, equivalent, json.loads(first.read_text()) if first.exists() else None, modules,
                             tool, commit)

@@ -3,6 +3,8 @@ part alone, so the modules it did not run neither count as 'not run' nor make th
 
 import json
 
+import pytest
+
 from benchmarks import mutation_summary as ms
 
 # what collect() reads from ./mutants after `MUTATION_MODULES="optim budget" bash benchmarks/mutation.sh`:
@@ -41,7 +43,8 @@ def test_a_run_of_some_modules_is_scored_on_them_alone(monkeypatch, tmp_path):
 def test_the_whole_scope_counts_what_was_not_run(monkeypatch, tmp_path):
     summary, md = summarize_modules(monkeypatch, tmp_path)
     assert summary["counts"]["not checked"] == 2 and summary["kill_rate"] == 0.75
-    assert set(summary["by_module"]) == set(ms.MODULES)
+    # the whole scope is the modules that share [tool.mutmut]'s selection: config runs on its own
+    assert set(summary["by_module"]) == set(ms.SHARED) == set(ms.MODULES) - {"config"}
     assert md.startswith("# Mutation testing of the core modules\n") and "2 were not run" in md
     # the pcgrad equivalents are stale here (this fake run has no pcgrad survivors): the check still works
     assert any(s.startswith("pcgrad.") for s in summary["stale_equivalents"])
@@ -53,3 +56,28 @@ def test_scope_and_unsettled_follow_the_modules(monkeypatch, capsys):
     monkeypatch.setattr(ms, "collect", lambda diffs=True: [dict(r) for r in ROWS])
     assert ms.main(["--unsettled", "--modules", "optim", "budget"]) == 0
     assert capsys.readouterr().out.split() == ["mtbert_utils.optim.x_param_groups__mutmut_9"]
+
+
+def test_a_module_with_its_own_selection_gets_a_pyproject_naming_it(capsys):
+    import tomllib
+    mine = tomllib.loads(ms.PYPROJECT.read_text())
+    assert ms.main(["--pyproject", "--modules", "config"]) == 0
+    theirs = tomllib.loads(capsys.readouterr().out)
+    mutmut = theirs["tool"].pop("mutmut")
+    assert mutmut["only_mutate"] == ["mtbert_utils/config.py"]
+    assert mutmut["pytest_add_cli_args_test_selection"] == mine["tool"]["mtbert"]["mutation-selection"]["config"]
+    # the rest of [tool.mutmut] and every other section are as they were
+    def rest(section):
+        return {k: v for k, v in section.items() if k not in ("only_mutate", "pytest_add_cli_args_test_selection")}
+    assert rest(mutmut) == rest(mine["tool"]["mutmut"]) and rest(mutmut)
+    mine["tool"].pop("mutmut")
+    assert theirs == mine
+    # the shared modules run here, with pyproject.toml as it is; a module of its own does not run with others
+    assert ms.main(["--pyproject", "--modules", "optim", "stats"]) == 0
+    assert capsys.readouterr().out == ms.PYPROJECT.read_text()
+    with pytest.raises(SystemExit):
+        ms.main(["--pyproject", "--modules", "config", "optim"])
+    assert "config has a test selection of its own: run it alone" in capsys.readouterr().err
+    assert ms.main(["--scope", "--modules", "config"]) == 0
+    assert capsys.readouterr().out.split() == ["mtbert_utils.config.*"]
+    assert ms.main(["--scope"]) == 0 and "mtbert_utils.config.*" not in capsys.readouterr().out.split()
