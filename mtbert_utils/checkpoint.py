@@ -53,9 +53,9 @@ def load_model_state(model, state: dict, path) -> None:
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(state))
-    if bad or missing:
-        raise ValueError(f"checkpoint {path} does not fit this model: "
-                         f"{'; '.join(bad[:5])}{' missing: ' + ', '.join(missing[:5]) if missing else ''}")
+    problems = bad[:5] + ([f"missing: {', '.join(missing[:5])}"] if missing else [])
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit this model: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 

@@ -456,7 +456,7 @@ def test_checkpoint_with_wrong_shapes_or_junk_is_refused(cosine_checkpoint, tiny
     torch.save(ckpt, dest)
     with pytest.raises(ValueError) as e:
         train(config, resume=True)
-    assert str(e.value) == f"checkpoint {dest} does not fit this model:  missing: {', '.join(gone[:5])}"
+    assert str(e.value) == f"checkpoint {dest} does not fit this model: missing: {', '.join(gone[:5])}"
     dest.write_bytes(dest.read_bytes()[:1000])  # truncated (as by a non-atomic copy)
     with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(dest))} cannot be read \(\w+Error: "):
         load_checkpoint(dest, config)

@@ -218,6 +218,59 @@ def test_a_checkpoint_keeps_the_gpu_dropout_rng(tmp_path, monkeypatch):
     assert read == [torch.device("cuda", 1)]  # the generator of the model's GPU, not the current device's
 
 
+def test_a_model_state_that_does_not_fit_names_wrong_shapes_then_missing_tensors():
+    from mtbert_utils.checkpoint import load_model_state
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    state = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2), "extra": torch.zeros(1)}
+    with pytest.raises(ValueError) as e:
+        load_model_state(model, state, "ck.pt")
+    assert str(e.value) == ("checkpoint ck.pt does not fit this model: 0.weight: checkpoint (2, 4) vs model (2, 3); "
+                            "missing: 1.bias, 1.weight")
+    weight = model[0].weight.detach().clone()
+    with pytest.raises(ValueError):
+        load_model_state(model, {**state, "0.weight": torch.ones(2, 3)}, "ck.pt")  # still missing two
+    assert torch.equal(model[0].weight, weight)  # nothing loaded from a checkpoint that does not fit
+    load_model_state(model, {**model.state_dict(), "0.weight": torch.ones(2, 3)}, "ck.pt")
+    assert torch.equal(model[0].weight, torch.ones(2, 3))
+
+
+def test_a_data_parallel_checkpoint_keeps_each_processs_dropout_rng(tmp_path, monkeypatch):
+    """With N processes each draws its own dropout masks: rank 0's checkpoint keeps every process's CPU (and GPU)
+    generator, gathered from all, and each process restores its own; a checkpoint of another process count, or
+    of one process, restores the single generator. The process group is stood in for here (rank and world size
+    set, the gather returning a state per rank); tests/test_distributed.py resumes a real 2-process run."""
+    from mtbert_utils import distributed
+    config, path, before = TrainConfig(encoder="tiny"), tmp_path / "last.pt", torch.get_rng_state()
+    # each process's generator, each in another state
+    states = [{"cpu": torch.Generator().manual_seed(100 + r).get_state(), "cuda": None} for r in range(3)]
+    gathered = []
+
+    def processes(world, rank):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered.append(obj) or states[:world])
+    processes(2, 0)
+    state = _linear_state()
+    mine = torch.get_rng_state()
+    state.save(path, config, session_start=0.0)
+    saved = torch.load(path, weights_only=False)
+    assert len(gathered) == 1 and torch.equal(gathered[0]["cpu"], mine) and gathered[0]["cuda"] is None
+    assert [torch.equal(a, b["cpu"]) for a, b in zip(saved["torch_rng_ranks"], states)] == [True, True]
+    assert saved["cuda_rng_ranks"] == [None, None] and torch.equal(saved["torch_rng"], mine)  # rank 0's own too
+    processes(2, 1)
+    _linear_state().save(tmp_path / "not-main.pt", config, session_start=0.0)
+    assert not (tmp_path / "not-main.pt").exists() and len(gathered) == 2  # all gather, only rank 0 writes
+    _linear_state().restore(path, config)
+    assert torch.equal(torch.get_rng_state(), states[1]["cpu"])  # rank 1 draws on from its own generator
+    processes(3, 1)  # restarted with another process count: every process takes the saved rank 0's generator
+    _linear_state().restore(path, config)
+    assert torch.equal(torch.get_rng_state(), mine)
+    processes(1, 0)
+    _linear_state().save(path, config, session_start=0.0)
+    assert "torch_rng_ranks" not in torch.load(path, weights_only=False) and len(gathered) == 2  # no gather
+    torch.set_rng_state(before)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (gpu_run.py runs it)")
 def test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would(tmp_path):
     config, path = TrainConfig(encoder="tiny"), tmp_path / "last.pt"
