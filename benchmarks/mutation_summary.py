@@ -187,7 +187,7 @@ def summarize(rows: list[dict], equivalent: dict, baseline: dict | None = None, 
     return summary, "\n".join(md) + "\n"
 
 
-def mutmut_section(modules) -> str:
+def pyproject_for(modules) -> str:
     """pyproject.toml with its [tool.mutmut] set for `modules`: for a module with its own test selection, that
     selection and only that module mutated; otherwise the file as it is."""
     own = [m for m in modules if m in OWN_SELECTION]
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     modules = tuple(m for m in MODULES if m in args.modules)
     if args.pyproject:
         try:
-            sys.stdout.write(mutmut_section(modules))
+            sys.stdout.write(pyproject_for(modules))
         except ValueError as e:
             p.error(str(e))
         return 0
