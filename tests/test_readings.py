@@ -144,3 +144,12 @@ def test_pcgrad_reading_skips_a_weighting_without_both_arms():
     assert text.endswith("(Most conflict: equal; 1 weightings.)\n")
     assert pcgrad_reading(conflicts(), paired.iloc[:1]) == \
         "No weighting has both arms with two or more seeds: nothing to read.\n"
+
+
+def test_lists_of_several_are_joined():
+    summary, paired = sampler_tables()
+    paired = pd.concat([paired, pd.DataFrame([diff(0.1, 0.02, 0.003, 5.0, a="temperature", b="sequential",
+                                                   metric="mean", budget_mode="equal examples")])])
+    assert sampler_reading(summary, paired, []).endswith("Resolved better than sequential: annealed, temperature.\n")
+    text = pcgrad_reading(conflicts(surgery_equal=(0.1, 0.0), surgery_weighted=(0.0, 0.2)), pcgrad_paired())
+    assert "although conflicts are not weak under sst:3; equal (surgery of 5% or more)" in text
