@@ -85,7 +85,7 @@ def _jsonable(o):
 def git_commit(short: bool = False) -> str | None:
     """The code version: the git commit of the repository (with '+dirty' if it has uncommitted changes)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short" if short else "HEAD"], cwd=REPO_ROOT,
+        rev = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None

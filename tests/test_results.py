@@ -95,6 +95,7 @@ def test_git_commit_asks_git_for_the_checkouts_commit_and_its_dirty_flag(monkeyp
 
     def run(args, **kw):
         calls.append((args, kw["cwd"]))
+        assert 0 < kw["timeout"] <= 60  # a hung git cannot hold up a run for long
         out = {"rev-parse": "abc123\n", "status": " M mtbert_utils/x.py\n" if dirty else ""}[args[1]]
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
     monkeypatch.setattr(results.subprocess, "run", run)
@@ -102,7 +103,7 @@ def test_git_commit_asks_git_for_the_checkouts_commit_and_its_dirty_flag(monkeyp
     assert git_commit() == "abc123" and calls[0] == (["git", "rev-parse", "HEAD"], REPO_ROOT)
     assert calls[1][0] == ["git", "status", "--porcelain", "--untracked-files=no", "--", "mtbert_utils"]
     dirty = True
-    assert git_commit(short=True) == "abc123+dirty" and calls[2][0] == ["git", "rev-parse", "--short"]
+    assert git_commit(short=True) == "abc123+dirty" and calls[2][0] == ["git", "rev-parse", "--short", "HEAD"]
     monkeypatch.setattr(results.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 128, "", ""))
     assert git_commit() is None  # not a repository
 
@@ -132,7 +133,7 @@ def test_load_runs_reads_finished_runs_only_in_path_order(tmp_path):
     write_json(tmp_path / "a.json", {"status": "finished", "n": 1})
     write_json(tmp_path / "c.json", {"status": "running", "n": 3})
     write_json(tmp_path / "d.json", [1, 2])
-    (tmp_path / "e.json").write_text("{half")  # a file cut short: skipped, not fatal
+    (tmp_path / "0.json").write_text("{half")  # a file cut short (read first): skipped, the rest still read
     write_json(tmp_path / "f.txt", {"status": "finished", "n": 4})
     runs = load_runs(tmp_path)
     assert [r["n"] for r in runs] == [1, 2] and runs[1]["_path"] == str(tmp_path / "b" / "two.json")
@@ -150,6 +151,8 @@ def test_paths_are_recorded_relative_to_the_repository():
     assert relativize(obj, root) == {"a": "results/x.json", "b": ["r", 3, "other"], "c": {"d": "see notebooks"},
                                      "e": None, "f": "/old/machine/repository"}
     assert relativize(str(REPO_ROOT / "results")) == "results"  # the default root: this checkout
+    assert relativize("/data/my repo /results", "/data/my repo ") == "results"  # a folder name may end in a space
+    assert relativize("/data/repoX/results", "/data/repoX") == "results"  # a root ending in any letter
 
 
 def test_run_indexes_round_trip_and_name_a_missing_notebook(tmp_path):
@@ -166,3 +169,39 @@ def test_run_indexes_round_trip_and_name_a_missing_notebook(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_index(tmp_path, "02_y")
     assert str(e.value) == f"{tmp_path / 'runs' / '02_y' / 'index.json'} is missing: run notebooks/02_y.ipynb first"
+
+
+def test_git_commit_is_this_checkouts_wherever_it_is_called_from(tmp_path, monkeypatch):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    short = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout (a copy of the files): git_commit records None there")
+    monkeypatch.chdir(tmp_path)  # a notebook run from another folder still records the package's commit
+    full, brief = git_commit(), git_commit(short=True)
+    assert isinstance(full, str) and full.split("+")[0] == head.stdout.strip()
+    assert brief.split("+")[0] == short.stdout.strip() and full.endswith("+dirty") == brief.endswith("+dirty")
+
+
+def test_environment_names_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU number {i}")
+    assert environment()["cuda_device"] == "GPU number 0"
+
+
+def test_save_figure_crops_to_the_drawing_and_passes_its_options(tmp_path):
+    import struct
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png_size(path):
+        return struct.unpack(">II", path.read_bytes()[16:24])  # the IHDR chunk: width, height
+    fig = plt.figure(figsize=(4, 4), dpi=100)
+    fig.text(0.5, 0.5, "x", fontsize=10)  # a small drawing in a large empty figure
+    low, high = save_figure(fig, tmp_path / "low.png", dpi=50), save_figure(fig, tmp_path / "high", dpi=100)
+    plt.close(fig)
+    assert high.read_bytes()[:4] == b"\x89PNG"  # no suffix: PNG
+    (w, h), (w2, h2) = png_size(low), png_size(high)
+    assert w < 100 and h < 100  # cropped to the text, not the 200 x 200 pixel page at 50 dpi
+    assert 1.5 < w2 / w < 2.5  # the dpi asked for reaches savefig
