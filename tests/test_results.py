@@ -101,7 +101,8 @@ def test_git_commit_asks_git_for_the_checkouts_commit_and_its_dirty_flag(monkeyp
     monkeypatch.setattr(results.subprocess, "run", run)
     dirty = False
     assert git_commit() == "abc123" and calls[0] == (["git", "rev-parse", "HEAD"], REPO_ROOT)
-    assert calls[1][0] == ["git", "status", "--porcelain", "--untracked-files=no", "--", "mtbert_utils"]
+    # the package's own files, in its own checkout, whatever the working folder
+    assert calls[1] == (["git", "status", "--porcelain", "--untracked-files=no", "--", "mtbert_utils"], REPO_ROOT)
     dirty = True
     assert git_commit(short=True) == "abc123+dirty" and calls[2][0] == ["git", "rev-parse", "--short", "HEAD"]
     monkeypatch.setattr(results.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 128, "", ""))
