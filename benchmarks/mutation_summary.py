@@ -61,18 +61,21 @@ SCOPE = [
     "mtbert_utils.checkpoint.*",
     # with test selections of their own (OWN_SELECTION): TrainConfig's checks, derived values and run names;
     # the tables the README's numbers come from (Table 1, summaries over seeds, paired tests); the readings, the
-    # conclusions notebooks 09-11 write from their tables; result files written atomically and read back
+    # conclusions notebooks 09-11 write from their tables; result files written atomically and read back; the
+    # gradient-combination registry and the logged cosines
     "mtbert_utils.config.*",
     "mtbert_utils.tables.*",
     "mtbert_utils.readings.*",
     "mtbert_utils.results.*",
+    "mtbert_utils.gradients.*",
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # module -> the tests its mutants run against, instead of [tool.mutmut]'s selection
 OWN_SELECTION = tomllib.loads(PYPROJECT.read_text())["tool"]["mtbert"]["mutation-selection"]
 MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
-           "checkpoint", "config", "tables", "readings", "results")
+           "checkpoint", "config", "tables", "readings", "results",
+           "gradients")
 SHARED = tuple(m for m in MODULES if m not in OWN_SELECTION)  # the whole scope's run: the shared selection
 
 
