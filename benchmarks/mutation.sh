@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (pip install -e ".[mutation]"): plants single-line bugs
 # in pcgrad, schedules, stats, tasks, the parsing half of data, batching, optim, budget, evaluation's arithmetic and
-# checkpoint (and, each alone, config, tables, readings, results and gradients), one at a time, runs the tests that reach the mutated function, and writes
+# checkpoint (and, each alone with tests of its own, config, tables, readings, results, gradients, presets and
+# plans), one at a time, runs the tests that reach the mutated function, and writes
 # results/mutation/{summary.md,mutants.json}. Not part of CI (docs/testing.md).
 #
 #   bash benchmarks/mutation.sh                   # fresh run (deletes ./mutants), then the summary

@@ -62,12 +62,14 @@ SCOPE = [
     # with test selections of their own (OWN_SELECTION): TrainConfig's checks, derived values and run names;
     # the tables the README's numbers come from (Table 1, summaries over seeds, paired tests); the readings, the
     # conclusions notebooks 09-11 write from their tables; result files written atomically and read back; the
-    # gradient-combination registry and the logged cosines
+    # gradient-combination registry and the logged cosines; the presets and what each profile trains
     "mtbert_utils.config.*",
     "mtbert_utils.tables.*",
     "mtbert_utils.readings.*",
     "mtbert_utils.results.*",
     "mtbert_utils.gradients.*",
+    "mtbert_utils.presets.*",
+    "mtbert_utils.plans.*",
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
@@ -75,7 +77,7 @@ PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 OWN_SELECTION = tomllib.loads(PYPROJECT.read_text())["tool"]["mtbert"]["mutation-selection"]
 MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
            "checkpoint", "config", "tables", "readings", "results",
-           "gradients")
+           "gradients", "presets", "plans")
 SHARED = tuple(m for m in MODULES if m not in OWN_SELECTION)  # the whole scope's run: the shared selection
 
 

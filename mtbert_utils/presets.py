@@ -78,7 +78,7 @@ def make_config(preset: str = "tuned", *, encoder: str = "minilm", data_dir: str
 def best_config(*, encoder: str = "minilm", data_dir: str = "", epochs: int = 5, progress: bool = True,
                 **overrides) -> TrainConfig:
     """The `best` profile's TrainConfig: all training data, model selection on a validation split."""
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:  # True is an int to Python
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     return TrainConfig(**{**BEST, "encoder": encoder, "data_dir": data_dir or None, "phases": [[epochs, True]],
                           "progress": progress, **overrides})

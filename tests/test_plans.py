@@ -16,17 +16,21 @@ def committed_run_names(results_dir, notebook) -> set[str]:
 
 
 def planned_run_names(results_dir, notebook, params) -> set[str]:
-    """Every stage's runs; a later stage gets the earlier stages' committed runs, as the driver does."""
-    names, earlier = set(), []
+    return set(planned_configs(results_dir, notebook, params))
+
+
+def planned_configs(results_dir, notebook, params) -> dict:
+    """Every stage's runs by name; a later stage gets the earlier stages' committed runs, as the driver does."""
+    configs, earlier = {}, []
     for stage in range(len(plans.STAGES[notebook])):
         runs = packing.stage_runs(notebook, params, stage, earlier, results_dir / "runs")
-        names |= {cfg.run_name for _, cfg in runs}
+        configs.update({cfg.run_name: cfg for _, cfg in runs})
         done = {}
         for key, cfg in runs:
             done.setdefault(key, []).append(packing.finished_run(cfg))
         assert all(r is not None for rs in done.values() for r in rs), f"{notebook} stage {stage + 1}: runs missing"
         earlier.append(done)
-    return names
+    return configs
 
 
 @pytest.mark.parametrize("profile", ["cpu", "cpu-extended", "best"])
@@ -38,6 +42,31 @@ def test_plan_run_names_equal_committed_index(profile, data_dir, monkeypatch):
         assert planned_run_names(results_dir, notebook, params) == committed_run_names(results_dir, notebook)
         checked += 1
     assert checked == {"cpu": 5, "cpu-extended": 3, "best": 1}[profile]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "cpu-extended", "best"])
+def test_plan_configs_equal_the_committed_runs_configs(profile, data_dir, monkeypatch):
+    """Field by field, those the run name leaves out too (write_predictions, name): a field a committed run
+    predates must be at the value the run had, its default."""
+    from dataclasses import fields
+
+    from mtbert_utils.config import TrainConfig
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    _, results_dir, _, plan = reproduce.resolve(profile, None, None, REPO_ROOT)
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    for notebook, params in packing.training_notebooks(plan).items():
+        index = json.loads((results_dir / "runs" / notebook / "index.json").read_text())
+        committed = {r["run_name"]: r["config"] for r in
+                     (json.loads((results_dir / p).read_text()) for rows in index["runs"].values() for p in rows)
+                     if not r["run_name"].startswith("zero-shot")}
+        planned = planned_configs(results_dir, notebook, params)
+        assert set(planned) == set(committed)
+        for name, cfg in planned.items():
+            mine = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON file has them: lists
+            # where the run was written and whether it showed progress bars are the machine's business
+            want = {**defaults, **committed[name], "out_dir": mine["out_dir"], "progress": mine["progress"]}
+            assert set(want) == set(mine), name  # no field the code no longer has
+            assert {k: (mine[k], want[k]) for k in mine if mine[k] != want[k]} == {}, name
 
 
 def test_every_training_notebook_has_a_plan():
