@@ -10,9 +10,11 @@
                                                          # pyproject.toml with [tool.mutmut] set for a
                                                          # module with a test selection of its own
 
-A module whose mutants would reach nearly every selected test (config: every test builds a TrainConfig) has
-a test selection of its own, in pyproject.toml's [tool.mtbert.mutation-selection]; mutation.sh runs it in a
-copy of the repository whose [tool.mutmut] names that selection. The whole scope's run leaves it out.
+A module with a test selection of its own, in pyproject.toml's [tool.mtbert.mutation-selection], runs alone:
+mutation.sh runs it in a copy of the repository whose [tool.mutmut] names that selection, and the whole scope's
+run leaves it out. config needs one (every test builds a TrainConfig, so with the shared selection each of its
+mutants would run nearly every test); the others (tables, readings, results, gradients, presets, plans) have
+fast tests of their own that the shared selection's modules do not need.
 
 A survivor is either killed by a test or listed in benchmarks/mutation_equivalent.json with the reason
 it cannot change behaviour. Equivalents are keyed by function and mutated line (not by mutmut's
