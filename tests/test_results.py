@@ -205,4 +205,4 @@ def test_save_figure_crops_to_the_drawing_and_passes_its_options(tmp_path):
     assert high.read_bytes()[:4] == b"\x89PNG"  # no suffix: PNG
     (w, h), (w2, h2) = png_size(low), png_size(high)
     assert w < 100 and h < 100  # cropped to the text, not the 200 x 200 pixel page at 50 dpi
-    assert 1.5 < w2 / w < 2.5  # the dpi asked for reaches savefig
+    assert 1.5 < w2 / w < 2.5 and 1.5 < h2 / h < 2.5  # the dpi asked for reaches savefig
