@@ -104,26 +104,7 @@ def test_sigma_sweep_order_and_pcgrad_tables(extended_run):
     assert len(index["runs"]) == 6  # 3 weightings x (plain, PCGrad)
 
 
-# --- the helpers behind the notebooks, on numbers worked by hand (no data, no training) ---
-
-from mtbert_utils import experiments  # noqa: E402
-
-# budget.py's tests (examples per epoch, phases, budgets): tests/test_budget.py, in the mutation run's selection
-# resolve_sigma, verdict, adaptive_reference and schedule_params_for: tests/test_schedules.py and
-# tests/test_stats.py (fast unit tests, in the mutation run's selection)
-
-
-def test_grad_conflicts_statistics():
-    run = {"seed": 0, "history": [{"grad_cosines": {"sst|para": {"values": [0.5, -0.2]}}},
-                                  {"grad_cosines": {"sst|para": {"values": [-0.4, 0.1]}}}]}
-    row = experiments.grad_conflicts([run], arm="plain").iloc[0]
-    assert row["steps"] == 4 and row["conflict_rate"] == 0.5
-    assert row["mean_cos"] == pytest.approx(0.0) and row["conflict_cos"] == pytest.approx(-0.3)
-    assert row["surgery"] == pytest.approx((0.2 + 0.4) / 4)
-
-
-def test_position_effect_is_paired_by_seed():
-    rows = [{"task": "sst", "seed": s, "position": p, "score": base + (gain if p == 3 else 0.0)}
-            for s, base, gain in [(0, 0.3, 0.1), (1, 0.4, 0.12), (2, 0.35, 0.08)] for p in (1, 2, 3)]
-    eff = experiments.position_effect(pd.DataFrame(rows)).iloc[0]
-    assert eff["task"] == "sst" and eff["mean_diff"] == pytest.approx(0.1) and eff["verdict"] == "holds"
+# --- the helpers behind the notebooks, on numbers worked by hand (no data, no training), have homes of their own:
+# budget.py's (examples per epoch, phases, budgets) tests/test_budget.py; resolve_sigma, verdict, adaptive_reference
+# and schedule_params_for tests/test_schedules.py and tests/test_stats.py; grad_conflicts and position_effect
+# tests/test_tables.py (all fast unit tests, in the mutation runs' selections)

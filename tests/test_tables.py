@@ -176,6 +176,22 @@ def test_summarize_frame_keeps_the_group_order_and_averages_what_is_there():
     assert list(one.columns) == ["arm", "seeds", "sst_mean", "sst_ci95"] and list(one["arm"]) == ["pcgrad", "plain"]
 
 
+def test_grad_conflicts_statistics():
+    run = {"seed": 0, "history": [{"grad_cosines": {"sst|para": {"values": [0.5, -0.2]}}},
+                                  {"grad_cosines": {"sst|para": {"values": [-0.4, 0.1]}}}]}
+    row = grad_conflicts([run], arm="plain").iloc[0]
+    assert row["steps"] == 4 and row["conflict_rate"] == 0.5
+    assert row["mean_cos"] == pytest.approx(0.0) and row["conflict_cos"] == pytest.approx(-0.3)
+    assert row["surgery"] == pytest.approx((0.2 + 0.4) / 4)
+
+
+def test_position_effect_is_paired_by_seed():
+    rows = [{"task": "sst", "seed": s, "position": p, "score": base + (gain if p == 3 else 0.0)}
+            for s, base, gain in [(0, 0.3, 0.1), (1, 0.4, 0.12), (2, 0.35, 0.08)] for p in (1, 2, 3)]
+    eff = position_effect(pd.DataFrame(rows)).iloc[0]
+    assert eff["task"] == "sst" and eff["mean_diff"] == pytest.approx(0.1) and eff["verdict"] == "holds"
+
+
 def test_grad_conflicts_without_a_conflict_and_with_labels():
     cosines = {"sst|sts": {"values": [0.2, 0.4]}, "para|sts": {"values": [-1.0]}}
     r = {"seed": 3, "history": [{"grad_cosines": cosines}, {}]}
