@@ -36,7 +36,9 @@ if [ ${#modules[@]} -gt 0 ]; then
     only=(--modules "${modules[@]}") out="results/mutation/$(IFS=-; echo "${modules[*]}")"
 fi
 repo="$(pwd)" commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if ! python benchmarks/mutation_summary.py --pyproject "${only[@]}" | cmp -s - pyproject.toml; then
+# the pyproject.toml mutmut must read (a module with a test selection of its own alone: refused with others)
+settings="$(python benchmarks/mutation_summary.py --pyproject "${only[@]}")"
+if [ "$settings" != "$(cat pyproject.toml)" ]; then
     # a module with a test selection of its own: mutmut reads [tool.mutmut] from ./pyproject.toml only, so it
     # runs in a copy of the repository (tracked and untracked files, not the ignored ones) that names it
     work=".mutation/$(IFS=-; echo "${modules[*]}")"
@@ -44,11 +46,11 @@ if ! python benchmarks/mutation_summary.py --pyproject "${only[@]}" | cmp -s - p
     mkdir -p "$work"
     git ls-files -z --cached --others --exclude-standard \
         | tar --null --files-from - --ignore-failed-read -cf - | tar -xf - -C "$work"
-    python benchmarks/mutation_summary.py --pyproject "${only[@]}" > "$work/pyproject.toml"
+    printf '%s\n' "$settings" > "$work/pyproject.toml"
     cd "$work"
 fi
 if [ "${1:-}" = --survivors ]; then
-    mapfile -t scope < <(python benchmarks/mutation_summary.py --unsettled "${only[@]}")
+    mapfile -t scope < <(python benchmarks/mutation_summary.py --unsettled "${only[@]}" | grep . || true)
     [ ${#scope[@]} -gt 0 ] || { echo "no survivors to re-check"; exit 0; }
 elif [ $# -gt 0 ]; then
     scope=("$@")

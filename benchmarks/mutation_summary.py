@@ -78,8 +78,7 @@ PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # module -> the tests its mutants run against, instead of [tool.mutmut]'s selection
 OWN_SELECTION = tomllib.loads(PYPROJECT.read_text())["tool"]["mtbert"]["mutation-selection"]
 MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
-           "checkpoint", "config", "tables", "readings", "results",
-           "gradients", "presets", "plans")
+           "checkpoint", "config", "tables", "readings", "results", "gradients", "presets", "plans")
 SHARED = tuple(m for m in MODULES if m not in OWN_SELECTION)  # the whole scope's run: the shared selection
 
 
