@@ -64,7 +64,8 @@ SCOPE = [
     # with test selections of their own (OWN_SELECTION): TrainConfig's checks, derived values and run names;
     # the tables the README's numbers come from (Table 1, summaries over seeds, paired tests); the readings, the
     # conclusions notebooks 09-11 write from their tables; result files written atomically and read back; the
-    # gradient-combination registry and the logged cosines; the presets and what each profile trains
+    # gradient-combination registry and the logged cosines; the presets and what each profile trains; the model
+    # (heads, pooling, the frozen encoder's cache, fused tasks, the MiniLM folder); the training step and loop
     "mtbert_utils.config.*",
     "mtbert_utils.tables.*",
     "mtbert_utils.readings.*",
@@ -72,13 +73,16 @@ SCOPE = [
     "mtbert_utils.gradients.*",
     "mtbert_utils.presets.*",
     "mtbert_utils.plans.*",
+    "mtbert_utils.model.*",
+    "mtbert_utils.training.*",
 ]
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.json")
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # module -> the tests its mutants run against, instead of [tool.mutmut]'s selection
 OWN_SELECTION = tomllib.loads(PYPROJECT.read_text())["tool"]["mtbert"]["mutation-selection"]
 MODULES = ("pcgrad", "schedules", "stats", "tasks", "data", "batching", "optim", "budget", "evaluation",
-           "checkpoint", "config", "tables", "readings", "results", "gradients", "presets", "plans")
+           "checkpoint", "config", "tables", "readings", "results", "gradients", "presets", "plans", "model",
+           "training")
 SHARED = tuple(m for m in MODULES if m not in OWN_SELECTION)  # the whole scope's run: the shared selection
 
 

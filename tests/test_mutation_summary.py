@@ -45,7 +45,8 @@ def test_the_whole_scope_counts_what_was_not_run(monkeypatch, tmp_path):
     assert summary["counts"]["not checked"] == 2 and summary["kill_rate"] == 0.75
     # the whole scope is the modules that share [tool.mutmut]'s selection: those with tests of their own run alone
     assert set(summary["by_module"]) == set(ms.SHARED) == set(ms.MODULES) - set(ms.OWN_SELECTION)
-    assert set(ms.OWN_SELECTION) == {"config", "tables", "readings", "results", "gradients", "presets", "plans"}
+    assert set(ms.OWN_SELECTION) == {"config", "tables", "readings", "results", "gradients", "presets", "plans",
+                                     "model", "training"}
     assert md.startswith("# Mutation testing of the core modules\n") and "2 were not run" in md
     # the pcgrad equivalents are stale here (this fake run has no pcgrad survivors): the check still works
     assert any(s.startswith("pcgrad.") for s in summary["stale_equivalents"])
