@@ -386,6 +386,183 @@ def test_a_checkpoint_from_other_data_files_is_not_resumed(tiny_config, small_da
     assert result["data"]["sources"]["para"]["train"].startswith("quora-train.csv")
 
 
+def test_read_finished_takes_only_a_finished_run_of_this_config_on_these_files(small_data_dir, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """read_finished, the one test of "already trained", by hand: a result file is taken (with result_path added)
+    only if it finished, with this config's fingerprint, on the data files in the config's folder now; one that
+    records no digests is taken with a warning; the warnings name the file and the caller's line."""
+    import warnings
+    from mtbert_utils.training import read_finished
+    folder = tmp_path / "data"
+    shutil.copytree(small_data_dir, folder)
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))  # other files than the config's folder
+    config, path = TrainConfig(encoder="tiny", data_dir=str(folder)), tmp_path / "run.json"
+    assert read_finished(path, config) is None  # nothing there
+    done = {"status": "finished", "fingerprint": config.fingerprint(), "data": {"sha256": file_digests(folder)},
+            "dev": {"sst": 0.5}}
+    for other in ({"status": "interrupted"}, {"fingerprint": "0" * 12}):
+        path.write_text(json.dumps({**done, **other}))
+        assert read_finished(path, config) is None
+    path.write_text(json.dumps(done))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_finished(path, config) == {**done, "result_path": str(path)}
+    path.write_text(json.dumps({**done, "data": {}}))  # written before results kept their files' digests
+    with pytest.warns(UserWarning) as said:
+        assert read_finished(path, config) == {**done, "data": {}, "result_path": str(path)}
+    assert str(said[0].message) == "run.json records no data digests (it predates them): reused without a data check"
+    path.write_text(json.dumps({k: v for k, v in done.items() if k != "data"}))
+    with pytest.warns(UserWarning, match="records no data digests"):
+        assert read_finished(path, config)["result_path"] == str(path)
+    path.write_text(json.dumps({**done, "data": {"sha256": {**file_digests(folder), "ids-sst-dev.csv": "0"}}}))
+    with pytest.warns(UserWarning) as changed:
+        assert read_finished(path, config) is None
+    assert str(changed[0].message) == ("run.json was trained on other data files (ids-sst-dev.csv changed): "
+                                       "it is trained again")
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a stack frame of its own
+        assert said[0].filename == changed[0].filename == __file__
+
+
+def test_class_weights_are_inverse_class_frequencies_and_weight_the_sst_loss_only():
+    """sst_class_weights: n / (5 n_k), a class absent from the labels counted once (no division by zero);
+    task_loss passes them to SST's cross-entropy, and to no other task's loss."""
+    import torch.nn.functional as F
+    from mtbert_utils.training import sst_class_weights, task_loss
+    labels = torch.tensor([0, 0, 0, 1, 3, 3])  # class 2 and 4 absent: counts 3, 1, 1, 2, 1 (sum 8)
+    weights = sst_class_weights(labels)
+    torch.testing.assert_close(weights, torch.tensor([8 / 15, 8 / 5, 8 / 5, 8 / 10, 8 / 5]), rtol=0, atol=float64_tol(4))
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(encoder="tiny", class_weights=True)
+    assert torch.equal(task_loss("sst", logits, labels, config, weights),
+                       F.cross_entropy(logits, labels, weight=weights))
+    assert torch.equal(task_loss("sst", logits, labels, config), F.cross_entropy(logits, labels))
+    para = torch.tensor([0.3, -1.0]), torch.tensor([1.0, 0.0])
+    assert torch.equal(task_loss("para", *para, config, weights), F.binary_cross_entropy_with_logits(*para))
+
+
+def test_the_class_weights_switch_reaches_the_sst_loss(tiny_config, tmp_path, one_thread, monkeypatch):
+    """class_weights=True trains SST with the training split's class weights (sst_class_weights of its labels)."""
+    from mtbert_utils import training
+    seen = []
+    step = training.training_step
+
+    def spy(*args, **kw):
+        seen.append(kw["class_weights"])
+        return step(*args, **kw)
+    monkeypatch.setattr(training, "training_step", spy)
+    plain = train(tiny_config(tmp_path / "a", phases=[[1, False]], lr_decay_epochs=[]))
+    assert seen and all(w is None for w in seen)
+    seen.clear()
+    config = tiny_config(tmp_path / "b", phases=[[1, False]], lr_decay_epochs=[], class_weights=True)
+    weighted = train(config)
+    from mtbert_utils.batching import prepare_data
+    from mtbert_utils.model import load_tokenizer
+    expected = training.sst_class_weights(prepare_data(config, load_tokenizer("tiny"))[0]["train"]["sst"].labels)
+    assert seen and all(torch.equal(w, expected) for w in seen)
+    assert plain["history"][0]["train_loss"]["sst"] != weighted["history"][0]["train_loss"]["sst"]
+
+
+def test_a_non_finite_loss_stops_naming_the_task_the_process_and_the_batch(monkeypatch):
+    from mtbert_utils import distributed
+    from mtbert_utils.training import NonFiniteLossError, PendingLosses, stop_on_non_finite
+    ids = {"sst": ["s1", "s2"], "para": ["p1"], "sts": ["t1"]}
+    stop_on_non_finite({"sst": 1.0, "para": 0.0, "sts": -2.5}, ids, "cpu")  # finite: goes on
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(NonFiniteLossError) as e:
+            stop_on_non_finite({"sst": 1.0, "para": bad, "sts": bad}, ids, "cpu")
+        assert str(e.value) == f"non-finite loss ({bad}) for task 'para' on process 0; batch ids start ['p1']"
+    assert issubclass(NonFiniteLossError, FloatingPointError)
+    # data parallel (stood in for): every process stops at the step where any one has a non-finite loss
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    bad_elsewhere = []
+    monkeypatch.setattr(distributed, "all_reduce_sum_", lambda t: t + bad_elsewhere.pop())
+    bad_elsewhere.append(0.0)
+    stop_on_non_finite({"sst": 1.0}, ids, "cpu")
+    bad_elsewhere.append(1.0)
+    with pytest.raises(NonFiniteLossError) as e:
+        stop_on_non_finite({"sst": 1.0}, ids, "cpu")
+    assert str(e.value) == "a non-finite loss on another process; process 1 stops too"
+    bad_elsewhere.append(0.0)
+    with pytest.raises(NonFiniteLossError, match="for task 'sst' on process 1"):
+        stop_on_non_finite({"sst": float("nan")}, ids, "cpu")
+    # the losses a step leaves for the loop, read once: in the step's task order, with the batch's first three ids
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    raw = {"sts": torch.tensor(0.5), "sst": torch.tensor(1.25)}
+    batches = {"sts": {"ids": ["a", "b", "c", "d"]}, "sst": {"ids": ["e"]}}
+    pending = PendingLosses(raw, batches, "cpu")
+    assert pending.event is None and pending.ids == {"sts": ["a", "b", "c"], "sst": ["e"]}
+    assert list(pending.read().items()) == [("sts", 0.5), ("sst", 1.25)]
+    with pytest.raises(NonFiniteLossError, match=r"task 'sst' on process 1; batch ids start \['e'\]"):
+        PendingLosses({**raw, "sst": torch.tensor(float("nan"))}, batches, "cpu").read()
+
+
+def test_budget_spent_and_next_global_batch():
+    from types import SimpleNamespace
+    from mtbert_utils.training import budget_spent, next_global_batch
+    seen = SimpleNamespace(examples_seen=lambda: 96)
+    assert not budget_spent(TrainConfig(encoder="tiny"), seen)  # no budget: never spent
+    assert budget_spent(TrainConfig(encoder="tiny", examples_budget=96), seen)
+    assert not budget_spent(TrainConfig(encoder="tiny", examples_budget=97), seen)
+
+    class Stream:  # a TaskBatchStream's interface: the global batches' order, its position, next() -> this chunk
+        order, position = [[0, 1, 2], [3, 4]], 1
+
+        def __next__(self):
+            return {"chunk": [3]}
+    assert next_global_batch(Stream()) == ({"chunk": [3]}, 2)
+
+
+def test_run_record_says_what_ran_on_what_and_on_which_data(tmp_path):
+    from mtbert_utils.training import build_model, run_record
+    from mtbert_utils.results import repo_relative
+    config = TrainConfig(encoder="tiny", seed=3, out_dir=str(tmp_path))
+    model = build_model(config)
+    record = run_record(config, "a-run", torch.device("cpu"), model, {"sha256": {"f": "0"}})
+    assert record == {
+        "status": "finished", "run_name": "a-run", "config": {**config.to_dict(), "out_dir": repo_relative(tmp_path)},
+        "fingerprint": config.fingerprint(), "seed": 3,
+        "encoder": {"name": "tiny", "pooling": "cls", "parameters": sum(p.numel() for p in model.encoder.parameters())},
+        "device": "cpu", "data": {"sha256": {"f": "0"}}}
+    assert record["encoder"]["parameters"] < sum(p.numel() for p in model.parameters())  # the encoder's alone
+    pooled = TrainConfig(encoder="tiny", pooling="mean", out_dir=str(tmp_path))
+    assert run_record(pooled, "b", torch.device("cpu"), model, {})["encoder"]["pooling"] == "mean"
+
+
+def test_build_model_follows_the_config():
+    from mtbert_utils.training import build_model
+    base = build_model(TrainConfig(encoder="tiny"))
+    assert (base.pooling, base.para_input, base.sts_head_kind, base.shared[2].p) == ("cls", "joint", "cosine", 0.3)
+    assert base.encoder.config._attn_implementation == "sdpa" and base.encoder.config.hidden_dropout_prob == 0.1
+    model = build_model(TrainConfig(encoder="tiny", pooling="mean", dropout=0.1, para_input="sbert", sts_head="linear",
+                                    encoder_dropout=0.0, attn_implementation="eager", seed=5))
+    assert (model.pooling, model.para_input, model.sts_head_kind, model.shared[2].p) == ("mean", "sbert", "linear", 0.1)
+    assert model.encoder.config._attn_implementation == "eager"
+    assert {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    # the seed alone fixes the initial weights, whatever the global generator's state before
+    torch.manual_seed(123)
+    again = build_model(TrainConfig(encoder="tiny", seed=5))
+    other = build_model(TrainConfig(encoder="tiny", seed=6))
+    assert torch.equal(again.sst_head.weight, model.sst_head.weight)
+    assert not torch.equal(other.sst_head.weight, model.sst_head.weight)
+    compiled = build_model(TrainConfig(encoder="tiny", compile=True))  # compiled lazily, at its first call
+    assert isinstance(compiled.encoder, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_task_loss_takes_each_tasks_loss_and_the_configs_sts_loss():
+    from mtbert_utils.tasks import sts_cosine_embedding_loss, sts_mse_loss, sts_sbert_loss
+    from mtbert_utils.training import task_loss
+    out, gold = torch.tensor([0.9, -0.2, 0.4]), torch.tensor([4.5, 1.0, 2.5])
+    cases = [(dict(sts_head="cosine"), sts_cosine_embedding_loss(out, gold, 2.5, 0.0)),
+             (dict(sts_head="cosine", sts_threshold=1.0, sts_margin=0.5), sts_cosine_embedding_loss(out, gold, 1.0, 0.5)),
+             (dict(sts_head="cosine", sts_loss="sbert_mse"), sts_sbert_loss(out, gold)),
+             (dict(sts_head="cosine", sts_loss="mse"), sts_mse_loss(out, gold)),
+             (dict(sts_head="linear"), sts_mse_loss(out, gold))]
+    for kw, expected in cases:
+        assert torch.equal(task_loss("sts", out, gold, TrainConfig(encoder="tiny", **kw)), expected), kw
+    assert len({float(e) for _, e in cases}) == len(cases) - 1  # all differ but the two mse
+
+
 def test_digest_changes_name_each_file():
     assert digest_changes({"a": "1", "b": "2"}, {"a": "1", "b": "2"}) == ""
     assert digest_changes({"a": "1", "b": "2"}, {"a": "9", "c": "3"}) == "a changed, b missing now, c new"
