@@ -1,5 +1,6 @@
 """The training loop end to end with the tiny encoder: result files, exact resume, determinism, every schedule."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from mtbert_utils.model import default_pooling
 from mtbert_utils.optim import lr_multiplier
 from mtbert_utils.training import train
 
-from conftest import float64_tol
+from conftest import TINY_FORWARD, float32_tol, float64_tol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -529,6 +530,27 @@ def test_run_record_says_what_ran_on_what_and_on_which_data(tmp_path):
     assert run_record(pooled, "b", torch.device("cpu"), model, {})["encoder"]["pooling"] == "mean"
 
 
+def test_run_record_names_the_gpu(tmp_path, monkeypatch):
+    from mtbert_utils.training import build_model, run_record
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"a GPU ({index})")  # stood in for
+    config = TrainConfig(encoder="tiny", out_dir=str(tmp_path))
+    assert run_record(config, "a", torch.device("cuda"), build_model(config), {})["device"] == "a GPU (0)"
+
+
+def test_only_the_main_process_reads_a_finished_run(tmp_path, monkeypatch):
+    """finished_result: rank 0 reads the result file and broadcasts what it found (stood in for here); the
+    other processes do not look (the file may not be on their machine), and take rank 0's answer."""
+    from types import SimpleNamespace
+    from mtbert_utils import distributed, training
+    reads, sent = [], []
+    monkeypatch.setattr(training, "read_finished", lambda path, config: reads.append(path) or {"found": str(path)})
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj=None, src=0: sent.append(obj) or "rank 0's")
+    run = SimpleNamespace(main=True, result_path=tmp_path / "r.json", config=TrainConfig(encoder="tiny"))
+    assert training.finished_result(run) == "rank 0's" and sent == [{"found": str(tmp_path / "r.json")}]
+    run.main = False
+    assert training.finished_result(run) == "rank 0's" and sent[1] is None and reads == [tmp_path / "r.json"]
+
+
 def test_build_model_follows_the_config():
     from mtbert_utils.training import build_model
     base = build_model(TrainConfig(encoder="tiny"))
@@ -561,6 +583,122 @@ def test_task_loss_takes_each_tasks_loss_and_the_configs_sts_loss():
     for kw, expected in cases:
         assert torch.equal(task_loss("sts", out, gold, TrainConfig(encoder="tiny", **kw)), expected), kw
     assert len({float(e) for _, e in cases}) == len(cases) - 1  # all differ but the two mse
+
+
+@pytest.fixture(scope="module")
+def step_batches(small_data_dir):
+    """One batch of 4 per task, collated for the tiny model's default (joint) Quora pairs."""
+    from mtbert_utils.batching import collate, encode_task
+    from mtbert_utils.data import load_tasks
+    from mtbert_utils.model import load_tokenizer, pair_mode
+    tok, tasks = load_tokenizer("tiny"), load_tasks(small_data_dir, max_train=16, max_dev=16, seed=0)
+    return {t: collate(encode_task(td.train, tok, t, max_length=32), range(4), pair_mode(t)) for t, td in tasks.items()}
+
+
+class _GradRecorder(torch.optim.SGD):
+    """An optimizer that moves nothing (lr 0) and keeps the gradients each step saw."""
+    def __init__(self, params):
+        self.params = list(params)
+        super().__init__(self.params, lr=0.0)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append([None if p.grad is None else p.grad.clone() for p in self.params])
+
+
+def test_a_training_step_backs_the_weighted_scaled_losses_clips_and_clears(step_batches, one_thread):
+    """training_step, by hand: the gradient of sum_t w_t (L_t s_t) (task_weights w, a process's loss_scale s),
+    clipped to max_grad_norm, handed to the optimizer and then cleared; the losses it leaves for the loop are
+    the unweighted ones."""
+    from mtbert_utils.training import build_model, task_loss, training_step
+    weights, scale = {"sst": 2.0, "para": 0.5, "sts": 1.5}, {"sst": 1.0, "para": 2.0, "sts": 0.25}
+    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, task_weights=weights)
+    model = build_model(config).train()
+    params = [p for p in model.parameters()]
+    outs = model(step_batches)
+    losses = {t: task_loss(t, outs[t], step_batches[t]["labels"], config) for t in step_batches}
+    total = sum(weights[t] * (losses[t] * scale[t]) for t in losses)
+    by_hand = torch.autograd.grad(total, params, allow_unused=True)
+    opt = _GradRecorder(params)
+    out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), loss_scale=scale)
+    for g, h in zip(opt.seen[0], by_hand):
+        assert (g is None) == (h is None)
+        if h is not None:  # the same graph, summed in the same order
+            torch.testing.assert_close(g, h, rtol=0, atol=float32_tol(TINY_FORWARD) * float(h.abs().max() + 1e-30))
+    assert all(p.grad is None for p in params)  # cleared, not zeroed
+    assert out["cosines"] is None
+    read = out["losses"].read()
+    assert list(read) == list(step_batches)
+    for t, v in read.items():
+        assert v == pytest.approx(float(losses[t].detach()), rel=float32_tol(TINY_FORWARD))
+    # clipped: the gradient handed on has norm max_grad_norm
+    clipped = dataclasses.replace(config, max_grad_norm=1e-3)
+    training_step(model, opt, step_batches, clipped, shared=[], device=torch.device("cpu"), loss_scale=scale)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in opt.seen[1] if g is not None]))
+    assert float(norm) == pytest.approx(1e-3, rel=1e-4)  # max_norm / (norm + 1e-6) scales it, in float32
+
+
+def test_a_heads_only_step_skips_the_cosine_sts_loss_and_still_reports_it(step_batches, one_thread):
+    """A frozen encoder gives cosine STS nothing to train: the step backs the other tasks' losses alone, and with
+    no task left to train it steps nothing; each step still reports every task's loss."""
+    from mtbert_utils.training import build_model, task_loss, training_step
+    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0)
+    model = build_model(config).train()
+    model.set_encoder_trainable(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs = model(step_batches)
+    assert not outs["sts"].requires_grad
+    total = sum(task_loss(t, outs[t], step_batches[t]["labels"], config) for t in ("sst", "para"))
+    by_hand = torch.autograd.grad(total, params, allow_unused=True)
+    opt = _GradRecorder(params)
+    out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"))
+    for g, h in zip(opt.seen[0], by_hand):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=float32_tol(TINY_FORWARD) * float(h.abs().max() + 1e-30))
+    assert set(out["losses"].read()) == {"sst", "para", "sts"}
+    out = training_step(model, opt, {"sts": step_batches["sts"]}, config, shared=[], device=torch.device("cpu"))
+    assert len(opt.seen) == 1 and set(out["losses"].read()) == {"sts"}  # nothing stepped
+
+
+def test_a_step_with_a_loss_scaler_unscales_before_clipping(step_batches, one_thread):
+    from mtbert_utils.training import build_model, training_step
+    calls = []
+
+    class Scaler:  # fp16's GradScaler, stood in for (a CPU run has none): what the step asks of it, in order
+        def scale(self, loss):
+            calls.append("scale")
+            return loss * 4
+
+        def unscale_(self, optimizer):
+            calls.append("unscale_")
+
+        def step(self, optimizer):
+            calls.append("step")
+            optimizer.step()
+
+        def update(self):
+            calls.append("update")
+    for clip, expected in ((None, ["scale", "step", "update"]), (1.0, ["scale", "unscale_", "step", "update"])):
+        config = TrainConfig(encoder="tiny", max_grad_norm=clip)
+        model = build_model(config).train()
+        opt = _GradRecorder(model.parameters())
+        calls.clear()
+        training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), scaler=Scaler())
+        assert calls == expected and len(opt.seen) == 1
+
+
+def test_a_task_with_nothing_to_train_while_the_encoder_trains_is_an_error(step_batches, one_thread):
+    """Taking each task's gradient on its own (PCGrad), a task whose loss reaches no weight though the encoder
+    trains is a bug in the caller's set-up, named, not a step silently without it."""
+    from mtbert_utils.training import build_model, training_step
+    config = TrainConfig(encoder="tiny", pcgrad=True)
+    model = build_model(config).train()
+    model.encoder.requires_grad_(False)  # frozen by hand, behind set_encoder_trainable's back
+    with pytest.raises(RuntimeError) as e:
+        training_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step_batches, config,
+                      shared=list(model.shared.parameters()), device=torch.device("cpu"))
+    assert str(e.value) == "task 'sts' has nothing to train though the encoder trains"
 
 
 def test_digest_changes_name_each_file():
