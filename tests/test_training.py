@@ -476,17 +476,26 @@ def test_a_non_finite_loss_stops_naming_the_task_the_process_and_the_batch(monke
     # data parallel (stood in for): every process stops at the step where any one has a non-finite loss
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    bad_elsewhere = []
-    monkeypatch.setattr(distributed, "all_reduce_sum_", lambda t: t + bad_elsewhere.pop())
+    bad_elsewhere, flags = [], []  # the other processes' counts of non-finite losses, one per call
+
+    def all_reduce_sum_(flag):  # this process's count, summed with the others'
+        flags.append((flag.device, flag.tolist() if flag.device.type == "cpu" else None))
+        return torch.tensor([(flag.tolist()[0] if flag.device.type == "cpu" else 0.0) + bad_elsewhere.pop()])
+    monkeypatch.setattr(distributed, "all_reduce_sum_", all_reduce_sum_)
+    bad_elsewhere.append(0.0)
+    stop_on_non_finite({"sst": 1.0}, ids, "meta")  # on the process's device (a GPU's for NCCL): here "meta"
+    assert flags == [(torch.device("meta"), None)]
     bad_elsewhere.append(0.0)
     stop_on_non_finite({"sst": 1.0}, ids, "cpu")
+    assert flags[-1] == (torch.device("cpu"), [0.0])
     bad_elsewhere.append(1.0)
     with pytest.raises(NonFiniteLossError) as e:
         stop_on_non_finite({"sst": 1.0}, ids, "cpu")
     assert str(e.value) == "a non-finite loss on another process; process 1 stops too"
     bad_elsewhere.append(0.0)
-    with pytest.raises(NonFiniteLossError, match="for task 'sst' on process 1"):
-        stop_on_non_finite({"sst": float("nan")}, ids, "cpu")
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) for task 'sst' on process 1; batch ids start \['s1'"):
+        stop_on_non_finite({"sst": float("nan"), "para": 1.0}, ids, "cpu")
+    assert flags[-1] == (torch.device("cpu"), [1.0])
     # the losses a step leaves for the loop, read once: in the step's task order, with the batch's first three ids
     monkeypatch.setattr(distributed, "is_distributed", lambda: False)
     raw = {"sts": torch.tensor(0.5), "sst": torch.tensor(1.25)}
