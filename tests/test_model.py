@@ -374,7 +374,7 @@ def test_export_minilm_command_line_help(capsys):
         main(["-h"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
     assert out.startswith("usage: python -m mtbert_utils.model [-h] {export-minilm} ...")
-    assert "export-minilm DIR [--fp16]: a MiniLM folder for $MTBERT_MINILM_DIR" in out
+    assert "{export-minilm} ... export-minilm DIR [--fp16]: a MiniLM folder for $MTBERT_MINILM_DIR positional" in out
     assert "export-minilm write MiniLM's files (weights in fp16 with --fp16) into DIR" in out
     with pytest.raises(SystemExit):
         main(["export-minilm", "-h"])
