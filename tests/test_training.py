@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtbert_utils import TASKS
 from mtbert_utils.data import digest_changes, file_digests
 from mtbert_utils.results import load_runs
 from mtbert_utils.config import LR_KEYS, TrainConfig
@@ -505,6 +506,10 @@ def test_a_non_finite_loss_stops_naming_the_task_the_process_and_the_batch(monke
     assert list(pending.read().items()) == [("sts", 0.5), ("sst", 1.25)]
     with pytest.raises(NonFiniteLossError, match=r"task 'sst' on process 1; batch ids start \['e'\]"):
         PendingLosses({**raw, "sst": torch.tensor(float("nan"))}, batches, "cpu").read()
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    bad_elsewhere.append(0.0)
+    assert PendingLosses(raw, batches, "meta").read() == {"sts": 0.5, "sst": 1.25}
+    assert flags[-1] == (torch.device("meta"), None)  # its check's flag on the step's device
 
 
 def test_budget_spent_and_next_global_batch():
@@ -621,15 +626,18 @@ def test_a_training_step_backs_the_weighted_scaled_losses_clips_and_clears(step_
     the unweighted ones."""
     from mtbert_utils.training import build_model, task_loss, training_step
     weights, scale = {"sst": 2.0, "para": 0.5, "sts": 1.5}, {"sst": 1.0, "para": 2.0, "sts": 0.25}
-    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, task_weights=weights)
+    config = TrainConfig(encoder="tiny", dropout=0.0, encoder_dropout=0.0, task_weights=weights, class_weights=True)
+    class_weights = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.25])
     model = build_model(config).train()
     params = [p for p in model.parameters()]
     outs = model(step_batches)
-    losses = {t: task_loss(t, outs[t], step_batches[t]["labels"], config) for t in step_batches}
+    losses = {t: task_loss(t, outs[t], step_batches[t]["labels"], config, class_weights) for t in step_batches}
     total = sum(weights[t] * (losses[t] * scale[t]) for t in losses)
     by_hand = torch.autograd.grad(total, params, allow_unused=True)
     opt = _GradRecorder(params)
-    out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), loss_scale=scale)
+    out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), loss_scale=scale,
+                        class_weights=class_weights)
+    assert out["losses"].device == torch.device("cpu")  # the device its non-finite check builds its flag on
     for g, h in zip(opt.seen[0], by_hand):
         assert (g is None) == (h is None)
         if h is not None:  # the same graph, summed in the same order
@@ -668,6 +676,7 @@ def test_a_heads_only_step_skips_the_cosine_sts_loss_and_still_reports_it(step_b
     assert set(out["losses"].read()) == {"sst", "para", "sts"}
     out = training_step(model, opt, {"sts": step_batches["sts"]}, config, shared=[], device=torch.device("cpu"))
     assert len(opt.seen) == 1 and set(out["losses"].read()) == {"sts"}  # nothing stepped
+    assert out["cosines"] is None
 
 
 def test_a_step_with_a_loss_scaler_unscales_before_clipping(step_batches, one_thread):
@@ -695,6 +704,75 @@ def test_a_step_with_a_loss_scaler_unscales_before_clipping(step_batches, one_th
         calls.clear()
         training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), scaler=Scaler())
         assert calls == expected and len(opt.seen) == 1
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_a_step_hands_the_method_its_settings_and_runs_forwards_under_autocast(step_batches, one_thread, pcgrad,
+                                                                              monkeypatch):
+    """What training_step passes to its gradient method (GRAD_METHODS[config.grad_method], spied on): the weighted
+    losses (with PCGrad, while the encoder trains, functions that run each task's forward), the shared parameters,
+    the config, the loss scaler, the generator and the averager's all-reduce for these tasks; each forward runs
+    under the run's autocast."""
+    from mtbert_utils import training
+    config = TrainConfig(encoder="tiny", pcgrad=pcgrad)
+    model = training.build_model(config).train()
+    autocast = []
+    forward = model.forward
+
+    def spied_forward(batches, fuse=False):
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(batches, fuse)
+    monkeypatch.setattr(model, "forward", spied_forward)
+    got = []
+
+    def method(losses, shared, **kw):  # takes the losses as a method does: a function's loss by calling it
+        got.append((losses, shared, kw, [loss() if callable(loss) else loss for loss in losses.values()]))
+        return {"a cosine": 0.5}
+    monkeypatch.setitem(training.GRAD_METHODS, config.grad_method, method)
+    reduce_for = []
+
+    class Averager:
+        def for_tasks(self, tasks):
+            reduce_for.append(list(tasks))
+            return "all-reduce"
+    class Scaler:  # fp16's GradScaler, stood in for: the method would scale; the step steps and updates
+        def step(self, optimizer):
+            optimizer.step()
+
+        def update(self):
+            pass
+    shared, gen, scaler = list(model.shared.parameters()), torch.Generator(), Scaler()
+    out = training.training_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step_batches, config,
+                                 shared=shared, device=torch.device("cpu"), amp_dtype=torch.bfloat16, scaler=scaler,
+                                 generator=gen, averager=Averager())
+    [(losses, got_shared, kw, values)] = got
+    assert out["cosines"] == {"a cosine": 0.5} and got_shared is shared
+    assert kw == {"config": config, "scaler": scaler, "generator": gen, "reduce_fn": "all-reduce"}
+    assert reduce_for == [list(step_batches)] and list(losses) == list(step_batches)
+    assert all(callable(loss) for loss in losses.values()) == pcgrad  # per-task forwards, run by the method
+    assert all(v.requires_grad and v.dim() == 0 for v in values)
+    assert autocast == [(True, torch.bfloat16)] * (len(TASKS) if pcgrad else 1)  # one forward per task, or one
+    assert set(out["losses"].read()) == set(TASKS)
+
+
+def test_a_data_parallel_step_reads_the_frozen_flag_through_the_wrapper(step_batches, one_thread):
+    """Under DDP the step gets the wrapper; whether the encoder is frozen is read from the model inside it. A frozen
+    encoder's step runs its forward at once, also with PCGrad (no activations to keep per task)."""
+    from mtbert_utils.training import build_model, training_step
+
+    class Wrapper(torch.nn.Module):  # DistributedDataParallel's shape: the model as .module, forward passed on
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kw):
+            return self.module(*args, **kw)
+    config = TrainConfig(encoder="tiny", pcgrad=True)
+    model = build_model(config).train()
+    model.set_encoder_trainable(False)
+    out = training_step(Wrapper(model), torch.optim.SGD(model.parameters(), lr=0.0), step_batches, config,
+                        shared=list(model.shared.parameters()), device=torch.device("cpu"))
+    assert set(out["losses"].read()) == set(TASKS)
 
 
 def test_a_task_with_nothing_to_train_while_the_encoder_trains_is_an_error(step_batches, one_thread):
