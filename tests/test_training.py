@@ -585,6 +585,18 @@ def test_build_model_follows_the_config():
     assert isinstance(compiled.encoder, torch._dynamo.eval_frame.OptimizedModule)
 
 
+def test_compile_compiles_the_encoder_with_dynamic_shapes(monkeypatch):
+    """compile=True: the encoder alone, with dynamic shapes (each batch's padded length would otherwise compile
+    anew)."""
+    from mtbert_utils.training import build_model
+    asked = []
+    stand_in = torch.nn.Identity()  # what torch.compile returns, stood in for
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: asked.append((module, kw)) or stand_in)
+    model = build_model(TrainConfig(encoder="tiny", compile=True))
+    [(module, kw)] = asked
+    assert model.encoder is stand_in and type(module).__name__ == "BertModel" and kw == {"dynamic": True}
+
+
 def test_task_loss_takes_each_tasks_loss_and_the_configs_sts_loss():
     from mtbert_utils.tasks import sts_cosine_embedding_loss, sts_mse_loss, sts_sbert_loss
     from mtbert_utils.training import task_loss
@@ -689,10 +701,10 @@ def test_a_step_with_a_loss_scaler_unscales_before_clipping(step_batches, one_th
             return loss * 4
 
         def unscale_(self, optimizer):
-            calls.append("unscale_")
+            calls.append("unscale_" if optimizer is opt else "unscale_ of another optimizer")
 
         def step(self, optimizer):
-            calls.append("step")
+            calls.append("step" if optimizer is opt else "step of another optimizer")
             optimizer.step()
 
         def update(self):
