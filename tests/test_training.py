@@ -602,7 +602,9 @@ def test_task_loss_takes_each_tasks_loss_and_the_configs_sts_loss():
     from mtbert_utils.training import task_loss
     out, gold = torch.tensor([0.9, -0.2, 0.4]), torch.tensor([4.5, 1.0, 2.5])
     cases = [(dict(sts_head="cosine"), sts_cosine_embedding_loss(out, gold, 2.5, 0.0)),
-             (dict(sts_head="cosine", sts_threshold=1.0, sts_margin=0.5), sts_cosine_embedding_loss(out, gold, 1.0, 0.5)),
+             (dict(sts_head="cosine", sts_threshold=3.0), sts_cosine_embedding_loss(out, gold, 3.0, 0.0)),
+             # the third pair (cos 0.4, gold 2.5) is dissimilar at 3.0: the margin moves its loss
+             (dict(sts_head="cosine", sts_threshold=3.0, sts_margin=0.5), sts_cosine_embedding_loss(out, gold, 3.0, 0.5)),
              (dict(sts_head="cosine", sts_loss="sbert_mse"), sts_sbert_loss(out, gold)),
              (dict(sts_head="cosine", sts_loss="mse"), sts_mse_loss(out, gold)),
              (dict(sts_head="linear"), sts_mse_loss(out, gold))]
