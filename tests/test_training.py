@@ -634,6 +634,15 @@ class _GradRecorder(torch.optim.SGD):
         self.seen.append([None if p.grad is None else p.grad.clone() for p in self.params])
 
 
+def _assert_same_gradients(seen, by_hand):
+    """The gradients a step handed its optimizer are the ones autograd gives by hand: the same graph, summed in the
+    same order (a parameter off the graph has none in both)."""
+    for g, h in zip(seen, by_hand, strict=True):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=float32_tol(TINY_FORWARD) * float(h.abs().max() + 1e-30))
+
+
 def test_a_training_step_backs_the_weighted_scaled_losses_clips_and_clears(step_batches, one_thread):
     """training_step, by hand: the gradient of sum_t w_t (L_t s_t) (task_weights w, a process's loss_scale s),
     clipped to max_grad_norm, handed to the optimizer and then cleared; the losses it leaves for the loop are
@@ -652,10 +661,7 @@ def test_a_training_step_backs_the_weighted_scaled_losses_clips_and_clears(step_
     out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"), loss_scale=scale,
                         class_weights=class_weights)
     assert out["losses"].device == torch.device("cpu")  # the device its non-finite check builds its flag on
-    for g, h in zip(opt.seen[0], by_hand):
-        assert (g is None) == (h is None)
-        if h is not None:  # the same graph, summed in the same order
-            torch.testing.assert_close(g, h, rtol=0, atol=float32_tol(TINY_FORWARD) * float(h.abs().max() + 1e-30))
+    _assert_same_gradients(opt.seen[0], by_hand)
     assert all(p.grad is None for p in params)  # cleared, not zeroed
     assert out["cosines"] is None
     read = out["losses"].read()
@@ -683,10 +689,7 @@ def test_a_heads_only_step_skips_the_cosine_sts_loss_and_still_reports_it(step_b
     by_hand = torch.autograd.grad(total, params, allow_unused=True)
     opt = _GradRecorder(params)
     out = training_step(model, opt, step_batches, config, shared=[], device=torch.device("cpu"))
-    for g, h in zip(opt.seen[0], by_hand):
-        assert (g is None) == (h is None)
-        if h is not None:
-            torch.testing.assert_close(g, h, rtol=0, atol=float32_tol(TINY_FORWARD) * float(h.abs().max() + 1e-30))
+    _assert_same_gradients(opt.seen[0], by_hand)
     assert set(out["losses"].read()) == {"sst", "para", "sts"}
     out = training_step(model, opt, {"sts": step_batches["sts"]}, config, shared=[], device=torch.device("cpu"))
     assert len(opt.seen) == 1 and set(out["losses"].read()) == {"sts"}  # nothing stepped
