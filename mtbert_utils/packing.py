@@ -212,27 +212,41 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     # the workers' $MTBERT_DATA_DIR, resolved here against the caller's directory (as the notebooks get it)
     env = {ENV_VAR: absolute_path(os.environ[ENV_VAR])} if os.environ.get(ENV_VAR) else {}
     pool = contextlib.nullcontext() if list_only else RunPool(jobs, threads, env)
+    suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+
+    def save(training, complete: bool = False) -> dict:
+        """The summary so far, written after every finished run too: a call stopped midway (a GPU slot's time
+        budget) keeps what its finished runs took and when they started; `training` names the runs then in
+        progress and `complete` is false."""
+        summary = summarize(records, t_start, training, complete, profile=profile["_name"],
+                            shard=f"{shard[0]}/{shard[1]}", jobs=jobs, threads_per_job=threads,
+                            not_listed=blocked, overrides=overrides or {},
+                            minilm_dir=minilm_dir and repo_relative(minilm_dir))
+        if not list_only:
+            write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)
+        return summary
+
     with pool:
         for stage in range(max((len(plans.STAGES[nb]) for nb in params), default=0)):
             wave = stage_wave(params, earlier, stage, results_dir / "runs", blocked)
             todo = sort_out(wave[shard[0]::shard[1]], records, list_only)
             if todo:
-                train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}")
+                train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}", on_change=save)
             advance(params, earlier, stage, results_dir / "runs")
-    for r in records:  # when each run started, in seconds from the start of this call (packing timelines)
-        if "started_unix" in r:
-            r["start_s"] = round(r.pop("started_unix") - t_start, 1)
-    count = {s: sum(r["status"] == s for r in records) for s in ("trained", "reused", "failed", "to train")}
-    examples = {k: sum(r["examples"][k] for r in records) for k in ("full", "heads_only")}
-    summary = {"profile": profile["_name"], "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,
-               "threads_per_job": threads, "minutes": round((time.time() - t_start) / 60, 2), **count,
-               "expected_examples": examples,
-               "not_listed": blocked, "overrides": overrides or {},
-               "minilm_dir": minilm_dir and repo_relative(minilm_dir), "runs": records}
-    if not list_only:
-        suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
-        write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)
-    return summary
+    return save(training=(), complete=True)
+
+
+def summarize(records: list[dict], t_start: float, training, complete: bool, **head) -> dict:
+    """A train-only summary of `records` (one per run) at this moment: counts, expected examples, each run's
+    start in seconds from `t_start` (for packing timelines), the runs still `training`."""
+    runs = [{k: v for k, v in r.items() if k != "started_unix"}
+            | ({"start_s": round(r["started_unix"] - t_start, 1)} if "started_unix" in r else {}) for r in records]
+    count = {s: sum(r["status"] == s for r in runs) for s in ("trained", "reused", "failed", "to train")}
+    examples = {k: sum(r["examples"][k] for r in runs) for k in ("full", "heads_only")}
+    return {**{k: head[k] for k in ("profile", "shard", "jobs", "threads_per_job")},
+            "minutes": round((time.time() - t_start) / 60, 2), **count, "expected_examples": examples,
+            "complete": complete, "training": sorted(training),
+            **{k: head[k] for k in ("not_listed", "overrides", "minilm_dir")}, "runs": runs}
 
 
 def stage_wave(params: dict, earlier: dict, stage: int, out_dir: Path, blocked: list) -> list[tuple]:
@@ -271,8 +285,9 @@ def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, obj
     return todo
 
 
-def train_wave(pool, todo: list, records: list, desc: str) -> None:
-    """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run."""
+def train_wave(pool, todo: list, records: list, desc: str, on_change=None) -> None:
+    """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run;
+    `on_change(names still training)` is called once they are all submitted and after every run that ends."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from mtbert_utils import progress
     todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer
@@ -283,6 +298,8 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
     pending: dict = {}
     for rec, cfg in todo:
         submit(rec, cfg)
+    if on_change:
+        on_change([r["run_name"] for r, _ in pending.values()])
     while pending:
         for fut in wait(pending, return_when=FIRST_COMPLETED)[0]:
             rec, cfg = pending.pop(fut)
@@ -302,6 +319,8 @@ def train_wave(pool, todo: list, records: list, desc: str) -> None:
                            + (f" in {out['seconds']:.0f}s" if "seconds" in out else "")
                            + (" (without cuda_graphs, after failing with them)" if "eager_retry" in rec else "")
                            + (f": {out['error']}" if out["status"] == "failed" else ""))
+            if on_change:
+                on_change([r["run_name"] for r, _ in pending.values()])
     bar.close()
 
 

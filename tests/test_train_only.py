@@ -53,6 +53,10 @@ def work(item):
     return {"status": "trained", "pid": os.getpid(), "name": item["name"]}
 
 
+def trained_at_once(config):  # a training worker's stand-in that trains nothing
+    return {"status": "trained", "started_unix": time.time(), "seconds": 0.01}
+
+
 def graphs_crash(item):  # a training worker's stand-in: dies with cuda_graphs, or always if named so
     if item["cuda_graphs"] or item["name"] == "always":
         os.kill(os.getpid(), signal.SIGSEGV)
@@ -129,6 +133,38 @@ def test_a_run_whose_worker_dies_with_cuda_graphs_is_trained_again_without(crash
     assert f"[retry] {runs['graphed']['run_name']}: {sigsegv}; again without cuda_graphs" in out.out + out.err
     assert f"without cuda_graphs after failing with them ({sigsegv}): nb {runs['graphed']['run_name']}, trained" \
         in out.out
+
+
+def test_the_summary_is_written_after_every_run_so_a_stopped_call_keeps_it(crashy, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """A GPU slot's budget stops the train-only call with SIGTERM. The summary used to be written at the end only,
+    so GPU session 3 lost every run's start time (packing timelines need them). Now it is rewritten (atomically)
+    once the stage's runs are submitted and after each run ends, naming the runs still training."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    monkeypatch.setattr(packing, "RunPool", lambda jobs, threads, env: REAL_RUN_POOL(jobs, threads, env,
+                                                                                   target=crashy.trained_at_once))
+    writes = []
+    monkeypatch.setattr(packing, "write_json", lambda path, obj: writes.append((path, json.loads(json.dumps(obj)))))
+    final = packing.train_only("smoke", out_root=tmp_path, jobs=1)
+    paths = {path for path, _ in writes}
+    assert paths == {tmp_path / "results" / "smoke" / "executed" / "train-only.json"}
+    summaries = [obj for _, obj in writes]
+    assert summaries[-1] == final and final["complete"] and final["training"] == []
+    first_stage = [r["run_name"] for r in final["runs"] if r["stage"] == 1]
+    n = len(first_stage)
+    assert n >= 2 and final["trained"] == n  # later stages need real run files: not listed
+    # submitted, then one write per run ended, then the final one
+    assert [(s["complete"], s["trained"], len(s["training"])) for s in summaries] == \
+        [(False, k, n - k) for k in range(n + 1)] + [(True, n, 0)]
+    for k, s in enumerate(summaries[:-1]):
+        assert sorted(s["training"] + [r["run_name"] for r in s["runs"]]) == sorted(first_stage)
+        assert s["training"] == sorted(s["training"])
+        assert all(0 <= r["start_s"] <= s["minutes"] * 60 + 0.1 and "started_unix" not in r for r in s["runs"])
+        assert s["expected_examples"]["full"] == sum(r["examples"]["full"] for r in s["runs"])
+        assert (s["profile"], s["shard"], s["jobs"], s["threads_per_job"]) == ("smoke", "0/1", 1, packing.usable_cores())
+
+
+REAL_RUN_POOL = packing.RunPool
 
 
 def test_a_ctrl_c_is_for_the_parent_alone(crashy, tmp_path):
