@@ -19,8 +19,9 @@ forward keeps its activations for the backward), else as a root; cudagraph_mark_
 the roots. So a node is a distinct prefix of a chain of calls made without returning to the roots:
   - a call per task, summed losses: one chain a full step, fwd sst, fwd para, fwd sts, then their backwards;
   - fuse_tasks: one chain, fwd and bwd of the shared call;
-  - PCGrad (each task's forward just before its backward): a chain per task, fwd then bwd, assuming the task's
-    outputs are dead once its backward has added its gradients in place;
+  - task by task (PCGrad, and gradient cosines, `record_grad_cosines`: each task's forward just before its
+    backward): a chain per task, fwd then bwd, assuming the task's outputs are dead once its backward has added
+    its gradients in place;
   - heads-only steps (no grad, nothing kept): a chain per encoder call, one call.
 The first use of each call, which the trees run eagerly to warm up, is counted as a recording: an upper bound.
 It is a model of torch's code (torch/_inductor/cudagraph_trees.py), not a measurement: cuda_graphs runs record
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from mtbert_utils import TASKS  # noqa: E402
 from mtbert_utils.batching import TaskBatchStream, prepare_data, training_streams  # noqa: E402
 from mtbert_utils.config import TrainConfig  # noqa: E402
+from mtbert_utils.gradients import backs_summed_loss  # noqa: E402
 from mtbert_utils.model import load_tokenizer, pair_mode  # noqa: E402
 from mtbert_utils.reproduce import parse_override  # noqa: E402
 from mtbert_utils.results import write_json  # noqa: E402
@@ -87,16 +89,18 @@ def step_chains(step: dict, trains: bool, how: str) -> list[list[tuple]]:
     fwd = [("fwd", grad, *c) for c in calls]
     if not trains:
         return [[f] for f in fwd]
-    if how == "pcgrad":
+    if how == "task by task":
         return [[f, ("bwd", *f[1:])] for f in fwd]
     return [fwd + [("bwd", *f[1:]) for f in reversed(fwd)]]
 
 
 def step_kind(config: TrainConfig) -> str:
     """How a run's full steps call the encoder (training.training_step): a task at a time with its own backward
-    (PCGrad, gradient cosines), one shared call (fuse_tasks), or a call per task with one summed backward."""
-    if config.grad_method != "sum":
-        return "pcgrad"
+    (PCGrad, gradient cosines), one shared call (fuse_tasks), or a call per task with one summed backward.
+    gradients.backs_summed_loss decides, as it does for training_step: the tuned runs record gradient cosines,
+    so fuse_tasks leaves them task by task (GPU session 3 found this prediction calling them fused)."""
+    if not backs_summed_loss(config):
+        return "task by task"
     return "fused" if config.fuse_tasks else "a call per task"
 
 
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     trees = {"phases": tuned.phases, "schedule": tuned.schedule, "seed": tuned.seed,
              **{k: {} for k in ("nodes", "distinct_calls")}}
     steps = run_steps(tuned)
-    for how in ("a call per task", "fused", "pcgrad"):  # gpu-minilm's tuned runs, each way
+    for how in ("a call per task", "fused", "task by task"):  # a tuned rr_over run's steps, each way
         counted = tree_counts(steps, how)
         trees["nodes"][how], trees["distinct_calls"][how] = counted["nodes"], counted["distinct_calls"]
     trees["encoder_positions"] = encoder_positions(steps)

@@ -496,7 +496,9 @@ def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, 
     """graph_shapes.py --profile: the model's count for every first-stage run of a profile, keyed by the names the
     runs will have (as results/bench/graph_trees-gpu-minilm-check.json does for the GPU check), each run's steps
     replayed as train() draws them. With fuse_tasks a three-task step is one call, so the fused runs' trees hold no
-    more than a call per task would; a PCGrad run's chains are one task long, so its nodes are its distinct calls."""
+    more than a call per task would; a PCGrad run's chains are one task long, so its nodes are its distinct calls.
+    A run's kind of step is training_step's: gradient cosines keep a run task by task whatever fuse_tasks says (the
+    prediction before GPU session 3 called the tuned runs, which record them, fused)."""
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
     gs = load_benchmark("graph_shapes")
     fused = gs.profile_predictions("smoke", {"speed": {"pad_to_multiple": 16, "fuse_tasks": True}})
@@ -506,8 +508,14 @@ def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, 
     for name, r in fused.items():
         assert 0 < r["distinct_calls"] <= r["nodes"] <= apart[name]["nodes"], (name, r, apart[name])
         if "pcgrad" in name:
-            assert r["step_kind"] == apart[name]["step_kind"] == "pcgrad" and r["nodes"] == r["distinct_calls"]
+            assert r["step_kind"] == apart[name]["step_kind"] == "task by task" and r["nodes"] == r["distinct_calls"]
     assert any(r["nodes"] < apart[n]["nodes"] for n, r in fused.items())  # fusion does shrink some trees
+    for fuse in (False, True):
+        kinds = {(pcgrad, cosines): gs.step_kind(TrainConfig(fuse_tasks=fuse, pcgrad=pcgrad,
+                                                             record_grad_cosines=cosines))
+                 for pcgrad in (False, True) for cosines in (False, True)}
+        assert kinds == {(False, False): "fused" if fuse else "a call per task", (False, True): "task by task",
+                         (True, False): "task by task", (True, True): "task by task"}
     # docs/gpu.md quotes the committed prediction for the GPU check's six runs, in the order of the file
     from pathlib import Path
     import json
@@ -522,12 +530,12 @@ def test_graph_tree_model_predicts_each_run_of_a_profile(data_dir, monkeypatch, 
     full = json.loads((root / "results" / "bench" / "graph_trees-gpu-minilm.json").read_text())["runs"]
     committed = {p.stem for p in (root / "results" / "gpu-minilm" / "runs").glob("*.json")}
     assert set(full) == {n for n in committed if not n.startswith("zero-shot")} and len(full) == 18
-    by_kind = {k: [r["nodes"] for r in full.values() if r["step_kind"] == k] for k in ("fused", "pcgrad")}
-    assert len(by_kind["fused"]) == 15 and len(by_kind["pcgrad"]) == 3
-    quoted = re.search(r"(\d+) to (\d+) graphs for each of the 15 runs with fused steps and (\d+) to (\d+) for the "
-                       r"three PCGrad runs", doc)
+    by_kind = {k: [r["nodes"] for r in full.values() if r["step_kind"] == k] for k in ("fused", "task by task")}
+    assert len(by_kind["fused"]) == 9 and len(by_kind["task by task"]) == 9  # the nine tuned runs: gradient cosines
+    quoted = re.search(r"(\d+) to (\d+) graphs for each of the 9 runs with fused steps and (\d+) to (\d+) for the "
+                       r"nine tuned runs", doc)
     assert quoted and [int(x) for x in quoted.groups()] == [min(by_kind["fused"]), max(by_kind["fused"]),
-                                                            min(by_kind["pcgrad"]), max(by_kind["pcgrad"])]
+                                                            min(by_kind["task by task"]), max(by_kind["task by task"])]
 
 
 def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
@@ -547,8 +555,9 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     def nodes(how, trains=True):
         return gs.tree_nodes([c for step in (a, a, b) for c in gs.step_chains(step, trains, how)])
     assert nodes("a call per task") == 6 + 4
-    assert nodes("fused") == 2 and nodes("pcgrad") == 2 * 4  # sst, para and both STS shapes, fwd and bwd each
-    assert nodes("a call per task", trains=False) == nodes("pcgrad", trains=False) == 4 and nodes("fused", False) == 1
+    assert nodes("fused") == 2 and nodes("task by task") == 2 * 4  # sst, para and both STS shapes, fwd and bwd each
+    assert nodes("a call per task", trains=False) == nodes("task by task", trains=False) == 4
+    assert nodes("fused", trains=False) == 1
     # token positions: a call per task pads each task to its own length, fusion every row to the step's longest
     per_task, fused = 64 * 32 + 64 * 48 + 128 * 32 + 64 * 32 + 64 * 48 + 128 * 48, 2 * 256 * 48
     assert gs.encoder_positions([(a, True), (b, False)]) == {"a call per task": per_task, "fused": fused,
@@ -558,7 +567,7 @@ def test_graph_tree_model_counts_a_node_per_distinct_chain_of_calls():
     quoted = re.search(r"model of the trees gives (\d+) graphs with a call per task, (\d+) with `fuse_tasks` and (\d+) "
                        r"for PCGrad", doc)
     assert quoted and [int(x) for x in quoted.groups()] == [trees["nodes"][k] for k in ("a call per task", "fused",
-                                                                                      "pcgrad")]
+                                                                                      "task by task")]
     speed = " ".join((root / "docs" / "speed.md").read_text().split())
     quoted = re.search(r"model of them counts (\d+) for a tuned run with a call per task and (\d+) with `fuse_tasks`",
                        speed)
