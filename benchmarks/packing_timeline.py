@@ -5,13 +5,18 @@
 Reads {results}/executed/train-only.json (or the copy gpu_run.py keeps beside its logs) and the run JSONs
 it names, places each run's epochs on one clock and sums, per time bin, the examples/s of every run then
 training: with the encoder training ("full"), heads only, and both in full-step equivalents (heads-only steps
-at budget.HEADS_ONLY_COST). Writes {results}/{log}/packing_timeline.csv beside the summary it read.
+at budget.HEADS_ONLY_COST). Writes packing_timeline.csv beside the summary it read (or --out).
 
 Each epoch is stretched by its run's wall time / train time, so evaluation and set-up are spread over the
 epochs. A run starts at its record's `start_s`; summaries written before packing recorded it (gpu-minilm's
 first, 16 jobs) get the start times of the pool they came from: the first `jobs` runs of the submitted order
 at 0, each later one when a slot frees. That order was longest first by the rule of that version (epochs x
 batches per step, x1.5 with PCGrad; ties in list order), given by --legacy-order.
+
+A call stopped by its time budget before packing rewrote the summary after every run (GPU session 3) has no
+summary at all: `--jobs N` then takes every finished run JSON in the folder and starts them as a pool of N that
+takes them costliest first (budget.relative_cost, as packing orders them now), each for its wall_time_s. Runs
+the budget cut off wrote no JSON: the last rows miss their work.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtbert_utils.budget import HEADS_ONLY_COST  # noqa: E402
+from mtbert_utils.budget import HEADS_ONLY_COST, expected_examples, relative_cost  # noqa: E402
+from mtbert_utils.config import TrainConfig  # noqa: E402
 
 
 def legacy_cost(config: dict) -> float:
@@ -42,6 +48,16 @@ def pool_starts(order: list[str], seconds: dict[str, float], jobs: int) -> dict[
         starts[name] = heapq.heappop(free)
         heapq.heappush(free, starts[name] + seconds[name])
     return starts
+
+
+def pool_summary(runs_dir: Path, jobs: int) -> tuple[dict, list[str]]:
+    """(a stand-in summary, the pool's order) for a folder of finished runs with no train-only summary."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+    runs = {n: r for n, r in runs.items() if r.get("status") == "finished"}
+    cost = {n: relative_cost(expected_examples(TrainConfig.from_dict(r["config"]))) for n, r in runs.items()}
+    order = sorted(runs, key=lambda n: -cost[n])  # ties keep the folder's order
+    return {"jobs": jobs, "runs": [{"run_name": n, "status": "trained", "seconds": runs[n]["wall_time_s"]}
+                                   for n in order]}, order
 
 
 def timeline(summary: dict, runs: dict[str, dict], bin_s: float, legacy_order: list[str] | None) -> list[dict]:
@@ -77,10 +93,20 @@ def main(argv=None) -> int:
     ap.add_argument("--bin", type=float, default=30, help="seconds per row")
     ap.add_argument("--legacy-order", action="store_true",
                     help="the summary has no start_s: simulate the pool with that version's run order")
+    ap.add_argument("--out", default=None, help="CSV (default: packing_timeline.csv beside the summary)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="no summary: the folder's finished runs, started by a pool of this many, costliest first")
     args = ap.parse_args(argv)
     results = Path(args.results)
     summary_path = Path(args.summary) if args.summary else results / "executed" / "train-only.json"
-    summary = json.loads(summary_path.read_text())
+    if args.jobs is not None:
+        if args.legacy_order or args.summary:
+            ap.error("--jobs is for a folder with no summary: not with --summary or --legacy-order")
+        summary, pool_order = pool_summary(results / "runs", args.jobs)
+        if not summary["runs"]:
+            ap.error(f"no finished run JSON in {results / 'runs'}")
+    else:
+        summary, pool_order = json.loads(summary_path.read_text()), None
     runs = {}
     for r in summary["runs"]:
         if r["status"] == "trained":
@@ -90,8 +116,9 @@ def main(argv=None) -> int:
         notebook = {r["run_name"]: r["notebook"] for r in summary["runs"]}
         listed = sorted(runs, key=lambda n: (notebook[n], runs[n]["seed"]))
         order = sorted(listed, key=lambda n: -legacy_cost(runs[n]["config"]))
-    rows = timeline(summary, runs, args.bin, order)
-    out = summary_path.parent / "packing_timeline.csv"
+    rows = timeline(summary, runs, args.bin, order or pool_order)
+    out = Path(args.out) if args.out else summary_path.parent / "packing_timeline.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

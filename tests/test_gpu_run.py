@@ -2,6 +2,7 @@
 
 CUDA-only parts (nvidia-smi, the CUDA benchmark) fail on CPU: the job records that and goes on."""
 
+import csv
 import json
 import os
 import re
@@ -239,6 +240,41 @@ def test_packing_timeline_sums_the_rates_of_the_runs_training_together():
     assert pool_starts(["a", "b", "c"], {"a": 5.0, "b": 3.0, "c": 1.0}, 2) == {"a": 0.0, "b": 0.0, "c": 3.0}
 
 
+def test_packing_timeline_without_a_summary_simulates_packings_pool(data_dir, tmp_path, monkeypatch, capsys):
+    """GPU session 3's call was stopped before it wrote a train-only summary: `--jobs N` takes the folder's finished
+    runs and starts them as packing would, costliest first (budget.relative_cost), each for its wall time. Two
+    committed gpu-minilm runs, the short one listed first: with one slot the tuned run still starts at 0."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    timeline = load_benchmark("packing_timeline")
+    src, runs = ROOT / "results" / "gpu-minilm" / "runs", tmp_path / "back" / "runs"
+    runs.mkdir(parents=True)
+    short, tuned = "rr_under-baseline-b66b3d54-seed0", "rr_over-tuned-linear-ba73b4f3-seed0"
+    for name in (short, tuned):
+        shutil.copy2(src / f"{name}.json", runs / f"{name}.json")
+    (runs / "index.json").write_text("{}")  # not a run: no status
+    walls = {n: json.loads((runs / f"{n}.json").read_text())["wall_time_s"] for n in (short, tuned)}
+    summary, order = timeline.pool_summary(runs, 1)
+    assert order == [tuned, short] and summary["jobs"] == 1
+    assert summary["runs"] == [{"run_name": n, "status": "trained", "seconds": walls[n]} for n in order]
+    out = tmp_path / "timeline.csv"
+    assert timeline.main([str(tmp_path / "back"), "--jobs", "1", "--bin", "60", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    # one slot: two runs share only the bin in which one hands over to the other
+    assert [r["runs_training"] for r in rows].count("2") == 1 and {r["runs_training"] for r in rows} == {"1", "2"}
+    handover = next(float(r["from_s"]) for r in rows if r["runs_training"] == "2")
+    assert handover <= walls[tuned] < handover + 60  # the tuned run first, the short one after it
+    last = float(rows[-1]["from_s"])
+    assert last <= walls[tuned] + walls[short] < last + 60  # the short run started when the tuned one ended
+    capsys.readouterr()
+    for bad in (["--jobs", "2", "--summary", str(out)], ["--jobs", "2", "--legacy-order"]):
+        with pytest.raises(SystemExit) as e:
+            timeline.main([str(tmp_path / "back"), *bad])
+        assert e.value.code == 2 and "--jobs is for a folder with no summary" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        timeline.main([str(tmp_path), "--jobs", "2"])  # no runs folder with a finished run
+    assert e.value.code == 2 and "no finished run JSON" in capsys.readouterr().err
+
+
 def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
     """--mps with a stand-in nvidia-cuda-mps-control that logs its calls: missing, it is reported and nothing
     changes; when the CUDA check fails (as on this CPU) the daemon is stopped again and the environment restored;
@@ -323,7 +359,9 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     key, speed = parse_override(first.set[0])
     assert key == "speed" and speed["cuda_graphs"] and speed["fuse_tasks"] and first.bench_max == 0
     assert not first.no_train and first.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
+    assert first.mps and first.jobs == 9  # GPU session 3's call again, with MPS: the rates compare
     assert second.no_train and second.no_accuracy and second.bench_max <= second.budget - second.pack_reserve
+    assert second.pytest == gpu_run.CUDA_TESTS  # the tests the first call may leave no time for
     gpu_run.NEXT_CALLS[:] = [dict(c, timeout_s=700) for c in calls]  # this test's own copy of the module
     with pytest.raises(AssertionError):
         gpu_run.command()  # a call over the tool's 600 s is refused here, not on the GPU
