@@ -53,19 +53,21 @@ PACK_DIR = ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
 RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
-# the CUDA-only tests, run last with the time left, in this order: first the six no GPU has run yet (the graphs
-# step's backward on the calling thread, the step without host syncs, fused graph counts, dropout masks, fused
-# AdamW by default), then the three that passed on an H200 in session 2. pytest runs node ids in the order given,
-# and -v logs each result as it comes, so a run stopped at the budget still says which passed (all skipped on a CPU)
-CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
-              "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
-              "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape",
-              "tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
+# the CUDA-only tests, run last with the time left, in this order: first the three no GPU has run to the end yet
+# (eager's dropout masks drawn with graphs and after a resume, fused AdamW by default), then the three that passed
+# on an H200 in session 2 (the code has changed since), then the three that passed there in session 3 (the graphs
+# step's backward on the calling thread, the step without host syncs, fused graph counts). pytest runs node ids in
+# the order given, and -v logs each result as it comes, so a run stopped at the budget still says which passed
+# (all skipped on a CPU)
+CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
               "tests/test_training.py::test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would",
               "tests/test_mutation_kills.py::test_auto_optimizer_is_fused_adamw_on_cuda",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_train_like_eager",
               "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device",
-              "tests/test_train_only.py::test_train_only_runs_share_one_gpu"]
+              "tests/test_train_only.py::test_train_only_runs_share_one_gpu",
+              "tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
+              "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
+              "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape"]
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
 
 
@@ -457,19 +459,18 @@ def unpack(archive: Path, into: Path, replace: bool = False) -> list[str]:
 GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse_tasks": true}'
 # The next GPU session's calls, in order (docs/gpu.md, "What is left"): the device tool's 15 minutes hold a start
 # (1-2 min) and two calls if the second follows the first at once (a machine idle for 30 s is given back).
-#   1. gpu-minilm from scratch (--root: nothing reused) with CUDA graphs and fused task calls, 9 runs at once
-#      (the 9 tuned runs, the longest, start together): the 5-minute target, whether the segfault is gone (a run
-#      that crashes or runs out of memory with graphs is trained again without them), the graphs recorded
-#      against graph_shapes' prediction; the CUDA-only tests with the time left.
-#   2. the CUDA benchmark without its accuracy check (call 1's 18 runs check accuracy at full scale,
-#      benchmarks/compare_runs.py): the precisions, task fusion's step ratio, evaluation, then the graphs levers.
+#   1. gpu-minilm from scratch (--root: nothing reused) as GPU session 3 trained it (CUDA graphs, fused task calls,
+#      9 runs at once: 15 of 18 finished in 431 s, steady 13,200 full examples/s), now with CUDA MPS (--mps): do
+#      the kernels of runs sharing the GPU gain from running side by side? The train-only summary now survives
+#      the budget, so packing_timeline.py sets the rate against session 3's.
+#   2. the CUDA-only tests: session 3 ran three of the nine before its time ran out.
 NEXT_CALLS = [
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 480 --bench-max 0 "
-                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --then '' --log-name gpu_run-3-graphs "
+                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --mps --then '' --log-name gpu_run-4-mps "
                 "2>&1 | tee $OUT/gpu_run.log",
      "carry": [".gpu"], "timeout_s": 510, "when": "first (the machine starts: 1-2 minutes)"},
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 240 --no-train "
-                "--no-accuracy --bench-max 210 --root /tmp/fresh --then '' --log-name gpu_run-3-bench "
+                "--no-accuracy --bench-max 0 --root /tmp/fresh --then '' --log-name gpu_run-4-tests "
                 "2>&1 | tee $OUT/gpu_run.log",
      "carry": [".gpu"], "timeout_s": 270,
      "when": "at once after the first, if status says warm is true and budget_left_s is at least 280"},
