@@ -14,7 +14,8 @@ has a committed twin trained the plain way:
     benchmarks/graph_shapes.py predicted before it ran (--predicted; the model counts the first use of each
     call as a recording, so a count above it means the model missed a kind of recording);
   - from the call's train-only summary (found beside its logs, or --summary): the runs that crashed with graphs
-    and were trained again without them (`eager_retry`), those that failed, and the pool's minutes.
+    and were trained again without them (`eager_retry`), those that failed, those still training when a call
+    stopped by its budget last wrote the summary (cut off, lost), and the pool's minutes.
 A run with no twin (the check's subsample runs) is listed with its graphs and time only.
 Writes the table as markdown (--out, else stdout) and, beside it, the same as JSON.
 """
@@ -55,13 +56,17 @@ def find_summaries(folder: Path) -> list[Path]:
 
 
 def summary_records(paths: list[Path]) -> tuple[dict, list[dict]]:
-    """{run name: its record} over the summaries (a later one wins), and the summaries' headlines."""
+    """{run name: its record} over the summaries (a later one wins), and the summaries' headlines. A summary of a
+    call stopped midway (`complete` false) names the runs then training: each gets a record {"status": "cut off"}."""
     records, heads = {}, []
     for p in paths:
         s = json.loads(p.read_text())
         heads.append({"file": p.name, "profile": s.get("profile"), "jobs": s.get("jobs"),
-                      "minutes": s.get("minutes"), "trained": s.get("trained"), "failed": s.get("failed")})
+                      "minutes": s.get("minutes"), "trained": s.get("trained"), "failed": s.get("failed"),
+                      "complete": s.get("complete", True)})
         records.update({r["run_name"]: r for r in s.get("runs", [])})
+        if not s.get("complete", True):
+            records.update({name: {"run_name": name, "status": "cut off"} for name in s.get("training", [])})
     return records, heads
 
 
@@ -70,7 +75,7 @@ def compare(new: dict[str, dict], old: dict[str, dict], predicted: dict[str, dic
     """The comparison as a dict: one row per run in `new` (or failed in `records`), paired score differences."""
     predicted, records = predicted or {}, records or {}
     rows = []
-    for name in sorted(set(new) | {n for n, r in records.items() if r.get("status") == "failed"}):
+    for name in sorted(set(new) | {n for n, r in records.items() if r.get("status") in ("failed", "cut off")}):
         run, twin, rec = new.get(name), old.get(name), records.get(name, {})
         row = {"run_name": name, "status": run["status"] if run else rec.get("status", "missing")}
         if run:
@@ -105,6 +110,7 @@ def compare(new: dict[str, dict], old: dict[str, dict], predicted: dict[str, dic
                    "predicted": sum(r["predicted_graphs"] for r in graphs)},
         "eager_retries": [r["run_name"] for r in rows if "eager_retry" in r],
         "failed": [r["run_name"] for r in rows if r["status"] == "failed"],
+        "cut_off": [r["run_name"] for r in rows if r["status"] == "cut off"],  # training when the call stopped
     }
 
 
@@ -116,7 +122,8 @@ def markdown(result: dict) -> str:
     lines = []
     for h in result.get("summaries", []):
         lines.append(f"- train-only summary `{h['file']}`: profile {h['profile']}, {h['jobs']} jobs, "
-                     f"{h['trained']} trained, {h['failed']} failed, {_f(h['minutes'], '.1f')} min")
+                     f"{h['trained']} trained, {h['failed']} failed, {_f(h['minutes'], '.1f')} min"
+                     + ("" if h.get("complete", True) else " when last written (the call was stopped)"))
     t = result["train_time_s"]
     if t["runs"] and t["new"] > 0:
         lines.append(f"- training time of the {t['runs']} runs with a committed twin: {t['new'] / 60:.1f} min "
@@ -133,6 +140,8 @@ def markdown(result: dict) -> str:
         lines.append(f"- trained again without cuda_graphs after a crash: {', '.join(result['eager_retries'])}")
     if result["failed"]:
         lines.append(f"- failed: {', '.join(result['failed'])}")
+    if result.get("cut_off"):
+        lines.append(f"- still training when the call was stopped (lost): {', '.join(result['cut_off'])}")
     head = ("| run | status | switches | " + " | ".join(f"{m} (committed)" for m in METRICS)
             + " | train s (committed) | graphs (predicted) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
