@@ -380,7 +380,10 @@ def run(args) -> int:
     if not args.no_train and root != ROOT:  # retrained apart from the committed runs: set them side by side
         steps.append(compare_step(args.profile, sub, args.set, root, log_dir))
     if args.pytest:  # CUDA-only tests, with whatever time is left
-        steps.append(run_step("pytest", [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", *args.pytest],
+        # -v with console_output_style=times: each test's result and its seconds logged as it ends (GPU session 3's
+        # budget stopped the fourth test with no word of how long the first three took)
+        steps.append(run_step("pytest", [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o",
+                                         "console_output_style=times", *args.pytest],
                               deadline - args.pack_reserve, log_dir, env, ROOT))  # from the repository
     if mps == "on":
         stop_mps(env)

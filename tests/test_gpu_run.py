@@ -204,6 +204,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert rc == 0 and steps["train-smoke"] == steps["pytest"] == "ok", steps  # the default CUDA tests, skipped here
     log = (root / "results" / "smoke" / "gpu_run-2" / "pytest.log").read_text()
     assert f"{len(gpu_run.CUDA_TESTS)} skipped" in log  # each default node id exists (a missing one is an error)
+    assert re.search(r"test_cuda_training_steps_make_no_host_sync SKIPPED .*\d(us|ms|s)\n", log), log  # its time
     assert steps["bench"].startswith("skipped")
     assert "--accuracy" not in next(c["command"] for c in second["steps"] if c["step"] == "bench")
     assert " --accuracy --levers " in next(c["command"] for c in timings["steps"] if c["step"] == "bench")
