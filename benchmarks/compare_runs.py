@@ -14,8 +14,8 @@ has a committed twin trained the plain way:
     benchmarks/graph_shapes.py predicted before it ran (--predicted; the model counts the first use of each
     call as a recording, so a count above it means the model missed a kind of recording);
   - from the call's train-only summary (found beside its logs, or --summary): the runs that crashed with graphs
-    and were trained again without them (`eager_retry`), those that failed, those still training when a call
-    stopped by its budget last wrote the summary (cut off, lost), and the pool's minutes.
+    and were trained again without them (`eager_retry`), those that failed, those not ended (training, or
+    waiting for a slot) when a call stopped by its budget last wrote the summary (cut off), and the pool's minutes.
 A run with no twin (the check's subsample runs) is listed with its graphs and time only.
 Writes the table as markdown (--out, else stdout) and, beside it, the same as JSON.
 """
@@ -57,7 +57,7 @@ def find_summaries(folder: Path) -> list[Path]:
 
 def summary_records(paths: list[Path]) -> tuple[dict, list[dict]]:
     """{run name: its record} over the summaries (a later one wins), and the summaries' headlines. A summary of a
-    call stopped midway (`complete` false) names the runs then training: each gets a record {"status": "cut off"}."""
+    call stopped midway (`complete` false) names the runs not ended then: each gets a record {"status": "cut off"}."""
     records, heads = {}, []
     for p in paths:
         s = json.loads(p.read_text())
@@ -66,7 +66,7 @@ def summary_records(paths: list[Path]) -> tuple[dict, list[dict]]:
                       "complete": s.get("complete", True)})
         records.update({r["run_name"]: r for r in s.get("runs", [])})
         if not s.get("complete", True):
-            records.update({name: {"run_name": name, "status": "cut off"} for name in s.get("training", [])})
+            records.update({name: {"run_name": name, "status": "cut off"} for name in s.get("unfinished", [])})
     return records, heads
 
 
@@ -141,7 +141,7 @@ def markdown(result: dict) -> str:
     if result["failed"]:
         lines.append(f"- failed: {', '.join(result['failed'])}")
     if result.get("cut_off"):
-        lines.append(f"- still training when the call was stopped (lost): {', '.join(result['cut_off'])}")
+        lines.append(f"- cut off by the call's stop (training or waiting for a slot): {', '.join(result['cut_off'])}")
     head = ("| run | status | switches | " + " | ".join(f"{m} (committed)" for m in METRICS)
             + " | train s (committed) | graphs (predicted) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]

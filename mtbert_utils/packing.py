@@ -214,11 +214,11 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
     pool = contextlib.nullcontext() if list_only else RunPool(jobs, threads, env)
     suffix = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
 
-    def save(training, complete: bool = False) -> dict:
+    def save(unfinished, complete: bool = False) -> dict:
         """The summary so far, written after every finished run too: a call stopped midway (a GPU slot's time
-        budget) keeps what its finished runs took and when they started; `training` names the runs then in
-        progress and `complete` is false."""
-        summary = summarize(records, t_start, training, complete, profile=profile["_name"],
+        budget) keeps what its finished runs took and when they started; `unfinished` names the runs submitted
+        and not ended (training, or waiting for a slot) and `complete` is false."""
+        summary = summarize(records, t_start, unfinished, complete, profile=profile["_name"],
                             shard=f"{shard[0]}/{shard[1]}", jobs=jobs, threads_per_job=threads,
                             not_listed=blocked, overrides=overrides or {},
                             minilm_dir=minilm_dir and repo_relative(minilm_dir))
@@ -233,19 +233,19 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
             if todo:
                 train_wave(pool, todo, records, f"{profile['_name']} stage {stage + 1}", on_change=save)
             advance(params, earlier, stage, results_dir / "runs")
-    return save(training=(), complete=True)
+    return save(unfinished=(), complete=True)
 
 
-def summarize(records: list[dict], t_start: float, training, complete: bool, **head) -> dict:
+def summarize(records: list[dict], t_start: float, unfinished, complete: bool, **head) -> dict:
     """A train-only summary of `records` (one per run) at this moment: counts, expected examples, each run's
-    start in seconds from `t_start` (for packing timelines), the runs still `training`."""
+    start in seconds from `t_start` (for packing timelines), the runs submitted and not ended (`unfinished`)."""
     runs = [{k: v for k, v in r.items() if k != "started_unix"}
             | ({"start_s": round(r["started_unix"] - t_start, 1)} if "started_unix" in r else {}) for r in records]
     count = {s: sum(r["status"] == s for r in runs) for s in ("trained", "reused", "failed", "to train")}
     examples = {k: sum(r["examples"][k] for r in runs) for k in ("full", "heads_only")}
     return {**{k: head[k] for k in ("profile", "shard", "jobs", "threads_per_job")},
             "minutes": round((time.time() - t_start) / 60, 2), **count, "expected_examples": examples,
-            "complete": complete, "training": sorted(training),
+            "complete": complete, "unfinished": sorted(unfinished),
             **{k: head[k] for k in ("not_listed", "overrides", "minilm_dir")}, "runs": runs}
 
 
@@ -287,7 +287,7 @@ def sort_out(wave: list, records: list, list_only: bool) -> list[tuple[dict, obj
 
 def train_wave(pool, todo: list, records: list, desc: str, on_change=None) -> None:
     """Train the runs of one stage in the pool, longest first, with a bar over runs and a line per run;
-    `on_change(names still training)` is called once they are all submitted and after every run that ends."""
+    `on_change(names not ended)` is called once they are all submitted and after every run that ends."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from mtbert_utils import progress
     todo = sorted(todo, key=lambda rc: -relative_cost(rc[0]["examples"]))  # longest first: they finish closer

@@ -428,18 +428,18 @@ def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, 
     assert "profile gpu-minilm, 10 jobs, 4 trained, 1 failed, 4.2 min" in text
     assert f"| {names[2]} | finished (eager retry) |" in text
 
-    # a call stopped by its budget: its summary, last written after a run ended, names the runs then training
+    # a call stopped by its budget: its summary, last written after a run ended, names the runs not ended then
     (log_dir / "gpu-minilm-train-only.json").write_text(json.dumps({
         "profile": "gpu-minilm", "jobs": 9, "minutes": 7.2, "trained": 3, "failed": 0, "complete": False,
-        "training": ["rr_over-baseline-b314632f-seed0", names[1]], "runs": [
+        "unfinished": ["rr_over-baseline-b314632f-seed0", names[1]], "runs": [
             {"run_name": n, "status": "trained"} for n in names]}))
     assert compare_runs.main([str(new_dir), "--against", str(old_dir), "--out", str(out)]) == 0
     stopped = json.loads(out.with_suffix(".json").read_text())
-    # a run listed as training whose file came back finished anyway is not cut off: its run file says finished
+    # a run listed as not ended whose file came back finished anyway is not cut off: its run file says finished
     assert stopped["cut_off"] == ["rr_over-baseline-b314632f-seed0"] and stopped["failed"] == []
     assert {r["run_name"]: r["status"] for r in stopped["runs"]}["rr_over-baseline-b314632f-seed0"] == "cut off"
     text = out.read_text()
-    assert "- still training when the call was stopped (lost): rr_over-baseline-b314632f-seed0" in text
+    assert "- cut off by the call's stop (training or waiting for a slot): rr_over-baseline-b314632f-seed0" in text
     assert "profile gpu-minilm, 9 jobs, 3 trained, 0 failed, 7.2 min when last written (the call was stopped)" in text
 
     with pytest.raises(SystemExit) as e:  # a folder that is not there: argparse's one-line error

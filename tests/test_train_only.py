@@ -139,7 +139,7 @@ def test_the_summary_is_written_after_every_run_so_a_stopped_call_keeps_it(crash
                                                                          monkeypatch):
     """A GPU slot's budget stops the train-only call with SIGTERM. The summary used to be written at the end only,
     so GPU session 3 lost every run's start time (packing timelines need them). Now it is rewritten (atomically)
-    once the stage's runs are submitted and after each run ends, naming the runs still training."""
+    once the stage's runs are submitted and after each run ends, naming the runs not ended (training, or waiting for a slot)."""
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
     monkeypatch.setattr(packing, "RunPool", lambda jobs, threads, env: REAL_RUN_POOL(jobs, threads, env,
                                                                                    target=crashy.trained_at_once))
@@ -149,17 +149,18 @@ def test_the_summary_is_written_after_every_run_so_a_stopped_call_keeps_it(crash
     paths = {path for path, _ in writes}
     assert paths == {tmp_path / "results" / "smoke" / "executed" / "train-only.json"}
     summaries = [obj for _, obj in writes]
-    assert summaries[-1] == final and final["complete"] and final["training"] == []
+    assert summaries[-1] == final and final["complete"] and final["unfinished"] == []
     first_stage = [r["run_name"] for r in final["runs"] if r["stage"] == 1]
     n = len(first_stage)
     assert n >= 2 and final["trained"] == n  # later stages need real run files: not listed
     # submitted, then one write per run ended, then the final one
-    assert [(s["complete"], s["trained"], len(s["training"])) for s in summaries] == \
+    assert [(s["complete"], s["trained"], len(s["unfinished"])) for s in summaries] == \
         [(False, k, n - k) for k in range(n + 1)] + [(True, n, 0)]
     for k, s in enumerate(summaries[:-1]):
-        assert sorted(s["training"] + [r["run_name"] for r in s["runs"]]) == sorted(first_stage)
-        assert s["training"] == sorted(s["training"])
-        assert all(0 <= r["start_s"] <= s["minutes"] * 60 + 0.1 and "started_unix" not in r for r in s["runs"])
+        assert sorted(s["unfinished"] + [r["run_name"] for r in s["runs"]]) == sorted(first_stage)
+        assert s["unfinished"] == sorted(s["unfinished"])
+        # minutes are rounded to 0.01 (0.3 s either way), start_s to 0.1 s (0.05 s)
+        assert all(0 <= r["start_s"] <= s["minutes"] * 60 + 0.3 + 0.05 and "started_unix" not in r for r in s["runs"])
         assert s["expected_examples"]["full"] == sum(r["examples"]["full"] for r in s["runs"])
         assert (s["profile"], s["shard"], s["jobs"], s["threads_per_job"]) == ("smoke", "0/1", 1, packing.usable_cores())
 
