@@ -17,6 +17,11 @@ A call stopped by its time budget before packing rewrote the summary after every
 summary at all: `--jobs N` then takes every finished run JSON in the folder and starts them as a pool of N that
 takes them costliest first (budget.relative_cost, as packing orders them now), each for its wall_time_s. Runs
 the budget cut off wrote no JSON: the last rows miss their work.
+
+    python benchmarks/packing_timeline.py --plot figures/bench/packing_timelines.png --csv "LABEL=CSV" ...
+
+draws timelines written before, one line per CSV, on one clock: what the GPU trained a second, and how many
+runs shared it (docs/gpu.md's figure of GPU sessions 1 and 3).
 """
 from __future__ import annotations
 
@@ -86,9 +91,51 @@ def timeline(summary: dict, runs: dict[str, dict], bin_s: float, legacy_order: l
             for b, r in sorted(bins.items())]
 
 
+def plot(timelines: dict[str, list[dict]]):
+    """Full-step equivalents a second (top) and runs training (bottom) over time, one line per labelled timeline
+    (rows as packing_timeline.csv has them), each row drawn over its bin."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from mtbert_utils.plotting import THEME
+    with plt.rc_context({**sns.axes_style(THEME["style"]), **sns.plotting_context(THEME["context"],
+                                                                                  THEME["font_scale"])}):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[2, 1])
+        for label, rows in timelines.items():
+            starts = [float(r["from_s"]) for r in rows]
+            step = starts[1] - starts[0] if len(starts) > 1 else 30.0
+            x = [*starts, starts[-1] + step]
+            for ax, key in ((top, "full_step_equivalents_per_s"), (bottom, "runs_training")):
+                y = [float(r[key]) for r in rows]
+                ax.stairs(y, x, label=label, linewidth=1.8)
+        top.set_ylabel("full-step equivalents / s")
+        top.set_title("Runs sharing one GPU: what it trained a second")
+        top.legend(loc="lower center", fontsize="small")
+        bottom.set_ylabel("runs training")
+        bottom.set_xlabel("seconds since the call's training started")
+        fig.tight_layout()
+    return fig
+
+
+def main_plot(out: str, csvs: list[str]) -> int:
+    timelines = {}
+    for item in csvs:
+        label, sep, path = item.rpartition("=")
+        if not sep or not label:
+            sys.exit(f"--csv wants LABEL=PATH, got {item!r}")
+        with open(path, newline="") as f:
+            timelines[label] = list(csv.DictReader(f))
+        if not timelines[label]:
+            sys.exit(f"{path}: no rows")
+    from mtbert_utils.results import save_figure
+    print(f"-> {save_figure(plot(timelines), out, dpi=120)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="a profile's results folder, e.g. results/gpu-minilm")
+    ap.add_argument("results", nargs="?", help="a profile's results folder, e.g. results/gpu-minilm")
     ap.add_argument("--summary", default=None, help="train-only summary (default: executed/train-only.json)")
     ap.add_argument("--bin", type=float, default=30, help="seconds per row")
     ap.add_argument("--legacy-order", action="store_true",
@@ -96,7 +143,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV (default: packing_timeline.csv beside the summary)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="no summary: the folder's finished runs, started by a pool of this many, costliest first")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="instead: draw the --csv timelines into PNG")
+    ap.add_argument("--csv", action="append", default=[], metavar="LABEL=CSV", help="with --plot: a timeline")
     args = ap.parse_args(argv)
+    if args.plot:
+        if not args.csv or args.results:
+            ap.error("--plot draws --csv LABEL=CSV timelines (one or more), and takes no results folder")
+        return main_plot(args.plot, args.csv)
+    if not args.results:
+        ap.error("a results folder is needed (or --plot with --csv)")
     results = Path(args.results)
     summary_path = Path(args.summary) if args.summary else results / "executed" / "train-only.json"
     if args.jobs is not None:

@@ -276,6 +276,44 @@ def test_packing_timeline_without_a_summary_simulates_packings_pool(data_dir, tm
     assert e.value.code == 2 and "no finished run JSON" in capsys.readouterr().err
 
 
+def test_packing_timeline_plots_timelines_on_one_clock(tmp_path, capsys):
+    """--plot draws each --csv timeline (as packing_timeline.csv has them) into one PNG; docs/gpu.md shows the
+    committed figure of GPU sessions 1 and 3 with the command that draws it."""
+    timeline = load_benchmark("packing_timeline")
+    rows = [{"from_s": 0, "runs_training": 2, "full_ex_per_s": 10, "heads_only_ex_per_s": 0,
+             "full_step_equivalents_per_s": 10}, {"from_s": 30, "runs_training": 1, "full_ex_per_s": 5,
+                                                 "heads_only_ex_per_s": 3, "full_step_equivalents_per_s": 6}]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for path, part in ((a, rows), (b, rows[:1])):  # a one-row timeline too
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+    fig = timeline.plot({"a": list(csv.DictReader(a.open())), "b": list(csv.DictReader(b.open()))})
+    top, bottom = fig.axes
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["a", "b"]
+    stairs = top.patches  # one StepPatch a timeline, its values the rows'
+    assert [list(p.get_data().values) for p in stairs] == [[10.0, 6.0], [10.0]]
+    assert [list(p.get_data().edges) for p in stairs] == [[0.0, 30.0, 60.0], [0.0, 30.0]]
+    assert [list(p.get_data().values) for p in bottom.patches] == [[2.0, 1.0], [2.0]]
+    out = tmp_path / "fig" / "timelines.png"
+    assert timeline.main(["--plot", str(out), "--csv", f"a=b={a}", "--csv", f"b={b}"]) == 0  # labels may hold "="
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    for bad in (["--plot", str(out)], ["--plot", str(out), "--csv", f"a={a}", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            timeline.main(bad)
+        assert e.value.code == 2 and "--plot draws --csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        timeline.main(["--plot", str(out), "--csv", str(a)])  # no label
+    assert "LABEL=PATH" in str(e.value.code)
+    doc = " ".join((ROOT / "docs" / "gpu.md").read_text().replace("\\\n", " ").split())
+    assert "](../figures/bench/packing_timelines.png)" in doc and (ROOT / "figures" / "bench" / "packing_timelines.png").exists()
+    for csv_path in ("results/gpu-minilm/gpu_run/packing_timeline.csv",
+                     "results/gpu-minilm/gpu_run-3-graphs/packing_timeline.csv"):
+        assert f"={csv_path}\"" in doc
+
+
 def test_mps_starts_checks_and_stops_or_falls_back(tmp_path, monkeypatch):
     """--mps with a stand-in nvidia-cuda-mps-control that logs its calls: missing, it is reported and nothing
     changes; when the CUDA check fails (as on this CPU) the daemon is stopped again and the environment restored;
