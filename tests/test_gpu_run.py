@@ -172,6 +172,7 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     steps = {s["step"]: s["status"] for s in timings["steps"]}
     assert rc == 0, steps
     assert steps["minilm-check"] == "ok"  # the fp16 copy loads as fp32 from the restored folder
+    assert not (pack / "minilm").exists()  # removed after the call: a dry run adds nothing that would travel
     assert steps["train-smoke"] == "ok" and steps["train-smoke-best"] == "ok" and "pytest" not in steps  # none asked
     assert steps["compare"].startswith("skipped")  # retrained apart, but the repository has no smoke runs
     if not torch.cuda.is_available():
