@@ -93,28 +93,26 @@ def timeline(summary: dict, runs: dict[str, dict], bin_s: float, legacy_order: l
 
 def plot(timelines: dict[str, list[dict]]):
     """Full-step equivalents a second (top) and runs training (bottom) over time, one line per labelled timeline
-    (rows as packing_timeline.csv has them), each row drawn over its bin."""
-    import matplotlib
-    matplotlib.use("Agg")
+    (rows as packing_timeline.csv has them), each row drawn over its bin; in the notebooks' figure theme."""
+    from mtbert_utils.plotting import _themed  # matplotlib and seaborn only when a figure is drawn
+    return _themed(_draw)(timelines)
+
+
+def _draw(timelines: dict[str, list[dict]]):
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    from mtbert_utils.plotting import THEME
-    with plt.rc_context({**sns.axes_style(THEME["style"]), **sns.plotting_context(THEME["context"],
-                                                                                  THEME["font_scale"])}):
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[2, 1])
-        for label, rows in timelines.items():
-            starts = [float(r["from_s"]) for r in rows]
-            step = starts[1] - starts[0] if len(starts) > 1 else 30.0
-            x = [*starts, starts[-1] + step]
-            for ax, key in ((top, "full_step_equivalents_per_s"), (bottom, "runs_training")):
-                y = [float(r[key]) for r in rows]
-                ax.stairs(y, x, label=label, linewidth=1.8)
-        top.set_ylabel("full-step equivalents / s")
-        top.set_title("Runs sharing one GPU: what it trained a second")
-        top.legend(loc="lower center", fontsize="small")
-        bottom.set_ylabel("runs training")
-        bottom.set_xlabel("seconds since the call's training started")
-        fig.tight_layout()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[2, 1])
+    for label, rows in timelines.items():
+        starts = [float(r["from_s"]) for r in rows]
+        step = starts[1] - starts[0] if len(starts) > 1 else 30.0
+        x = [*starts, starts[-1] + step]
+        for ax, key in ((top, "full_step_equivalents_per_s"), (bottom, "runs_training")):
+            ax.stairs([float(r[key]) for r in rows], x, label=label, linewidth=1.8)
+    top.set_ylabel("full-step equivalents / s")
+    top.set_title("Runs sharing one GPU: what it trained a second")
+    top.legend(loc="lower center", fontsize="small")
+    bottom.set_ylabel("runs training")
+    bottom.set_xlabel("seconds since the call's training started")
+    fig.tight_layout()
     return fig
 
 
