@@ -55,14 +55,15 @@ def pool_starts(order: list[str], seconds: dict[str, float], jobs: int) -> dict[
     return starts
 
 
-def pool_summary(runs_dir: Path, jobs: int) -> tuple[dict, list[str]]:
-    """(a stand-in summary, the pool's order) for a folder of finished runs with no train-only summary."""
+def pool_summary(runs_dir: Path, jobs: int) -> tuple[dict, list[str], dict[str, dict]]:
+    """(a stand-in summary, the pool's order, the runs read) for a folder of finished runs with no train-only
+    summary."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
     runs = {n: r for n, r in runs.items() if r.get("status") == "finished"}
     cost = {n: relative_cost(expected_examples(TrainConfig.from_dict(r["config"]))) for n, r in runs.items()}
     order = sorted(runs, key=lambda n: -cost[n])  # ties keep the folder's order
     return {"jobs": jobs, "runs": [{"run_name": n, "status": "trained", "seconds": runs[n]["wall_time_s"]}
-                                   for n in order]}, order
+                                   for n in order]}, order, runs
 
 
 def timeline(summary: dict, runs: dict[str, dict], bin_s: float, legacy_order: list[str] | None) -> list[dict]:
@@ -155,15 +156,13 @@ def main(argv=None) -> int:
     if args.jobs is not None:
         if args.legacy_order or args.summary:
             ap.error("--jobs is for a folder with no summary: not with --summary or --legacy-order")
-        summary, pool_order = pool_summary(results / "runs", args.jobs)
+        summary, pool_order, runs = pool_summary(results / "runs", args.jobs)
         if not summary["runs"]:
             ap.error(f"no finished run JSON in {results / 'runs'}")
     else:
         summary, pool_order = json.loads(summary_path.read_text()), None
-    runs = {}
-    for r in summary["runs"]:
-        if r["status"] == "trained":
-            runs[r["run_name"]] = json.loads((results / "runs" / f"{r['run_name']}.json").read_text())
+        runs = {r["run_name"]: json.loads((results / "runs" / f"{r['run_name']}.json").read_text())
+                for r in summary["runs"] if r["status"] == "trained"}
     order = None
     if args.legacy_order:  # the list order (notebook by notebook, seed by seed), then longest first
         notebook = {r["run_name"]: r["notebook"] for r in summary["runs"]}

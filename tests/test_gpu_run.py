@@ -255,7 +255,8 @@ def test_packing_timeline_without_a_summary_simulates_packings_pool(data_dir, tm
         shutil.copy2(src / f"{name}.json", runs / f"{name}.json")
     (runs / "index.json").write_text("{}")  # not a run: no status
     walls = {n: json.loads((runs / f"{n}.json").read_text())["wall_time_s"] for n in (short, tuned)}
-    summary, order = timeline.pool_summary(runs, 1)
+    summary, order, read = timeline.pool_summary(runs, 1)
+    assert set(read) == {short, tuned}  # read once, for main's timeline too
     assert order == [tuned, short] and summary["jobs"] == 1
     assert summary["runs"] == [{"run_name": n, "status": "trained", "seconds": walls[n]} for n in order]
     out = tmp_path / "timeline.csv"
