@@ -135,6 +135,9 @@ def test_a_run_whose_worker_dies_with_cuda_graphs_is_trained_again_without(crash
         in out.out
 
 
+REAL_RUN_POOL = packing.RunPool  # the next test stands a pool of it in for train_only's
+
+
 def test_the_summary_is_written_after_every_run_so_a_stopped_call_keeps_it(crashy, data_dir, tmp_path,
                                                                          monkeypatch):
     """A GPU slot's budget stops the train-only call with SIGTERM. The summary used to be written at the end only,
@@ -163,9 +166,6 @@ def test_the_summary_is_written_after_every_run_so_a_stopped_call_keeps_it(crash
         assert all(0 <= r["start_s"] <= s["minutes"] * 60 + 0.3 + 0.05 and "started_unix" not in r for r in s["runs"])
         assert s["expected_examples"]["full"] == sum(r["examples"]["full"] for r in s["runs"])
         assert (s["profile"], s["shard"], s["jobs"], s["threads_per_job"]) == ("smoke", "0/1", 1, packing.usable_cores())
-
-
-REAL_RUN_POOL = packing.RunPool
 
 
 def test_a_ctrl_c_is_for_the_parent_alone(crashy, tmp_path):
