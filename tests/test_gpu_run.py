@@ -56,6 +56,75 @@ def test_packed_minilm_comes_back_byte_for_byte(tiny_minilm, tmp_path):
     assert all((back / p.name).read_bytes() == p.read_bytes() for p in export.iterdir())
 
 
+def test_data_token_ids_cover_every_id_the_runs_encode(small_data_dir):
+    """pack sends only the word-embedding rows of data_token_ids: every id that encode_task gives any split of
+    any task (pairs joint and apart, as each para_input encodes them) must be among them, [PAD] too."""
+    from mtbert_utils.batching import encode_task
+    from mtbert_utils.data import FILES, read_task_file
+    gpu_run = load_benchmark("gpu_run")
+    tok = model.load_tokenizer("minilm")
+    ids = gpu_run.data_token_ids(small_data_dir, tok)
+    encoded = set()
+    for task, splits in FILES.items():
+        for name in splits.values():
+            if (small_data_dir / name).exists():
+                enc = encode_task(read_task_file(small_data_dir / name, task, warn=False)[0], tok, task)
+                for rows in (enc.single,) if task == "sst" else (enc.joint, enc.a, enc.b):
+                    encoded.update(i for row in rows for i in row)
+    assert len(encoded) > 1000 and encoded <= ids and tok.pad_token_id in ids
+    assert len(ids) < len(encoded) + 50 < tok.vocab_size  # whole texts and special tokens only: most rows go
+
+
+def test_trimmed_minilm_is_the_export_on_its_data_and_nan_elsewhere(tiny_minilm, small_data_dir, tmp_path):
+    """MiniLM packed for a data folder: the rows its texts use come back byte for byte, so a run on those data
+    computes exactly what it would with every row; the rest are NaN, so any other text gives NaN at once."""
+    from mtbert_utils.data import read_task_file
+    gpu_run = load_benchmark("gpu_run")
+    export = model.export_minilm(tmp_path / "export", fp16=True, source=tiny_minilm)
+    (tmp_path / "pack").mkdir()
+    gpu_run.pack_minilm(tmp_path / "pack", tiny_minilm, small_data_dir)
+    back = gpu_run.unpack_minilm(tmp_path / "pack" / gpu_run.MINILM_ARCHIVE, tmp_path / "back")
+    tok = model.load_tokenizer(str(back))
+    ids = sorted(gpu_run.data_token_ids(small_data_dir, tok))
+    record = json.loads((back / gpu_run.TRIM_RECORD).read_text())
+    assert record["rows_kept"] == len(ids) and record["rows_not_sent"] == tok.vocab_size - len(ids)
+    assert record["data_sha256"] == gpu_run.csv_digests(small_data_dir) and len(record["data_sha256"]) == 7
+    full, trimmed = (model.load_encoder(str(d)).eval() for d in (export, back))
+    key = "embeddings.word_embeddings.weight"
+    a, b = full.state_dict(), trimmed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != key)
+    sent = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    sent[ids] = True
+    assert torch.equal(a[key][sent], b[key][sent]) and b[key][~sent].isnan().all()
+
+    sentences = [e.text_a for e in read_task_file(small_data_dir / "ids-sst-dev.csv", "sst", warn=False)[0][:8]]
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(full(**batch).last_hidden_state, trimmed(**batch).last_hidden_state)
+        other = next(t for t in tok.convert_ids_to_tokens(range(2000, tok.vocab_size))
+                     if t.isalpha() and tok.convert_tokens_to_ids(t) not in ids)
+        out = trimmed(**tok([f"a {other} here"], return_tensors="pt")).last_hidden_state
+        assert out.isnan().any() and not full(**tok([f"a {other} here"], return_tensors="pt")).last_hidden_state.isnan().any()
+
+
+def test_restore_refuses_data_other_than_the_trimmed_minilm_was_packed_for(tiny_minilm, small_data_dir, tmp_path):
+    gpu_run = load_benchmark("gpu_run")
+    pack = tmp_path / "pack"
+    gpu_run.pack(pack, small_data_dir, tiny_minilm)
+    env = {}
+    assert gpu_run.restore(pack, env, tmp_path / "tmp") == {"minilm": env["MTBERT_MINILM_DIR"],
+                                                            "data": "(--tmp)/cs224n"}
+    other = tmp_path / "other"
+    shutil.copytree(small_data_dir, other)
+    with open(other / "sts-dev.csv", "a", encoding="utf-8") as f:
+        f.write("9999\tnew1\tan unseen sentence\tanother one\t3.0\n")
+    with tarfile.open(pack / "data.tar.xz", "w:xz") as tar:  # the data packed again, MiniLM not
+        for f in sorted(other.glob("*.csv")):
+            tar.add(f, arcname=f.name)
+    with pytest.raises(SystemExit, match="pack again"):
+        gpu_run.restore(pack, {}, tmp_path / "tmp2")
+
+
 def test_minilm_dir_leaves_run_names_alone(tiny_minilm, monkeypatch):
     from mtbert_utils import plans
     args = dict(encoder="minilm", data_dir="", max_train={}, max_dev=0, batch_size=64, epochs=5,
