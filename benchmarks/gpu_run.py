@@ -16,7 +16,8 @@ seconds (default 540, under the tool's 600):
      within --bench-max B seconds (default 300; a failure is recorded, not fatal; its JSON is written
      after every part, so a benchmark stopped at B keeps what it measured);
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10`;
-     (with --mps, a CUDA MPS daemon then starts for the training: the runs' kernels share the GPU side by side)
+     (with --mps, a CUDA MPS daemon then starts for the training: the runs' kernels share the GPU side by side;
+     with --warm-compile S, three tiny runs first fill inductor's on-disk cache, for at most S seconds)
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
   5. with --root outside the repository (runs retrained apart, as the next session's first call does), the
      retrained runs set against the committed ones of the same names (benchmarks/compare_runs.py): compare.md;
@@ -70,6 +71,13 @@ CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropou
               "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
               "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape"]
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
+# --warm-compile: tiny runs of the two kinds of graphed step before the training, to fill inductor's on-disk cache
+# (shared by every process of the machine's user). In GPU session 3 nine runs compiled the same graphs at once for
+# about 80 s each, the GPU idle; runs that started later found the cache warm and began in seconds. A fused step
+# (RR oversampling) and a task-by-task one with heads-only epochs (the tuned runs, PCGrad's too), one seed, a few
+# batches of each task; 3 runs, so 3 processes compile instead of 9
+WARM_ONLY = "03_rr_oversampling,05_pcgrad_ablation"
+WARM_SETS = ["seeds=[0]", 'max_train={"sst": 256, "para": 256, "sts": 256}', "max_dev=64"]
 
 
 # -- pack (here) ------------------------------------------------------------------------------------
@@ -424,6 +432,13 @@ def run(args) -> int:
     mps = start_mps(env, Path(args.tmp), log_dir, steps) if args.mps else "off"  # for the training, after the bench
     reproduce = [py, "-m", "mtbert_utils.reproduce", "--train-only", "--out", "."]  # run in root
     sets = [a for s in args.set for a in ("--set", s)]
+    if args.warm_compile and not args.no_train:
+        warm_root = Path(args.tmp) / "warm-compile"  # apart: its runs are not this call's results
+        warm_root.mkdir(parents=True, exist_ok=True)
+        steps.append(run_step("warm-compile", reproduce + ["--profile", args.profile, "--only", WARM_ONLY, "--jobs", "3"]
+                              + sets + [a for s in WARM_SETS for a in ("--set", s)],
+                              min(deadline - args.pack_reserve, time.time() + args.warm_compile), log_dir, env,
+                              warm_root))
     if not args.no_train:
         steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",
                                                                      str(args.jobs), "--shard", args.shard] + sets,
@@ -465,8 +480,8 @@ def run(args) -> int:
           + f"; {time.time() - t0:.0f}s in all", flush=True)
     if "minilm" in restored:  # unpacked beside its archive for this call: a dry run here must not leave 45 MB
         shutil.rmtree(Path(args.pack_dir) / "minilm", ignore_errors=True)  # more in .gpu/ to travel next time
-    failed = [s["step"] for s in steps if str(s.get("status", "")).startswith("failed") and s["step"] != "bench"
-              and s["step"] != "nvidia-smi"]
+    failed = [s["step"] for s in steps if str(s.get("status", "")).startswith("failed")
+              and s["step"] not in ("bench", "nvidia-smi", "warm-compile")]  # those only inform or speed up
     return 1 if failed or size > RETURN_LIMIT else 0
 
 
@@ -531,7 +546,8 @@ GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse
 #   2. the CUDA-only tests: session 3 ran three of the nine before its time ran out.
 NEXT_CALLS = [
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 480 --bench-max 0 "
-                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --mps --then '' --log-name gpu_run-4-mps "
+                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --mps --warm-compile 90 --then '' "
+                "--log-name gpu_run-4-mps "
                 "2>&1 | tee $OUT/gpu_run.log",
      "carry": [".gpu"], "timeout_s": 510, "when": "first (the machine starts: 1-2 minutes)"},
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 240 --no-train "
@@ -586,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gpu_run-YYYYMMDD-HHMMSS, the UTC start time: every call, a second one on a warm machine "
                         "included, has its own)")
     r.add_argument("--no-train", action="store_true", help="the benchmark (and --then, --pytest) only")
+    r.add_argument("--warm-compile", type=float, default=0, metavar="S",
+                   help="before the training, at most S seconds of tiny runs of each kind of graphed step, apart in "
+                        "--tmp, to fill inductor's cache for the runs (0: none)")
     r.add_argument("--mps", action="store_true",
                    help="train under a CUDA MPS daemon started for this job (off if it is missing or fails)")
     r.add_argument("--pytest", nargs="*", default=CUDA_TESTS, metavar="TEST",

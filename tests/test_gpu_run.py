@@ -232,7 +232,8 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert (pack / gpu_run.MINILM_ARCHIVE).exists() and (pack / "data.tar.xz").exists()
 
     rc = gpu_run.main(["run", "--profile", "smoke", "--set", "seeds=[0]", "--jobs", "2", "--then", "smoke-best",
-                       "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--pack-dir", str(pack),
+                       "--then-seeds", "1", "--then-min", "0", "--budget", "400", "--warm-compile", "120",
+                       "--pack-dir", str(pack),
                        "--root", str(root), "--tmp", str(tmp_path / "tmp"), "--out", str(out), "--pytest"])
     first = [p.name for p in (root / "results" / "smoke").glob("gpu_run*")]  # the default: gpu_run-<UTC start>
     assert len(first) == 1 and re.fullmatch(r"gpu_run-\d{8}-\d{6}", first[0]), first
@@ -254,6 +255,11 @@ def test_pack_run_unpack_on_cpu(tiny_minilm, small_data_dir, tmp_path, monkeypat
     assert not [n for n in names if "checkpoints" in n or n.endswith(".pt")]
     smoke_runs = sorted(p.name for p in (into / "results" / "smoke" / "runs").glob("*.json"))
     assert len(smoke_runs) == 6 and smoke_runs == sorted(p.name for p in (root / "results" / "smoke" / "runs").glob("*.json"))
+    # --warm-compile: before the training, one tiny run of each kind of step, apart in --tmp (names of their own)
+    order = [s["step"] for s in timings["steps"]]
+    assert steps["warm-compile"] == "ok" and order.index("warm-compile") + 1 == order.index("train-smoke"), order
+    warm = sorted(p.name for p in (tmp_path / "tmp" / "warm-compile" / "results" / "smoke" / "runs").glob("*.json"))
+    assert len(warm) == 3 and not set(warm) & set(smoke_runs), warm
     assert len(list((into / "results" / "smoke-best" / "runs").glob("best-*-seed1.json"))) == 1
     assert (into / "results" / "smoke" / first / "train-smoke.log").exists()
     assert (into / "results" / "smoke" / "executed" / "train-only.json").exists()
@@ -470,11 +476,25 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     assert key == "speed" and speed["cuda_graphs"] and speed["fuse_tasks"] and first.bench_max == 0
     assert not first.no_train and first.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
     assert first.mps and first.jobs == 9  # GPU session 3's call again, with MPS: the rates compare
+    assert 0 < first.warm_compile <= 120  # and the compiling done once first, for at most 2 of its 8 minutes
     assert second.no_train and second.no_accuracy and second.bench_max <= second.budget - second.pack_reserve
     assert second.pytest == gpu_run.CUDA_TESTS  # the tests the first call may leave no time for
     gpu_run.NEXT_CALLS[:] = [dict(c, timeout_s=700) for c in calls]  # this test's own copy of the module
     with pytest.raises(AssertionError):
         gpu_run.command()  # a call over the tool's 600 s is refused here, not on the GPU
+
+
+def test_the_compile_cache_measurement_is_the_one_the_docs_quote():
+    """results/bench/compile_cache_cpu.json (benchmarks/compile_cache.py, behind --warm-compile): each compiled
+    run's compiling is its training time less the eager run's, and docs/gpu.md quotes those seconds."""
+    data = json.loads((ROOT / "results" / "bench" / "compile_cache_cpu.json").read_text())
+    eager, cold, warm = (r["train_time_s"] for r in data["runs"])
+    assert [(r["compile"], r["seed"]) for r in data["runs"]] == [(False, 0), (True, 0), (True, 1)]
+    assert data["compiling_s"] == {"empty_cache": round(cold - eager, 1), "cache_of_the_run_before": round(warm - eager, 1)}
+    docs = " ".join((ROOT / "docs" / "gpu.md").read_text().split())
+    cut = f"from {data['compiling_s']['empty_cache']:.0f} s to {data['compiling_s']['cache_of_the_run_before']:.0f} s"
+    assert cut in docs and f"{data['cache']['files']} files, {data['cache']['mib']} MiB" in docs
+    assert data["command"].startswith("python benchmarks/compile_cache.py") and "python benchmarks/compile_cache.py" in docs
 
 
 def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, capsys):
