@@ -542,18 +542,21 @@ GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse
 #   1. gpu-minilm from scratch (--root: nothing reused) as GPU session 3 trained it (CUDA graphs, fused task calls,
 #      9 runs at once: 15 of 18 finished in 431 s, steady 13,200 full examples/s), now with CUDA MPS (--mps): do
 #      the kernels of runs sharing the GPU gain from running side by side? The train-only summary now survives
-#      the budget, so packing_timeline.py sets the rate against session 3's.
+#      the budget, so packing_timeline.py sets the rate against session 3's. And --warm-compile: three tiny runs
+#      compile first, so that nine do not compile the same graphs at once.
 #   2. the CUDA-only tests: session 3 ran three of the nine before its time ran out.
+# Both name the H200 (the tool's `kind`; without one a first call gets an H100): every GPU session so far ran on
+# one, so the rates compare only there, and session 3's nine graphed runs took up to 74 GB (an H100 has 80)
 NEXT_CALLS = [
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 480 --bench-max 0 "
                 f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --mps --warm-compile 90 --then '' "
                 "--log-name gpu_run-4-mps "
                 "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [".gpu"], "timeout_s": 510, "when": "first (the machine starts: 1-2 minutes)"},
+     "carry": [".gpu"], "timeout_s": 510, "kind": "nvidia-h200", "when": "first (the machine starts: 1-2 minutes)"},
     {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 240 --no-train "
                 "--no-accuracy --bench-max 0 --root /tmp/fresh --then '' --log-name gpu_run-4-tests "
                 "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [".gpu"], "timeout_s": 270,
+     "carry": [".gpu"], "timeout_s": 270, "kind": "nvidia-h200",
      "when": "at once after the first, if status says warm is true and budget_left_s is at least 280"},
 ]
 

@@ -467,6 +467,7 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     parsed = []
     for c in calls:
         assert f"timeout_s {c['timeout_s']}" in docs and c["carry"] == [".gpu"]
+        assert c["kind"] == "nvidia-h200" and "`kind` nvidia-h200" in docs  # the card of sessions 1-3: rates compare
         args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
         assert args.budget + 20 <= c["timeout_s"] and args.then == "" and args.root == "/tmp/fresh"
         parsed.append(args)
