@@ -498,6 +498,22 @@ def test_the_compile_cache_measurement_is_the_one_the_docs_quote():
     assert data["command"].startswith("python benchmarks/compile_cache.py") and "python benchmarks/compile_cache.py" in docs
 
 
+def test_the_activation_memory_the_docs_quote():
+    """results/bench/activation_memory_cpu.json (benchmarks/activation_memory.py): a fused step's 192 rows keep
+    about three times a task batch's 64 for the backward, longer rows more; docs/gpu.md quotes the 128-token
+    figures."""
+    rows = json.loads((ROOT / "results" / "bench" / "activation_memory_cpu.json").read_text())["rows"]
+    gib = {(r["rows"], r["length"], r["attention_dropout"] > 0): r["saved_gib"] for r in rows}
+    assert len(gib) == 8
+    for dropout in (True, False):
+        assert 2.5 < gib[192, 128, dropout] / gib[64, 128, dropout] < 3.5  # rows scale it, about linearly
+        assert gib[64, 128, dropout] > gib[64, 64, dropout] and gib[192, 128, dropout] > gib[192, 64, dropout]
+    assert all(gib[n, length, True] > gib[n, length, False] for n, length, _ in gib)  # attention probabilities kept
+    docs = " ".join((ROOT / "docs" / "gpu.md").read_text().split())
+    assert (f"{gib[192, 128, False]} GiB for 192 rows against {gib[64, 128, False]} for 64 without attention dropout"
+            in docs and f"{gib[192, 128, True]} against {gib[64, 128, True]} with it" in docs)
+
+
 def test_compare_runs_sets_what_came_back_against_the_committed_twins(tmp_path, capsys):
     """benchmarks/compare_runs.py on committed gpu-minilm run files altered by hand: three runs come back with
     graphs and fusion on, their scores raised by 0.01, 0.02 and 0.03 and trained in half the time; one has no
