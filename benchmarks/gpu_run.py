@@ -11,7 +11,8 @@ plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .
 .git/info/exclude) that travels with `carry: [".gpu"]`: MiniLM's fp16 weights as byte planes in xz, without the
 word-embedding rows that the data do not use (33 MB instead of 45), and the data. `run` restores it
 ($MTBERT_MINILM_DIR, $MTBERT_DATA_DIR), then within --budget seconds (default 540, under the tool's 600):
-  1. nvidia-smi (and its utilization log every 5 s), and a check that the fp16 MiniLM loads as fp32;
+  1. nvidia-smi (and its logs every 5 s: utilization, each process's memory), and a check that the fp16
+     MiniLM loads as fp32;
   2. the CUDA benchmark, `python -m mtbert_utils.bench --device cuda --accuracy --levers --time-cap B-40`
      within --bench-max B seconds (default 300; a failure is recorded, not fatal; its JSON is written
      after every part, so a benchmark stopped at B keeps what it measured);
@@ -343,13 +344,24 @@ def stop_mps(env: dict) -> None:
         pass
 
 
-def start_monitor(path: Path):
-    """GPU utilization and memory every 5 s while the job runs (how idle the GPU is); None without nvidia-smi."""
-    try:
-        return subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,power.draw",
-                                 "--format=csv", "-l", "5"], stdout=open(path, "w"), stderr=subprocess.DEVNULL)
-    except OSError:
-        return None
+MONITORS = {  # file in the log folder: what nvidia-smi writes there every 5 s while the job runs
+    "gpu-utilization.csv": "--query-gpu=timestamp,utilization.gpu,memory.used,power.draw",  # how idle the GPU is
+    # each process's memory: the workers' pids are in the training log ("[worker PID] run seed"), so a run's share
+    # of the total can be told (GPU session 3 took 30 GB with nine tuned runs and 74 with nine fused ones)
+    "gpu-processes.csv": "--query-compute-apps=timestamp,pid,used_memory",
+}
+
+
+def start_monitors(log_dir: Path, command: str = "nvidia-smi") -> list:
+    """One nvidia-smi loop per MONITORS entry; none without nvidia-smi."""
+    procs = []
+    for name, query in MONITORS.items():
+        try:
+            procs.append(subprocess.Popen([command, query, "--format=csv", "-l", "5"], stdout=open(log_dir / name, "w"),
+                                          stderr=subprocess.STDOUT))
+        except OSError:
+            break
+    return procs
 
 
 def restore(pack_dir: Path, env: dict, tmp: Path) -> dict:
@@ -417,7 +429,7 @@ def run(args) -> int:
     before = snapshot(root)
     py, steps = sys.executable, []
     steps.append(run_step("nvidia-smi", ["nvidia-smi"], deadline, log_dir, env, root))
-    monitor = start_monitor(log_dir / "gpu-utilization.csv")
+    monitors = start_monitors(log_dir)
     steps.append(run_step("minilm-check", [py, "-c", (
         "import torch; from mtbert_utils.model import load_encoder, minilm_path; e = load_encoder('minilm'); "
         "d = {p.dtype for p in e.parameters()}; print(minilm_path(), d); assert d == {torch.float32}, d")],
@@ -462,7 +474,7 @@ def run(args) -> int:
                               deadline - args.pack_reserve, log_dir, env, ROOT))  # from the repository
     if mps == "on":
         stop_mps(env)
-    if monitor is not None:
+    for monitor in monitors:
         monitor.terminate()
         monitor.wait()
     after = snapshot(root)

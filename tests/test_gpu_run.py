@@ -125,6 +125,23 @@ def test_restore_refuses_data_other_than_the_trimmed_minilm_was_packed_for(tiny_
         gpu_run.restore(pack, {}, tmp_path / "tmp2")
 
 
+def test_the_monitors_log_each_query_and_cost_nothing_without_nvidia_smi(tmp_path):
+    """gpu_run's nvidia-smi loops: one file per MONITORS entry, each its own query (the GPU's utilization, each
+    process's memory); without nvidia-smi (this CPU machine) none starts and the job goes on."""
+    gpu_run = load_benchmark("gpu_run")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    procs = gpu_run.start_monitors(tmp_path, command=str(fake))
+    for proc in procs:
+        proc.wait(timeout=30)
+    assert len(procs) == len(gpu_run.MONITORS) == 2
+    for name, query in gpu_run.MONITORS.items():
+        assert (tmp_path / name).read_text().split() == [query, "--format=csv", "-l", "5"]
+    assert "--query-compute-apps=" in gpu_run.MONITORS["gpu-processes.csv"]
+    assert gpu_run.start_monitors(tmp_path, command=str(tmp_path / "no-such-command")) == []
+
+
 def test_minilm_dir_leaves_run_names_alone(tiny_minilm, monkeypatch):
     from mtbert_utils import plans
     args = dict(encoder="minilm", data_dir="", max_train={}, max_dev=0, batch_size=64, epochs=5,
