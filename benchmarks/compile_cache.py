@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         eager = runs[0]["train_time_s"]
         out = {"what": "one small MiniLM training (64 examples a task, 1 full epoch) in a new process each: eager, "
                        "compiled with an empty inductor cache, compiled again with the cache the run before left",
-               "device": "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+               "device": "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(),
                "runs": runs,
                "compiling_s": {"empty_cache": round(runs[1]["train_time_s"] - eager, 1),
                                "cache_of_the_run_before": round(runs[2]["train_time_s"] - eager, 1)},

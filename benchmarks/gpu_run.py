@@ -447,8 +447,8 @@ def run(args) -> int:
     if args.warm_compile and not args.no_train:
         warm_root = Path(args.tmp) / "warm-compile"  # apart: its runs are not this call's results
         warm_root.mkdir(parents=True, exist_ok=True)
-        steps.append(run_step("warm-compile", reproduce + ["--profile", args.profile, "--only", WARM_ONLY, "--jobs", "3"]
-                              + sets + [a for s in WARM_SETS for a in ("--set", s)],
+        warm = ["--profile", args.profile, "--only", WARM_ONLY, "--jobs", "3"]
+        steps.append(run_step("warm-compile", reproduce + warm + sets + [a for s in WARM_SETS for a in ("--set", s)],
                               min(deadline - args.pack_reserve, time.time() + args.warm_compile), log_dir, env,
                               warm_root))
     if not args.no_train:

@@ -77,7 +77,7 @@ def test_data_token_ids_cover_every_id_the_runs_encode(small_data_dir):
 
 def test_trimmed_minilm_is_the_export_on_its_data_and_nan_elsewhere(tiny_minilm, small_data_dir, tmp_path):
     """MiniLM packed for a data folder: the rows its texts use come back byte for byte, so a run on those data
-    computes exactly what it would with every row; the rest are NaN, so any other text gives NaN at once."""
+    computes what it would with every row; the rest are NaN, so any other text gives NaN at once."""
     from mtbert_utils.data import read_task_file
     gpu_run = load_benchmark("gpu_run")
     export = model.export_minilm(tmp_path / "export", fp16=True, source=tiny_minilm)
@@ -100,11 +100,16 @@ def test_trimmed_minilm_is_the_export_on_its_data_and_nan_elsewhere(tiny_minilm,
     sentences = [e.text_a for e in read_task_file(small_data_dir / "ids-sst-dev.csv", "sst", warn=False)[0][:8]]
     batch = tok(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(full(**batch).last_hidden_state, trimmed(**batch).last_hidden_state)
+        a, b = full(**batch).last_hidden_state, trimmed(**batch).last_hidden_state
+        # the same weights wherever the data look: only a library's summation order could differ (BLAS may take
+        # another path for other memory alignment), a few fp32 roundings per layer; a NaN row used would show as NaN
+        assert not b.isnan().any()
+        tol = 64 * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
         other = next(t for t in tok.convert_ids_to_tokens(range(2000, tok.vocab_size))
                      if t.isalpha() and tok.convert_tokens_to_ids(t) not in ids)
-        out = trimmed(**tok([f"a {other} here"], return_tensors="pt")).last_hidden_state
-        assert out.isnan().any() and not full(**tok([f"a {other} here"], return_tensors="pt")).last_hidden_state.isnan().any()
+        unseen = tok([f"a {other} here"], return_tensors="pt")
+        assert trimmed(**unseen).last_hidden_state.isnan().any() and not full(**unseen).last_hidden_state.isnan().any()
 
 
 def test_restore_refuses_data_other_than_the_trimmed_minilm_was_packed_for(tiny_minilm, small_data_dir, tmp_path):
@@ -508,11 +513,13 @@ def test_the_compile_cache_measurement_is_the_one_the_docs_quote():
     data = json.loads((ROOT / "results" / "bench" / "compile_cache_cpu.json").read_text())
     eager, cold, warm = (r["train_time_s"] for r in data["runs"])
     assert [(r["compile"], r["seed"]) for r in data["runs"]] == [(False, 0), (True, 0), (True, 1)]
-    assert data["compiling_s"] == {"empty_cache": round(cold - eager, 1), "cache_of_the_run_before": round(warm - eager, 1)}
+    assert data["compiling_s"] == {"empty_cache": round(cold - eager, 1),
+                                   "cache_of_the_run_before": round(warm - eager, 1)}
     docs = " ".join((ROOT / "docs" / "gpu.md").read_text().split())
     cut = f"from {data['compiling_s']['empty_cache']:.0f} s to {data['compiling_s']['cache_of_the_run_before']:.0f} s"
     assert cut in docs and f"{data['cache']['files']} files, {data['cache']['mib']} MiB" in docs
-    assert data["command"].startswith("python benchmarks/compile_cache.py") and "python benchmarks/compile_cache.py" in docs
+    script = "python benchmarks/compile_cache.py"
+    assert data["command"].startswith(script) and script in docs
 
 
 def test_the_activation_memory_the_docs_quote():
