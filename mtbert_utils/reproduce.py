@@ -315,7 +315,7 @@ def execute(pm, name: str, nb_path: Path, out: Path, params: dict, kernel, log_o
         where = f"; see {failed}" if failed.exists() else ""
         raise ReproduceError(f"notebook {name} failed ({type(e).__name__}: {e}){where}") from None
     nb = json.loads(running.read_text(encoding="utf-8"))  # papermill records input/output paths: make them travel
-    write_json(out, results.relativize(nb))
+    write_json(out, results.relativize(nb), lists_inline=False)  # a notebook: a source line a line, as Jupyter writes
     running.unlink()
     failed.unlink(missing_ok=True)  # the notebook runs now: an older failure is history
 
