@@ -38,7 +38,6 @@ Dry run on CPU (what tests/test_gpu_run.py does, smaller): the tiny encoder and 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -146,10 +145,6 @@ def trim_word_embeddings(weights: dict, keep: set[int]) -> int:
     return int(drop.sum())
 
 
-def csv_digests(data_dir: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(data_dir.glob("*.csv"))}
-
-
 def pack_minilm(dest: Path, minilm_src: Path | None, data_dir: Path | None = None) -> None:
     """dest/minilm.tar.xz: MiniLM's files with fp16 weights (model.export_minilm), the weights as byte planes.
     With `data_dir`, the word-embedding rows that no token of its files uses are not sent (NaN, see
@@ -162,10 +157,11 @@ def pack_minilm(dest: Path, minilm_src: Path | None, data_dir: Path | None = Non
         folder = export_minilm(Path(tmp) / "minilm", fp16=True, source=minilm_src)
         if data_dir is not None:
             from safetensors.torch import load_file, save_file
+            from mtbert_utils.data import file_digests
             weights = load_file(str(folder / "model.safetensors"))
             keep = data_token_ids(data_dir, load_tokenizer(str(folder)))
             record = {"rows_not_sent": trim_word_embeddings(weights, keep), "rows_kept": len(keep),
-                      "data_sha256": csv_digests(data_dir)}
+                      "data_sha256": file_digests(data_dir)}
             save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
             (folder / TRIM_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         with tarfile.open(dest / MINILM_ARCHIVE, "w:xz") as tar:
@@ -357,8 +353,8 @@ def start_monitors(log_dir: Path, command: str = "nvidia-smi") -> list:
     procs = []
     for name, query in MONITORS.items():
         try:
-            procs.append(subprocess.Popen([command, query, "--format=csv", "-l", "5"], stdout=open(log_dir / name, "w"),
-                                          stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([command, query, "--format=csv", "-l", "5"],
+                                          stdout=open(log_dir / name, "w"), stderr=subprocess.STDOUT))
         except OSError:
             break
     return procs
@@ -386,12 +382,12 @@ def check_trimmed_for(minilm: Path, data_dir: Path | None) -> None:
     anything runs if the data restored are not the files it was packed for, byte for byte."""
     if not (minilm / TRIM_RECORD).exists():
         return
+    from mtbert_utils.data import digest_changes, file_digests
     wanted = json.loads((minilm / TRIM_RECORD).read_text())["data_sha256"]
-    found = csv_digests(data_dir) if data_dir else {}
-    if found != wanted:
+    changes = digest_changes(wanted, file_digests(data_dir) if data_dir else {})
+    if changes:
         raise SystemExit(f"the packed MiniLM lacks the word-embedding rows that its data do not use, and the data "
-                         f"here are not those ({sorted(wanted)} packed, {sorted(found)} here, or other bytes): "
-                         f"pack again (python benchmarks/gpu_run.py pack)")
+                         f"here are not those ({changes}): pack again (python benchmarks/gpu_run.py pack)")
 
 
 def default_log_name(t: float) -> str:
