@@ -1,10 +1,12 @@
 """Where the data is found and where executed notebooks go, as a new user meets them:
 a relative data folder typed in a terminal, a notebook opened from notebooks/, a failed re-run."""
+import importlib.machinery
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,69 @@ def test_committed_results_name_no_machine_paths():
     bad = {f: m.group(0) for f in texts
            if (m := ABSOLUTE.search((reproduce.REPO_ROOT / f).read_text(encoding="utf-8", errors="replace")))}
     assert not bad, f"{len(bad)} files name absolute paths, e.g. {dict(list(bad.items())[:5])}"
+
+
+STUB = """#!/bin/sh
+echo "$(basename "$0") $PWD $*" >> "$STUB_LOG"
+if [ "$(basename "$0")" = git ] && [ "$1" = clone ]; then  # a clone: the repository's notebooks/ and package
+  for last; do :; done
+  mkdir -p "$last" && cp -r "$STUB_REPO/notebooks" "$STUB_REPO/mtbert_utils" "$last"
+fi
+"""
+
+
+def _colab_cell() -> str:
+    cells = {"".join(next(c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")["source"])
+             for p in sorted((reproduce.REPO_ROOT / "notebooks").glob("*.ipynb"))}
+    assert len(cells) == 1, "every notebook opens with the same Colab cell"
+    return cells.pop()
+
+
+def test_the_colab_cell_installs_imports_and_fetches_the_data_where_notebooks_look(tmp_path, monkeypatch):
+    """Each notebook's first cell, run as Colab runs it: IPython turns `!` and `%cd` into calls, the shell
+    commands run in a real shell with git, pip and python stood in for (they log, and git's clone copies the
+    repository). After it the kernel imports the clone's package (a kernel does not see a `pip install -e` made
+    after it started), works in the clone's notebooks/, and has the data downloaded where notebooks look."""
+    from IPython.core.inputtransformer2 import TransformerManager
+    content = tmp_path / "content"
+    code = TransformerManager().transform_cell(_colab_cell().replace("/content", str(content)))
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("git", "pip", "python"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "STUB_REPO": str(reproduce.REPO_ROOT)}
+
+    class Shell:  # the two calls IPython's transformed cell makes
+        def system(self, command):
+            subprocess.run(command, shell=True, check=True, env=env, cwd=os.getcwd())
+
+        def run_line_magic(self, name, arg):
+            assert name == "cd"
+            os.chdir(arg)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(code, {"get_ipython": Shell})  # elsewhere: nothing at all
+    assert not log.exists() and Path.cwd() == tmp_path
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    exec(code, {"get_ipython": Shell})
+
+    clone = content / "mtbert"
+    calls = [line.split(maxsplit=2) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["git", "pip", "python"]
+    assert calls[0][2].split()[-1] == str(clone) and calls[1][2] == f"install -q -e {clone}"
+    assert Path.cwd() == clone / "notebooks"
+    spec = importlib.machinery.PathFinder.find_spec("mtbert_utils", sys.path)
+    assert Path(spec.origin) == clone / "mtbert_utils" / "__init__.py"
+    where, args = Path(calls[2][1]), calls[2][2].split()
+    assert args[:3] == ["-m", "mtbert_utils.data", "download"]
+    (where / args[3]).mkdir()  # what the download makes
+    monkeypatch.delenv("MTBERT_DATA_DIR", raising=False)
+    assert data.resolve_data_dir() == (where / args[3]).resolve() == (clone / "data").resolve()
+
+    log.unlink()  # run again (a second notebook, or the cell re-run): no second clone over the first
+    exec(code, {"get_ipython": Shell})
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["pip", "python"]
