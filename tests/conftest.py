@@ -35,6 +35,34 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def training_steps(monkeypatch):
+    """Records the training steps of the runs trained in a test: `.steps` holds (epoch, the task batches,
+    training_step's keyword arguments, its output) for each; `.epoch` and `.in_step` say where training is, for
+    hooks of a test's own."""
+    from types import SimpleNamespace
+
+    import mtbert_utils.training as training
+    set_up, step = training.set_up_epoch, training.training_step
+    record = SimpleNamespace(steps=[], epoch=None, in_step=False)
+
+    def set_up_epoch(run, state, epoch):
+        record.epoch = epoch
+        return set_up(run, state, epoch)
+
+    def training_step(*args, **kwargs):
+        record.in_step = True
+        try:
+            out = step(*args, **kwargs)
+        finally:
+            record.in_step = False
+        record.steps.append((record.epoch, args[2], kwargs, out))  # training_step(model, optimizer, batches, ...)
+        return out
+    monkeypatch.setattr(training, "set_up_epoch", set_up_epoch)
+    monkeypatch.setattr(training, "training_step", training_step)
+    return record
+
+
 @pytest.fixture(scope="session")
 def tiny_config(small_data_dir):
     """Factory: a TrainConfig for a seconds-long CPU run of the tiny encoder (3 epochs: 1 frozen, 2 full)."""

@@ -202,6 +202,36 @@ def test_cached_frozen_epochs_train_like_the_uncached_run(tiny_config, tmp_path,
             assert abs(v - c_rec["train_loss"][t]) <= tol * (abs(v) + 1), (p_rec["epoch"], t)
 
 
+def test_each_epoch_sets_the_encoders_mode_and_each_frozen_phase_starts_an_empty_cache(tiny_config, tmp_path,
+                                                                                        one_thread, monkeypatch,
+                                                                                        training_steps):
+    """A pretrained encoder arrives in eval mode (from_pretrained's), yet every training step runs it in train
+    mode, dropout on, except the heads-only epochs of cache_frozen_encoder, which run it in eval mode so that its
+    outputs can be reused. Each heads-only phase starts with an empty cache: the full epoch before the second one
+    changed the encoder, so the first phase's outputs are stale there. (With no dropout, as in the test above, a
+    stale or noisy cache changes losses by less than a tolerance can tell.)"""
+    import mtbert_utils.training as training
+    build, calls, now = training.build_model, [], training_steps
+
+    def pretrained_like(config):
+        model = build(config).eval()
+        model.encoder.register_forward_hook(lambda m, i, o: calls.append((now.epoch, m.training)) if now.in_step else None)
+        return model
+    monkeypatch.setattr(training, "build_model", pretrained_like)
+
+    modes = {}  # cache on/off -> per epoch, the encoder's mode at each call in a training step
+    for cache in (False, True):
+        calls[:] = []
+        train(tiny_config(tmp_path / f"cache{cache}", phases=[[2, False], [1, True], [2, False]], lr_decay_epochs=[2],
+                          cache_frozen_encoder=cache))
+        modes[cache] = [[train_mode for e, train_mode in calls if e == epoch] for epoch in range(5)]
+    assert all(epoch and all(epoch) for epoch in modes[False])  # every epoch, heads-only ones too: train mode
+    first, second, full, first_again, second_again = modes[True]
+    assert first and not any(first) and first_again and not any(first_again)  # eval mode, the cache filling
+    assert second == second_again == []  # all read from the cache
+    assert full == modes[False][2]  # the full epoch: train mode, every step through the encoder
+
+
 # -- fuse_tasks: one encoder call per step ----------------------------------------------------------------
 
 

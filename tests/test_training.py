@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -442,26 +443,56 @@ def test_class_weights_are_inverse_class_frequencies_and_weight_the_sst_loss_onl
     assert torch.equal(task_loss("para", *para, config, weights), F.binary_cross_entropy_with_logits(*para))
 
 
-def test_the_class_weights_switch_reaches_the_sst_loss(tiny_config, tmp_path, one_thread, monkeypatch):
+def test_the_class_weights_switch_reaches_the_sst_loss(tiny_config, tmp_path, one_thread, training_steps):
     """class_weights=True trains SST with the training split's class weights (sst_class_weights of its labels)."""
     from mtbert_utils import training
-    seen = []
-    step = training.training_step
-
-    def spy(*args, **kw):
-        seen.append(kw["class_weights"])
-        return step(*args, **kw)
-    monkeypatch.setattr(training, "training_step", spy)
     plain = train(tiny_config(tmp_path / "a", phases=[[1, False]], lr_decay_epochs=[]))
+    seen = [kw["class_weights"] for _, _, kw, _ in training_steps.steps]
     assert seen and all(w is None for w in seen)
-    seen.clear()
+    training_steps.steps.clear()
     config = tiny_config(tmp_path / "b", phases=[[1, False]], lr_decay_epochs=[], class_weights=True)
     weighted = train(config)
     from mtbert_utils.batching import prepare_data
     from mtbert_utils.model import load_tokenizer
     expected = training.sst_class_weights(prepare_data(config, load_tokenizer("tiny"))[0]["train"]["sst"].labels)
+    seen = [kw["class_weights"] for _, _, kw, _ in training_steps.steps]
     assert seen and all(torch.equal(w, expected) for w in seen)
     assert plain["history"][0]["train_loss"]["sst"] != weighted["history"][0]["train_loss"]["sst"]
+
+
+def test_a_runs_record_adds_up_its_steps_and_epochs(tiny_config, tmp_path, one_thread, training_steps):
+    """An epoch's train_loss per task is the mean of the unweighted losses of its steps, the last step's too (a
+    step's losses are read once the next step is queued, so the last one is read after the loop); the examples
+    seen are the steps' batch sizes added up, the training time the epochs' times, and the rate their quotient."""
+    result = train(tiny_config(tmp_path))
+    history, steps_before = result["history"], 0
+    for epoch, record in enumerate(history):
+        steps = [(batches, out["losses"].read()) for e, batches, _, out in training_steps.steps if e == epoch]
+        assert len(steps) == record["steps"] - steps_before
+        steps_before = record["steps"]
+        for t in TASKS:
+            values = [losses[t] for _, losses in steps if t in losses]
+            # float64 sums of the same values in the same order
+            assert record["train_loss"][t] == pytest.approx(sum(values) / len(values), rel=float64_tol(len(values)))
+    seen = {t: sum(len(batches[t]["ids"]) for _, batches, _, _ in training_steps.steps if t in batches) for t in TASKS}
+    assert result["examples_seen"] == history[-1]["examples_seen"] == seen
+    assert result["train_time_s"] == pytest.approx(sum(h["epoch_time_s"] for h in history), rel=float64_tol(len(history)))
+    assert result["train_examples_per_s"] == pytest.approx(sum(seen.values()) / result["train_time_s"], rel=float64_tol(1))
+
+
+def test_a_later_epoch_that_only_ties_the_best_on_validation_does_not_replace_it(tiny_config, tmp_path, one_thread,
+                                                                                 monkeypatch):
+    """Selection on validation keeps the earliest of tied epochs: fewer epochs for the same score."""
+    import mtbert_utils.training as training
+    evaluate = training.evaluate_run
+
+    def tied(*args, **kwargs):
+        out = evaluate(*args, **kwargs)
+        return {**out, "metrics": {**out["metrics"], "mean": 0.5}}
+    monkeypatch.setattr(training, "evaluate_run", tied)
+    result = train(tiny_config(tmp_path, val_fraction=0.25))
+    assert [h["val"]["mean"] for h in result["history"]] == [0.5, 0.5, 0.5]
+    assert result["selection"]["epoch"] == 1
 
 
 def test_a_non_finite_loss_stops_naming_the_task_the_process_and_the_batch(monkeypatch):
@@ -1044,12 +1075,17 @@ def test_layer_lr_decay_survives_the_epoch_decay_and_a_resume(tiny_config, tmp_p
     config = tiny_config(tmp_path / "a", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
     full = train(config)
     part = tiny_config(tmp_path / "b", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
-    assert train(part, max_epochs=1)["status"] == "interrupted"
+    interrupted = train(part, max_epochs=1)
+    assert interrupted["status"] == "interrupted"
+    first_session = torch.load(interrupted["checkpoint"], weights_only=False)["wall_time"]
+    t = time.time()
     resumed = train(part, resume=True)
+    this_session = time.time() - t
     assert resumed["dev"] == full["dev"]
-    # the wall time counts both sessions: at least the training loop's own time, which spans both
+    # the wall time counts both sessions: the first up to its checkpoint, and this one, which the call spans
+    # (the first session's epoch and scoring outlast what the call does outside the run's clock)
     assert full["resumes"] == 0 and resumed["resumes"] == 1 and resumed["wall_time_complete"]
-    assert resumed["wall_time_s"] >= resumed["train_time_s"] > 0
+    assert first_session + this_session >= resumed["wall_time_s"] > this_session
     # a checkpoint written before wall time was recorded: the earlier session's wall time is not known
     old = tiny_config(tmp_path / "c", layer_lr_decay=0.5, lr_decay=0.5, lr_decay_epochs=[1], max_train=24)
     ckpt = Path(train(old, max_epochs=1)["checkpoint"])
