@@ -83,3 +83,17 @@ def test_a_module_with_its_own_selection_gets_a_pyproject_naming_it(capsys):
     assert ms.main(["--scope", "--modules", "config"]) == 0
     assert capsys.readouterr().out.split() == ["mtbert_utils.config.*"]
     assert ms.main(["--scope"]) == 0 and "mtbert_utils.config.*" not in capsys.readouterr().out.split()
+
+
+def test_the_bugs_planted_in_the_training_loop_still_match_it_and_their_summary_is_of_them():
+    """benchmarks/planted_bugs.py: each plant's line is in training.py once (a changed loop makes a plant stale
+    here, not minutes into a run), and the committed summary ran these very plants."""
+    from benchmarks import planted_bugs as pb
+    source = (pb.ROOT / pb.SOURCE).read_text()
+    for plant in pb.PLANTS:
+        assert pb.planted(source, plant) != source, plant.name
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        pb.planted(source, pb.Plant("gone", "f", "no such line", "", ""))
+    summary = json.loads((pb.OUT / "summary.json").read_text())
+    assert [(r["name"], r["old"], r["new"]) for r in summary["plants"]] == [(p.name, p.old, p.new) for p in pb.PLANTS]
+    assert summary["killed"] == sum(r["status"] == "killed" for r in summary["plants"])
