@@ -75,6 +75,18 @@ PLANTS = [
           "            pass", "a snapshot ensemble has no epoch's validation outputs to choose from"),
     Plant("epoch_saved_one_ahead", "score_epoch", "    state.epoch = epoch\n", "    state.epoch = epoch + 1\n",
           "a resumed run skips an epoch"),
+    Plant("resume_repeats_an_epoch", "train_run", "for epoch in range(state.epoch + 1, last_epoch):",
+          "for epoch in range(max(state.epoch, 0), last_epoch):", "a resumed run trains its last saved epoch again"),
+    Plant("checkpoint_read_without_resume", "train_run",
+          "    if resume and distributed.broadcast_object(run.ckpt_path.exists()):",
+          "    if distributed.broadcast_object(run.ckpt_path.exists()):",
+          "a fresh run (resume=False) continues from an old checkpoint of the same name"),
+    Plant("result_reused_without_resume", "train", "    if resume and (done := finished_result(run)) is not None:",
+          "    if (done := finished_result(run)) is not None:", "resume=False returns an earlier result instead of training"),
+    Plant("schedule_draws_unseeded", "build_state", "sched_rng=random.Random(config.seed)", "sched_rng=random.Random()",
+          "the order of a sampling schedule's tasks differs from run to run of one seed"),
+    Plant("pcgrad_order_unseeded", "build_state", "pc_gen=torch.Generator().manual_seed(config.seed)",
+          "pc_gen=torch.Generator()", "PCGrad's random task order is the same fixed draw for every seed"),
 ]
 SOURCE = "mtbert_utils/training.py"
 

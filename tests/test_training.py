@@ -344,6 +344,36 @@ def test_interrupt_and_resume_is_exact(finished, tiny_config, tmp_path):
     assert again["dev"] == full["dev"] and again["train_time_s"] == resumed["train_time_s"]
 
 
+def test_without_resume_a_run_starts_afresh_over_its_checkpoint_and_its_result(finished, tiny_config, tmp_path,
+                                                                                training_steps):
+    """resume=False (the default) trains from the first epoch: an interrupted run's checkpoint is not read, and
+    a finished run's result is trained again, not returned."""
+    config, full = finished
+    part = tiny_config(tmp_path)
+    train(part, max_epochs=1)
+    training_steps.steps.clear()
+    fresh = train(part)
+    assert fresh["resumes"] == 0 and fresh["steps"] == full["steps"] == len(training_steps.steps)
+    assert fresh["dev"] == full["dev"]
+    training_steps.steps.clear()
+    again = train(part)
+    assert again["steps"] == full["steps"] == len(training_steps.steps)
+
+
+def test_a_runs_random_draws_follow_its_seed(tiny_config, tmp_path):
+    """The schedule's draws and PCGrad's task orders come from generators seeded by the run's seed: the same seed
+    draws the same, another seed draws otherwise."""
+    from mtbert_utils.training import Run, build_state
+
+    def draws(seed):
+        state = build_state(Run.start(tiny_config(tmp_path / str(seed), seed=seed)))
+        return ([state.sched_rng.random() for _ in range(3)],
+                [torch.randperm(8, generator=state.pc_gen).tolist() for _ in range(3)])
+    (schedule0, pcgrad0), (schedule1, pcgrad1) = draws(0), draws(1)
+    assert draws(0) == (schedule0, pcgrad0)
+    assert schedule0 != schedule1 and pcgrad0 != pcgrad1
+
+
 def test_same_seed_same_metrics(finished, tiny_config, tmp_path):
     config, full = finished
     again = train(tiny_config(tmp_path))
