@@ -22,11 +22,13 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.mutation_summary import OWN_SELECTION  # noqa: E402  (pyproject's mutation selections)
+
 OUT = ROOT / "results" / "mutation" / "loop-planted"
 WORK = ROOT / ".mutation" / "planted"
 
@@ -89,10 +91,7 @@ PLANTS = [
           "pc_gen=torch.Generator()", "PCGrad's random task order is the same fixed draw for every seed"),
 ]
 SOURCE = "mtbert_utils/training.py"
-
-
-def selection() -> list[str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mtbert"]["mutation-selection"]["training"]
+SELECTION = OWN_SELECTION["training"]  # the training tests mutmut runs against training.py
 
 
 def copy_repository(dest: Path) -> None:
@@ -110,7 +109,7 @@ def run_tests(work: Path) -> tuple[int, str, float]:
     """(pytest's exit status, the first failing test or '', seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t = time.time()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection()],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *SELECTION],
                           cwd=work, env=env, capture_output=True, text=True)
     failed = next((line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))), "")
     return done.returncode, failed, round(time.time() - t, 1)
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     killed = sum(r["status"] == "killed" for r in rows)
-    summary = {"commit": commit, "source": SOURCE, "selection": selection(), "killed": killed,
+    summary = {"commit": commit, "source": SOURCE, "selection": SELECTION, "killed": killed,
                "planted": len(rows), "plants": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
