@@ -9,6 +9,7 @@ and restoring walk the same lists, so a new field cannot be saved and forgotten 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import time
 import warnings
@@ -33,8 +34,12 @@ def checkpoint_signature(config: TrainConfig) -> dict:
 def load_checkpoint(path: str | Path, config: TrainConfig) -> dict:
     """Read a checkpoint and check that it belongs to a model like `config`'s."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights only: a checkpoint holds tensors, numbers, strings and containers; no pickled code runs
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path} holds objects other than tensors, numbers, strings and containers, "
+                         f"which an mtbert checkpoint never does: not loaded, as unpickling them could run "
+                         f"code ({e})") from e
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "signature" not in ckpt:

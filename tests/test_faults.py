@@ -467,6 +467,35 @@ def test_checkpoint_with_wrong_shapes_or_junk_is_refused(cosine_checkpoint, tiny
             load_checkpoint(dest, config)
 
 
+
+class _Planted:
+    """An object whose unpickling runs code: it writes the file its reduce names."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_checkpoint_holding_code_is_refused_unrun(cosine_checkpoint, tiny_config, tmp_path):
+    """A checkpoint is read weights-only: one whose pickle would call a function (a file downloaded or shared
+    as a checkpoint) is refused with a reason, and the function never runs; resuming from it stops too."""
+    config = tiny_config(tmp_path, phases=[[2, True]])
+    dest = plant(cosine_checkpoint, config)
+    ckpt, marker = torch.load(dest, weights_only=True), tmp_path / "ran.txt"
+    ckpt["history"] = _Planted(marker)
+    torch.save(ckpt, dest)
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(dest))} holds objects other than tensors, "
+                                         r"numbers, strings and containers, .* could run code \("):
+        load_checkpoint(dest, config)
+    with pytest.raises(ValueError, match="could run code"):
+        train(config, resume=True)
+    assert not marker.exists() and result_files(tmp_path) == []
+    ckpt["history"] = []  # the same checkpoint without the object loads
+    torch.save(ckpt, dest)
+    assert load_checkpoint(dest, config)["history"] == []
+
+
 # ---------------------------------------------------------------------------
 # bad input: data files
 
