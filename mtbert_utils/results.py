@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -159,10 +160,14 @@ def repo_relative(path: str | Path) -> str:
 
 def relativize(obj, root: str | Path = REPO_ROOT):
     """A copy of a JSON-like object in which every string holding an absolute path under `root` (the machine
-    that wrote it) has that prefix removed; used to migrate files written before paths were recorded relative."""
+    that wrote it) has that prefix removed; used to migrate files written before paths were recorded relative.
+    Only a path's start is a prefix (`/x/old/root/a` is another folder's path and stays); a root of `/` changes
+    nothing (every absolute path and every ` / ` in code would lose its slash)."""
     prefix = str(Path(root).resolve()).rstrip("/") + "/"
+    if prefix == "/":
+        return obj
     if isinstance(obj, str):
-        return obj.replace(prefix, "") if prefix in obj else obj
+        return re.sub(r"(?<![\w.~/-])" + re.escape(prefix), "", obj) if prefix in obj else obj
     if isinstance(obj, list):
         return [relativize(v, root) for v in obj]
     if isinstance(obj, dict):

@@ -181,6 +181,12 @@ def test_paths_are_recorded_relative_to_the_repository():
     assert relativize(str(REPO_ROOT / "results")) == "results"  # the default root: this checkout
     assert relativize("/data/my repo /results", "/data/my repo ") == "results"  # a folder name may end in a space
     assert relativize("/data/repoX/results", "/data/repoX") == "results"  # a root ending in any letter
+    # only at a path's start: another folder whose path contains the root's, or a URL, stays whole
+    assert relativize("/x/data/repo/results '/data/repo/r'", "/data/repo") == "/x/data/repo/results 'r'"
+    assert relativize(["file:///data/repo/a", "=/data/repo/b"], "/data/repo") == ["file:///data/repo/a", "=b"]
+    # a repository at the file system's root: nothing changes (every path and every ` / ` would lose a slash)
+    code = {"source": ["y = x / 2\n", "open('/etc/hosts')\n"]}
+    assert relativize(code, "/") == code
 
 
 def test_run_indexes_round_trip_and_name_a_missing_notebook(tmp_path):
