@@ -99,6 +99,11 @@ def test_write_json_puts_each_list_of_plain_values_on_one_line(tmp_path):
     assert write_json(tmp_path / "nb.json", run, lists_inline=False).read_text() == json.dumps(run, indent=2) + "\n"
     executed = REPO_ROOT / "results" / "executed" / "07_error_analysis.ipynb"
     assert executed.read_text() == json.dumps(json.loads(executed.read_text()), indent=2) + "\n"
+    # numpy values and paths are turned in both layouts (a notebook's outputs may hold any of them)
+    odd = {"x": np.float64(0.5), "n": np.int64(3), "p": Path("results/a.json"), "t": (1, 2)}
+    for inline in (True, False):
+        assert json.loads(write_json(tmp_path / "odd.json", odd, lists_inline=inline).read_text()) == {
+            "x": 0.5, "n": 3, "p": "results/a.json", "t": [1, 2]}
 
 
 def test_write_text_save_torch_and_save_figure_return_their_path(tmp_path):
