@@ -7,7 +7,8 @@
 
 The config file holds TrainConfig fields (missing ones keep their defaults).
 The result JSON goes to `{out_dir}/{run_name}.json`; the last line printed is
-{"status", "run_name", "result_path", "dev"} as JSON.
+{"status", "run_name", "result_path", "checkpoint", "dev"} as JSON (with "val" when
+the run selects its model on a validation split).
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def main(argv=None) -> dict:
     finally:
         distributed.cleanup()
     if main_process:
-        summary = {"status": result["status"], "run_name": result.get("run_name"),
-                   "result_path": result.get("result_path"), "checkpoint": result.get("checkpoint"),
-                   "dev": result["history"][-1]["dev"] if result.get("history") else None}
-        print(json.dumps(summary))
+        print(json.dumps(summary_line(result)))
     return result
+
+
+def summary_line(result: dict) -> dict:
+    """The last line the command prints: a finished run's dev scores (of the model it kept); an interrupted
+    one's from its last epoch, which holds dev scores or, for a run that selects on validation, val scores."""
+    last = (result.get("history") or [{}])[-1]
+    line = {"status": result["status"], "run_name": result.get("run_name"),
+            "result_path": result.get("result_path"), "checkpoint": result.get("checkpoint"),
+            "dev": result["dev"] if "dev" in result else last.get("dev")}
+    if "val" in last:
+        line["val"] = last["val"]
+    return line
 
 
 if __name__ == "__main__":

@@ -585,6 +585,28 @@ def test_atomic_writes_get_the_permissions_open_would_give(tmp_path, mask):
     assert os.umask(before) == before  # reading the mask left it as it was
 
 
+@pytest.mark.parametrize("val_fraction", [0.0, 0.5])
+def test_train_command_prints_its_summary_line_with_or_without_validation(val_fraction, tiny_config, tmp_path,
+                                                                         capsys):
+    """The command's last line, for an interrupted run and then the finished one: with a validation split an
+    epoch records val scores, not dev ones (the summary once read history[-1]["dev"] and raised KeyError after
+    the run had trained)."""
+    from mtbert_utils import train as train_cli
+    config = tiny_config(tmp_path, phases=[[2, True]], lr_decay_epochs=[], val_fraction=val_fraction)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(config.to_dict()))
+    first = train_cli.main(["--config", str(cfg), "--max-epochs", "1"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    split = "val" if val_fraction else "dev"
+    assert line["status"] == "interrupted" and line["checkpoint"] == first["checkpoint"]
+    assert line[split] == first["history"][-1][split] and ("val" in line) == bool(val_fraction)
+    assert line["dev"] is None if val_fraction else line["dev"] == first["history"][-1]["dev"]
+    done = train_cli.main(["--config", str(cfg), "--resume"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] == "finished" and line["result_path"] == done["result_path"] and line["dev"] == done["dev"]
+    assert set(line["dev"]) >= {"sst", "para", "sts"} and ("val" in line) == bool(val_fraction)
+
+
 @pytest.mark.parametrize("setting,expect", [
     ("data_dir={tmp}/no_such_folder", "is missing 6 file(s)"),
     ("encoder={tmp}/no_such_model", "cannot load encoder"),
