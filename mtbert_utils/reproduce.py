@@ -2,7 +2,7 @@
 
     python -m mtbert_utils.reproduce --profile cpu                  # the README's main job
     python -m mtbert_utils.reproduce --profile smoke --out /tmp/x   # what the tests run
-    python -m mtbert_utils.reproduce --profile cpu --only 06_results --set max_dev=200
+    python -m mtbert_utils.reproduce --profile cpu --only 01_sequential --set max_dev=200 --out /tmp/x
     python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10    # train the runs, no papermill
     python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --shard 3/8  # runs 3, 11, 19, ... (0-based)
     python -m mtbert_utils.reproduce --profile gpu-minilm --list-runs               # what --train-only would train
@@ -384,7 +384,7 @@ def run_notebook(pm, profile: dict, name: str, params: dict, results_dir: Path, 
     return record
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mtbert_utils.reproduce", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", help=f"built-in {available_profiles()} or a .json path")
@@ -403,7 +403,11 @@ def main(argv=None) -> int:
                     help="--train-only: train runs K, K+N, K+2N, ... of the list (K 0-based: 0 <= K < N)")
     ap.add_argument("--list-runs", action="store_true",
                     help="print the runs --train-only would train (and which are done), then exit")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.list:
         for p in available_profiles():
             prof = load_profile(p)

@@ -128,6 +128,21 @@ def test_cli_list_and_error_exit(capsys):
     assert "unknown profile" in capsys.readouterr().err
 
 
+def test_the_usage_examples_in_help_are_valid_calls():
+    """Every example in `--help` parses, and its profile, notebooks and overrides resolve (nothing runs): one
+    once passed max_dev to 06_results, which has no such parameter, and failed as a user copied it."""
+    examples = [line.split("#")[0].split()[3:] for line in reproduce.__doc__.splitlines()
+                if line.strip().startswith("python -m mtbert_utils.reproduce")]
+    assert len(examples) >= 6
+    for argv in examples:
+        args = reproduce.build_parser().parse_args(argv)
+        only = [n for item in args.only for n in item.split(",") if n] or None
+        overrides = dict(reproduce.parse_override(s) for s in args.set)
+        reproduce.resolve(args.profile, only, overrides, args.out)
+    with pytest.raises(reproduce.ReproduceError, match=r"overrides \['max_dev'\] are not parameters"):
+        reproduce.resolve("cpu", ["06_results"], {"max_dev": 200}, None)
+
+
 def test_code_version_covers_the_code_notebooks_run_and_nothing_else():
     """A notebook re-runs when code it runs changes, not when the benchmark does: the hashed modules are the
     import closure of the notebook, lazy imports inside functions included."""
