@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from mtbert_utils import TASKS
 from mtbert_utils.model import ENCODER_NAMES, PARA_INPUTS, POOLINGS
-from mtbert_utils.schedules import SCHEDULES
+from mtbert_utils.schedules import SCHEDULES, get_schedule
 from mtbert_utils.tasks import STS_LOSSES
 
 LR_KEYS = ("encoder", "shared", "sst", "para", "sts")
@@ -290,6 +290,11 @@ def _validate_schedule(c: TrainConfig) -> None:
         raise ValueError(f"phases must be a list of [epochs, encoder_trainable] with >= 1 epoch in all, "
                          f"got {c.phases!r}")
     _count("examples_budget", c.examples_budget, allow_none=True)
+    try:  # the schedule's own checks, on its params and the tasks it will see (else they fail after loading)
+        get_schedule(c.schedule, **c.schedule_params).num_steps({t: 1 for t in c.train_tasks}, epoch=1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"schedule {c.schedule!r} with schedule_params={c.schedule_params!r} and "
+                         f"train_tasks={list(c.train_tasks)!r}: {e}") from None
 
 
 def _validate_optimisation(c: TrainConfig) -> None:
@@ -312,6 +317,8 @@ def _validate_optimisation(c: TrainConfig) -> None:
     if c.cuda_graphs and not c.pad_to_multiple:
         raise ValueError("cuda_graphs records one graph per batch shape: set pad_to_multiple (e.g. 16) too, "
                          "else every new padded length compiles a new graph")
+    if c.precision == "fp16" and c.device == "cpu":
+        raise ValueError("precision='fp16' needs CUDA; device='cpu' was asked for (use 'bf16' or 'fp32' on CPU)")
     if c.cuda_graphs and c.device == "cpu":
         raise ValueError("cuda_graphs=True needs CUDA; device='cpu' was asked for")
 

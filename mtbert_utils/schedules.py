@@ -174,9 +174,9 @@ class RoundRobinOversampling(_RoundRobin):
     restart their (reshuffled) iterator when exhausted."""
 
     def __init__(self, sigma: int | None = None):
-        if sigma is not None and (not isinstance(sigma, int) or isinstance(sigma, bool) or sigma < 1):
+        if sigma is not None and (not isinstance(sigma, numbers.Integral) or isinstance(sigma, bool) or sigma < 1):
             raise ValueError(f"sigma must be a positive int or None, got {sigma!r}")
-        self.sigma = sigma
+        self.sigma = None if sigma is None else int(sigma)  # a numpy int (a notebook's arithmetic) as a plain one
 
     def num_steps(self, num_batches, epoch=0):
         _check_num_batches(num_batches)
@@ -358,13 +358,13 @@ def adaptive_reference(single_task_runs: dict[str, list[dict]], floor: float = 0
 def resolve_sigma(spec, num_batches: dict[str, int]) -> int:
     """rr_over's sigma (steps per epoch) from an int, or 'min' / 'median' / 'max' of the tasks' batch
     counts with an optional factor in front ('2max', '0.5*max')."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
         if spec < 1:
             raise ValueError(f"sigma must be >= 1, got {spec}")
-        return spec
+        return int(spec)
     m = re.fullmatch(r"\s*(\d*\.?\d*)\s*\*?\s*(min|median|max)\s*", str(spec))
-    if not m:
-        raise ValueError(f"sigma {spec!r}: use an int or min/median/max with an optional factor, e.g. '2max'")
+    if not m or m.group(1) == "." or (m.group(1) and float(m.group(1)) <= 0):
+        raise ValueError(f"sigma {spec!r}: use an int or min/median/max with an optional factor > 0, e.g. '2max'")
     counts = sorted(num_batches.values())
     base = {"min": counts[0], "max": counts[-1], "median": float(statistics.median(counts))}[m.group(2)]
     return max(1, round(float(m.group(1) or 1) * base))

@@ -141,6 +141,10 @@ def test_baseline_is_the_plain_setup_with_overrides():
     dict(cuda_graphs=True, pad_to_multiple=8, device="auto"), dict(seed=0), dict(name="x"), dict(out_dir=Path("o")),
     dict(data_dir=Path("d")), dict(data_dir="d"), dict(snapshot_ensemble=0),
     dict(snapshot_ensemble=1, val_fraction=0.1),
+    dict(schedule="sequential", train_tasks=["sts", "sst"], schedule_params={"order": ["sts", "sst"]}),
+    dict(schedule="annealed", schedule_params={"epochs": 1}), dict(schedule="temperature", schedule_params={"T": 1e-9}),
+    dict(schedule="adaptive", schedule_params={"reference": {"sst": 0.5, "para": 0.8, "sts": 0.7}}),
+    dict(precision="fp16", device="cuda"), dict(precision="fp16", device="auto"),
 ])
 def test_values_at_the_edge_are_taken(fields):
     c = TrainConfig(**fields)
@@ -223,6 +227,20 @@ def test_values_at_the_edge_are_taken(fields):
     (dict(snapshot_ensemble=-1), "snapshot_ensemble must be an int >= 0, got -1"),
     (dict(snapshot_ensemble=3), "snapshot_ensemble chooses its members on validation: set val_fraction > 0"),
     (dict(device="mps"), "unknown device 'mps'; choose one of ['auto', 'cpu', 'cuda']"),
+    # the schedule's own checks, before any data is read (they once failed inside train(), after loading)
+    (dict(schedule="annealed"), "schedule 'annealed' with schedule_params={} and train_tasks=['sst', 'para', 'sts']: "
+     "bad params for schedule 'annealed' {}: Annealed.__init__() missing 1 required positional argument: 'epochs'"),
+    (dict(schedule="temperature", schedule_params={"T": 0}), "schedule 'temperature' with schedule_params={'T': 0} "
+     "and train_tasks=['sst', 'para', 'sts']: T must be a positive number, got 0"),
+    (dict(schedule="temperature", schedule_params={"foo": 1}), "schedule 'temperature' with schedule_params="
+     "{'foo': 1} and train_tasks=['sst', 'para', 'sts']: bad params for schedule 'temperature' {'foo': 1}: "
+     "Temperature.__init__() got an unexpected keyword argument 'foo'"),
+    (dict(schedule="rr_over", schedule_params={"sigma": "2max"}), "schedule 'rr_over' with schedule_params="
+     "{'sigma': '2max'} and train_tasks=['sst', 'para', 'sts']: sigma must be a positive int or None, got '2max'"),
+    (dict(schedule="sequential", train_tasks=["sst"]), "schedule 'sequential' with schedule_params={} and "
+     "train_tasks=['sst']: order ('sst', 'para', 'sts') must be a permutation of the tasks ('sst',)"),
+    (dict(precision="fp16", device="cpu"),
+     "precision='fp16' needs CUDA; device='cpu' was asked for (use 'bf16' or 'fp32' on CPU)"),
 ])
 def test_values_past_the_edge_are_refused_with_their_whole_message(fields, message):
     refused(message, **fields)

@@ -4,6 +4,7 @@ import math
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from mtbert_utils.schedules import (
@@ -101,6 +102,9 @@ def test_rr_over_custom_sigma():
     assert len(steps) == s.num_steps(NB, 0) == 25
     assert all(t == ALL for t in steps)
     assert s.config() == {"name": "rr_over", "sigma": 25}
+    # a numpy int (a notebook's arithmetic) is taken and kept as a plain int (checkpoints hold plain values)
+    s = get_schedule("rr_over", sigma=np.int64(25))
+    assert s.num_steps(NB, 0) == 25 and type(s.config()["sigma"]) is int
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -210,7 +214,8 @@ def test_resolve_sigma():
         == [2, 3, 6, 12, 3, 3, 7, 1]
     assert resolve_sigma("0.1min", SIGMA_NB) == 1  # round(0.2) = 0 steps: an epoch has at least one
     assert resolve_sigma("median", {"a": 1, "b": 4, "c": 9, "d": 30}) == 6  # even count: mean of the middle two
-    for bad in ("biggest", "MAX", "", True):  # True is not one step; names are lower case
+    assert resolve_sigma(np.int64(7), SIGMA_NB) == 7 and type(resolve_sigma(np.int64(7), SIGMA_NB)) is int
+    for bad in ("biggest", "MAX", "", True, "0max", "0.0*min", ".max"):  # True is not one step; a factor is > 0
         with pytest.raises(ValueError, match="sigma .*: use an int or min/median/max"):
             resolve_sigma(bad, SIGMA_NB)
     for bad in (0, -3):
