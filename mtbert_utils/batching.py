@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -174,6 +175,8 @@ class TaskBatchStream:
             raise ValueError(f"task {enc.task!r} has no examples to batch")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.enc, self.batch_size, self.seed = enc, batch_size, seed
         self.pair_mode, self.group_by_length = pair_mode, group_by_length
         self.rank, self.world_size = rank, world_size

@@ -593,6 +593,9 @@ def test_stream_of_one_example_and_bad_arguments_named(sts_enc):
         batching.TaskBatchStream(empty, 4, seed=0)
     with pytest.raises(ValueError, match=r"^rank 2 not in \[0, 2\)$"):
         batching.TaskBatchStream(sts_enc, 4, seed=0, rank=2, world_size=2)
+    for bad in (0, -1, 2.0, True):  # once a ZeroDivisionError for 0
+        with pytest.raises(ValueError, match=rf"^batch_size must be an int >= 1, got {bad!r}$"):
+            batching.TaskBatchStream(sts_enc, bad, seed=0)
 
 
 def test_stream_groups_by_length_when_asked(sts_enc):
