@@ -62,6 +62,8 @@ def sampler_reading(summary: pd.DataFrame, paired: pd.DataFrame, claims: list[tu
         winners = [r["a"] for _, r in beat.iterrows() if verdict(r["mean_diff"], r["ci95"]) == "holds"]
         lines.append(f"- {mode}, ranked by {metric} (± 95% CI): {ranking}. Resolved better than sequential: "
                      f"{', '.join(winners) if winners else 'none'}.")
+    if paired.empty:
+        lines.append("- No paired comparison: each needs two or more seeds shared by both samplers.")
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,8 @@ def frame_markdown(df: pd.DataFrame, digits: int = 3) -> str:
 
 
 def paired_table(runs_by_row: dict[str, list[dict]], claims: list[tuple[str, str]]) -> pd.DataFrame:
-    """Paired (same seeds) comparisons a - b per task for each claimed ordering (a, b)."""
+    """Paired (same seeds) comparisons a - b per task for each claimed ordering (a, b); a pair with fewer than
+    two shared seeds has no rows (no spread to test), and with none at all the table is empty with its columns."""
     rows = []
     for a, b in claims:
         ra = {r["seed"]: r for r in runs_by_row[a]}
@@ -110,7 +111,7 @@ def paired_table(runs_by_row: dict[str, list[dict]], claims: list[tuple[str, str
         for key in (*TASKS, "mean"):
             c = paired_comparison([ra[s]["dev"][key] for s in seeds], [rb[s]["dev"][key] for s in seeds])
             rows.append({"a": a, "b": b, "metric": key, **c})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["a", "b", "metric", "n", "mean_diff", "ci95", "p_value", "cohens_dz"])
 
 
 def runs_frame(runs: list[dict], **labels) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The extension notebooks (09-11) under the smoke-extended profile: files, samplers, equal budgets."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -108,3 +109,21 @@ def test_sigma_sweep_order_and_pcgrad_tables(extended_run):
 # budget.py's (examples per epoch, phases, budgets) tests/test_budget.py; resolve_sigma, verdict, adaptive_reference
 # and schedule_params_for tests/test_schedules.py and tests/test_stats.py; grad_conflicts and position_effect
 # tests/test_tables.py (all fast unit tests, in the mutation runs' selections)
+
+
+def test_the_notebooks_run_with_one_seed(extended_run, data_dir, tmp_path):
+    """One seed (a quick look, or a user's first run) leaves no paired comparison: the notebooks still finish
+    and their readings say so (09 and 11 once stopped with KeyError 'mean_diff' on an empty paired table). The
+    seed-0 runs of the two-seed profile are the same runs: copied over, nothing trains again."""
+    results, _, _ = extended_run
+    out = tmp_path / "results" / "smoke-extended"
+    shutil.copytree(results / "runs", out / "runs")
+    with reproduce.patched_environ({"MTBERT_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}):
+        records = reproduce.run("smoke-extended", overrides={"seeds": [0]}, out_root=tmp_path)
+    assert [r["notebook"] for r in records] == NOTEBOOKS
+    assert pd.read_csv(out / "09_samplers_paired.csv").empty and pd.read_csv(out / "11_pcgrad_weights_paired.csv").empty
+    assert pd.read_csv(out / "09_samplers_runs.csv")["seed"].unique().tolist() == [0]
+    assert (out / "09_samplers_reading.md").read_text().endswith(
+        "- No paired comparison: each needs two or more seeds shared by both samplers.\n")
+    assert "No weighting has both arms with two or more seeds" in (out / "11_pcgrad_weights_reading.md").read_text()
+    assert "Largest vs smallest sigma" not in (out / "10_sigma_and_order_reading.md").read_text()

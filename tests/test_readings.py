@@ -86,6 +86,10 @@ def test_sampler_reading_with_a_header_other_modes_and_no_winner():
     assert "- a, ranked by sst (± 95% CI): sequential 0.300, proportional 0.200, temperature 0.100. Resolved " \
         "better than sequential: none." in text
     assert "**temperature > sequential**" not in text  # no sst rows for that claim
+    # one seed: paired_table has no rows, and the reading says why rather than read "none" as a finding
+    text = sampler_reading(summary, paired.iloc[:0], [("temperature", "sequential")], modes=("a", "b"))
+    assert text.endswith("Resolved better than sequential: none.\n- No paired comparison: each needs two or more "
+                         "seeds shared by both samplers.\n") and "**temperature > sequential**" not in text
 
 
 def conflicts(surgery_equal=(0.01, 0.02), surgery_weighted=(0.03, 0.04)):

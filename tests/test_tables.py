@@ -136,7 +136,11 @@ def test_paired_table_pairs_runs_by_seed_and_skips_claims_with_fewer_than_two():
     para, sts = df.iloc[1], df.iloc[2]
     assert close(para["mean_diff"], 0.15) and close(sts["mean_diff"], -0.1)
     assert {"p_value", "cohens_dz"} <= set(df.columns)
-    assert paired_table({"A": a, "C": c}, [("A", "C")]).empty
+    one = paired_table({"A": a, "C": c}, [("A", "C")])
+    # empty, with its columns: a notebook's next line (a verdict column from mean_diff and ci95) still runs
+    assert one.empty and list(one.columns) == list(df.columns) == ["a", "b", "metric", "n", "mean_diff", "ci95",
+                                                                    "p_value", "cohens_dz"]
+    assert list(one["mean_diff"] + one["ci95"]) == []
 
 
 def test_runs_frame_has_a_row_per_run_with_its_labels_and_missing_fields_empty():
