@@ -99,10 +99,15 @@ def summarize_cosines(cos_log: list[dict]) -> dict:
     return out
 
 
-def run_cosines(run: dict) -> dict[str, list[float]]:
-    """Task pair -> the per-step cosines of a finished run, over all its epochs, in step order."""
+def run_cosines(run: dict, heads_only_epochs: bool = False) -> dict[str, list[float]]:
+    """Task pair -> the per-step cosines of a finished run, in step order, over the epochs in which the encoder
+    trained. In a heads-only epoch the shared parameters are the shared layer alone, which the cosine STS head
+    does not use: its cosines measure another quantity, for fewer pairs, and joined with the others they would
+    put a pair's steps at other positions than its neighbours'. heads_only_epochs=True takes every epoch."""
     values: dict[str, list] = {}
     for h in run["history"]:
+        if not heads_only_epochs and not h.get("encoder_trainable", True):
+            continue
         for pair, c in h.get("grad_cosines", {}).items():
             values.setdefault(pair, []).extend(c["values"])
     return values

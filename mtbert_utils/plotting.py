@@ -126,7 +126,8 @@ def plot_examples_seen(runs_by_label: dict[str, dict]) -> plt.Figure:
 
 @_themed
 def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
-    """Per-step cosine between task gradients on the shared parameters, and how often they conflict."""
+    """Per-step cosine between task gradients on the shared parameters (encoder and shared layer: the epochs in
+    which the encoder trains, gradients.run_cosines), and how often they conflict."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
     bars = defaultdict(dict)
     for li, (label, run) in enumerate(runs_by_label.items()):
@@ -138,7 +139,7 @@ def plot_grad_cosines(runs_by_label: dict[str, dict]) -> plt.Figure:
             axes[0].plot(smooth, ls=ls, color=_DEEP[li % len(_DEEP)], label=f"{label}: {pair}")
             bars[pair][label] = float((ax_vals < 0).mean())
     axes[0].axhline(0, color="k", lw=0.8)
-    axes[0].set_xlabel("step (heads+encoder shared gradients)")
+    axes[0].set_xlabel("step of the epochs that train the encoder (moving average)")
     axes[0].set_ylabel("cosine between task gradients")
     axes[0].legend(frameon=False, fontsize=7, ncol=2)
     pairs, labels = list(bars), list(runs_by_label)

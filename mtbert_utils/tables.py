@@ -145,7 +145,8 @@ def summarize_frame(df: pd.DataFrame, by: list[str], metrics=METRICS) -> pd.Data
 
 
 def grad_conflicts(runs: list[dict], **labels) -> pd.DataFrame:
-    """Per run and task pair, from the per-step gradient cosines (measured before any projection):
+    """Per run and task pair, from the per-step gradient cosines of the epochs that train the encoder
+    (gradients.run_cosines; measured before any projection):
     mean cosine, conflict rate (cos < 0), mean cosine of the conflicting steps, and the surgery size
     mean(max(0, -cos)): the fraction of a task gradient's norm PCGrad removes per step for that pair."""
     rows = []

@@ -65,3 +65,16 @@ def test_run_cosines_joins_every_epochs_steps_in_order():
                        {"grad_cosines": {"a|b": {"values": [0.3]}, "a|c": {"values": [-0.5]}}}]}
     assert run_cosines(run) == {"a|b": [0.1, 0.2, 0.3], "a|c": [-0.5]}
     assert run_cosines({"history": []}) == {}
+
+
+
+def test_run_cosines_leave_heads_only_epochs_out_unless_asked():
+    """Heads-only epochs measure on the shared layer alone, where the cosine STS head has no gradient: their
+    sst|para steps once came first in a run's sst|para list while sst|sts started at the first full epoch."""
+    run = {"history": [{"encoder_trainable": False, "grad_cosines": {"sst|para": {"values": [0.9, 0.8]}}},
+                       {"encoder_trainable": True, "grad_cosines": {"sst|para": {"values": [0.1]},
+                                                                    "sst|sts": {"values": [-0.2]}}},
+                       {"encoder_trainable": False, "grad_cosines": {"sst|para": {"values": [0.7]}}},
+                       {"grad_cosines": {"sst|para": {"values": [0.3]}, "sst|sts": {"values": [0.4]}}}]}
+    assert run_cosines(run) == {"sst|para": [0.1, 0.3], "sst|sts": [-0.2, 0.4]}  # no flag: an older record
+    assert run_cosines(run, heads_only_epochs=True) == {"sst|para": [0.9, 0.8, 0.1, 0.7, 0.3], "sst|sts": [-0.2, 0.4]}

@@ -187,6 +187,10 @@ def test_grad_conflicts_statistics():
     assert row["steps"] == 4 and row["conflict_rate"] == 0.5
     assert row["mean_cos"] == pytest.approx(0.0) and row["conflict_cos"] == pytest.approx(-0.3)
     assert row["surgery"] == pytest.approx((0.2 + 0.4) / 4)
+    heads_only = {"encoder_trainable": False, "grad_cosines": {"sst|para": {"values": [-0.9]}}}
+    run["history"].insert(0, heads_only)  # another quantity (the shared layer alone): not counted
+    assert grad_conflicts([run], arm="plain").equals(grad_conflicts([{**run, "history": run["history"][1:]}],
+                                                                    arm="plain"))
 
 
 def test_position_effect_is_paired_by_seed():
