@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -289,8 +290,10 @@ def missing_files(data_dir, tasks=TASKS, splits=("train", "dev")):
             name = FILES[task][split]
             if (data_dir / name).is_file():
                 continue
-            # para train can be carved from quora-dev.csv (see load_task)
-            if task == "para" and split == "train" and (data_dir / FILES["para"]["dev"]).is_file():
+            # para train can be carved from quora-dev.csv (see load_task): missing only if that one is too, and
+            # then named once, as quora-dev.csv, when dev is asked for as well
+            if task == "para" and split == "train" and ((data_dir / FILES["para"]["dev"]).is_file()
+                                                       or "dev" in splits):
                 continue
             missing.append(name)
     return missing
@@ -307,7 +310,10 @@ def check_data_dir(data_dir=None, tasks=TASKS):
             f"Provide them in one of three ways:\n"
             f"  1. python -m mtbert_utils.data download {data_dir}\n"
             f"  2. export {ENV_VAR}=/path/to/dir/with/the/csv/files\n"
-            f"  3. pass data_dir=/path/to/dir to load_task / load_tasks")
+            f"  3. pass data_dir=/path/to/dir to load_task / load_tasks (--set data_dir=... to "
+            f"python -m mtbert_utils.train, -p data_dir ... to a notebook)"
+            + (f"\n{FILES['para']['train']} is optional: without it, para train and dev are carved 80/20 from "
+               f"{FILES['para']['dev']}" if "para" in tasks else ""))
     return data_dir
 
 
@@ -397,6 +403,8 @@ def split_by_hash(examples, train_fraction=0.8, salt=""):
     `salt` gives an independent split of the same ids (the validation split carved
     from a train split that was itself a hash split of quora-dev uses salt 'val:').
     """
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, numbers.Real) or not 0 <= train_fraction <= 1:
+        raise ValueError(f"train_fraction must be a number in [0, 1], got {train_fraction!r}")
     train, dev = [], []
     for ex in examples:
         (train if _hash_unit(salt + ex.id) < train_fraction else dev).append(ex)
@@ -455,6 +463,8 @@ def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=
 
     # subsample after splitting, so the split never depends on max_train / max_dev
     for split, n in (("train", _per_task(max_train, task)), ("dev", _per_task(max_dev, task))):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"max_{split} for {task!r} must be None (all) or an int >= 1, got {n!r}")
         full = train if split == "train" else dev
         if n is not None and n < len(full):
             sources[split] += f" (subsample {n} of {len(full)}, seed {seed})"
@@ -466,7 +476,9 @@ def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=
 
 
 def load_tasks(data_dir=None, tasks=TASKS, max_train=None, max_dev=None, seed=0, strict=False, *, warn=True):
-    """load_task for each task, after checking the data dir once (all missing files in one error)."""
+    """load_task for each task, after checking the data dir once (all missing files in one error); `tasks` is
+    a list of task names or one name."""
+    tasks = (tasks,) if isinstance(tasks, str) else tasks
     for task in tasks:
         _check_task(task)
     data_dir = check_data_dir(data_dir, tasks)

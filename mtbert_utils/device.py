@@ -1,6 +1,7 @@
 """Where and how a run computes: the device, the precision (autocast dtype, GradScaler), TF32 and CUDA graphs.
 
-Each is a TrainConfig switch (config.py, section "speed"); training.py calls these once per run.
+Each is a TrainConfig switch (config.py: precision, tf32 and cuda_graphs in its optimisation section, device in
+its run section); training.py calls these once per run.
 """
 
 from __future__ import annotations

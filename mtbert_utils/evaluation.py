@@ -38,6 +38,8 @@ def predict(model, enc: EncodedTask, batch_size: int = 128, device="cpu", amp_dt
     outputs are averaged (paraphrase is symmetric; the joint encoder is not). Other tasks are unchanged.
     Runs on `device` (the model's) under autocast to amp_dtype; pad_to_multiple as in batching.collate.
     """
+    if len(enc) == 0:
+        raise ValueError(f"predict: task {enc.task!r} has no examples")
     was_training = model.training
     model.eval()
     task = enc.task

@@ -352,6 +352,9 @@ def adaptive_reference(single_task_runs: dict[str, list[dict]], floor: float = 0
     The sampler needs a positive reference; a score at or below `floor` (a toy encoder's STS r can be
     negative) is raised to `floor`.
     """
+    empty = [t for t, runs in single_task_runs.items() if not runs]
+    if empty:
+        raise ValueError(f"adaptive_reference: no single-task runs for {empty}")
     return {t: max(float(sum(r["dev"][t] for r in runs) / len(runs)), floor) for t, runs in single_task_runs.items()}
 
 

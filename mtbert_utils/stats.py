@@ -22,7 +22,10 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
 def paired_comparison(a, b) -> dict:
     """Paired t-test of a - b over the same seeds, with Cohen's d_z (mean difference / sd of differences).
 
-    With 3 seeds a test has little power: read p together with the effect size and the interval.
+    With 3 seeds a test has little power: read p together with the effect size and the interval. Differences
+    equal in every seed (no spread: a metric that did not move, such as an accuracy stuck at one count) give
+    the t-test's limit: a CI of 0, p = 0 and an infinite d_z (p = 1 and d_z = 0 if they are all zero), so a
+    verdict then rests on the seeds agreeing exactly, not on a measured spread.
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or len(a) < 2:

@@ -70,6 +70,8 @@ def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
 
 
 def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Pearson r of predictions and gold scores; 0.0 where r is undefined (fewer than two examples, or either
+    side constant): a constant predictor carries no signal, and a run's mean stays a number."""
     pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     if len(pred) < 2 or np.std(pred) == 0 or np.std(gold) == 0:
         return 0.0  # undefined correlation: a constant predictor carries no signal
@@ -115,6 +117,9 @@ def predictions_from_outputs(task: str, out: torch.Tensor, sts_head: str = "line
     Scores are never clipped: the reported Pearson r and the prediction files
     use the same unclipped values (as the CS224N starter code does).
     """
+    if task not in ("sst", "para", "sts") or sts_head not in ("linear", "cosine"):
+        raise ValueError(f"predictions_from_outputs: task must be sst, para or sts and sts_head linear or cosine; "
+                         f"got task {task!r}, sts_head {sts_head!r}")
     out = out.detach().float().cpu()
     if task == "sst":
         return out.argmax(-1).numpy()

@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -269,6 +270,10 @@ def test_split_by_hash_is_deterministic_and_order_free(data_dir):
     assert not {ex.id for ex in train} & {ex.id for ex in dev}
     assert len(train) + len(dev) == len(examples)
     assert abs(len(train) / len(examples) - 0.8) < 0.01
+    assert data.split_by_hash(examples[:5], 1) == (examples[:5], []) and data.split_by_hash(examples[:5], 0)[0] == []
+    for bad in (2.0, -0.1, "0.8", True):  # 2.0 once put everything in train, silently
+        with pytest.raises(ValueError, match=rf"^train_fraction must be a number in \[0, 1\], got {re.escape(repr(bad))}$"):
+            data.split_by_hash(examples[:5], bad)
 
 
 def test_subsample(sst_train):
@@ -293,10 +298,17 @@ def test_check_data_dir_names_every_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         data.check_data_dir(tmp_path)
     msg = str(e.value)
-    for task in data.TASKS:
-        for split in ("train", "dev"):
-            assert data.FILES[task][split] in msg
+    needed = [data.FILES[t][s] for t in data.TASKS for s in ("train", "dev") if (t, s) != ("para", "train")]
+    assert f"is missing 5 file(s): {', '.join(needed)}.\n" in msg
     assert "python -m mtbert_utils.data download" in msg and "MTBERT_DATA_DIR" in msg and "data_dir=" in msg
+    assert "--set data_dir=" in msg  # the train command's way, beside the function's
+    # quora-train.csv is optional: said once, not counted as missing (quora-dev.csv stands in for it)
+    assert msg.endswith("\nquora-train.csv is optional: without it, para train and dev are carved 80/20 from "
+                        "quora-dev.csv")
+    assert data.missing_files(tmp_path, tasks=("para",), splits=("train",)) == ["quora-train.csv"]
+    with pytest.raises(FileNotFoundError) as e:
+        data.check_data_dir(tmp_path, tasks=["sst"])
+    assert "is missing 2 file(s)" in str(e.value) and "optional" not in str(e.value)
     # quora-train.csv is not missing when quora-dev.csv can stand in for it
     (tmp_path / "quora-dev.csv").write_text("\tid\tsentence1\tsentence2\tis_duplicate\n")
     assert data.missing_files(tmp_path, tasks=("para",)) == []
@@ -314,6 +326,12 @@ def test_load_tasks(data_dir):
     assert para.test == [] and para.sources["test"] is None
     assert len(para.train) == 16148 and list(para.reports) == ["quora-dev.csv"]
     assert not {ex.id for ex in para.train} & {ex.id for ex in para.dev}
+    one = data.load_tasks(data_dir, tasks="sts", max_train=8, max_dev=8)  # one name, not its letters
+    for kw, bad in (("max_train", 0), ("max_dev", {"sts": -1}), ("max_train", 2.5)):  # 0 once gave no examples
+        split = kw.split("_")[1]
+        with pytest.raises(ValueError, match=rf"^max_{split} for 'sts' must be None \(all\) or an int >= 1, got "):
+            data.load_task("sts", data_dir, **{kw: bad})
+    assert list(one) == ["sts"] and one["sts"].sizes["train"] == 8
 
 
 class FakeResponse(io.BytesIO):
@@ -647,7 +665,7 @@ def test_cli_errors_are_one_message_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.main(["check", str(tmp_path / "nowhere")])
     message = str(e.value.code)
-    assert message.startswith("python -m mtbert_utils.data: error: data dir ") and "is missing 6 file(s)" in message
+    assert message.startswith("python -m mtbert_utils.data: error: data dir ") and "is missing 5 file(s)" in message
     assert "python -m mtbert_utils.data download" in message  # and how to get them
 
 

@@ -608,7 +608,7 @@ def test_train_command_prints_its_summary_line_with_or_without_validation(val_fr
 
 
 @pytest.mark.parametrize("setting,expect", [
-    ("data_dir={tmp}/no_such_folder", "is missing 6 file(s)"),
+    ("data_dir={tmp}/no_such_folder", "is missing 5 file(s)"),
     ("encoder={tmp}/no_such_model", "cannot load encoder"),
 ])
 def test_train_command_names_a_wrong_path_or_encoder_without_a_traceback(setting, expect, data_dir, tmp_path):

@@ -131,6 +131,13 @@ def test_predict_with_padding_to_a_multiple_matches(encoded, one_thread):
         assert abs(a["raw"] - b["raw"]).max() <= float32_tol(TINY_FORWARD + 128) * (abs(a["raw"]).max() + 1)
 
 
+def test_predict_refuses_a_task_with_no_examples_by_name():
+    from mtbert_utils.batching import EncodedTask
+    empty = EncodedTask("sts", [], None, joint=[], joint_types=[], a=[], b=[])
+    with pytest.raises(ValueError, match=r"^predict: task 'sts' has no examples$"):  # was torch.cat's own error
+        predict(build_model(TrainConfig(encoder="tiny")), empty, 16)
+
+
 # -- cache_frozen_encoder --------------------------------------------------------------------------------
 
 

@@ -94,6 +94,10 @@ def test_predictions_from_outputs():
     assert predictions_from_outputs("para", torch.tensor([-0.1, 0.0, 0.3])).tolist() == [0, 0, 1]
     assert predictions_from_outputs("sts", torch.tensor([0.2, 1.0]), "cosine") == pytest.approx([1.0, 5.0])
     assert predictions_from_outputs("sts", torch.tensor([3.5]), "linear") == pytest.approx([3.5])
+    # an unknown task or head is refused by name (it once fell through to sts, linear)
+    for task, head in (("foo", "linear"), ("sts", "cos"), ("STS", "cosine")):
+        with pytest.raises(ValueError, match=rf"got task {task!r}, sts_head {head!r}$"):
+            predictions_from_outputs(task, torch.tensor([0.5]), head)
 
 
 # ---------------------------------------------------------------------------

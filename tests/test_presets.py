@@ -29,6 +29,7 @@ def test_make_config_passes_each_notebook_parameter_on():
     # notebook conventions: "" = $MTBERT_DATA_DIR or ./data, {} = every example, 0 = the whole dev set
     assert (make_config(data_dir="", max_train={}, max_dev=0).data_dir, make_config(max_train={}).max_train,
             make_config(max_dev=0).max_dev) == (None, None, None)
+    assert make_config(max_train=100).max_train == 100 and make_config(max_train=0).max_train is None  # an int
     with pytest.raises(ValueError) as e:
         make_config("plain")
     assert str(e.value) == "unknown preset 'plain'; choose 'baseline' or 'tuned'"

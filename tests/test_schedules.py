@@ -230,6 +230,8 @@ def test_adaptive_reference_floors_non_positive_scores():
             "sts": [{"dev": {"sts": -0.2}}], "para": [{"dev": {"para": 0.03}}]}
     assert adaptive_reference(runs) == {"sst": pytest.approx(0.45), "sts": 0.05, "para": 0.05}
     assert adaptive_reference(runs, floor=0.01) == {"sst": pytest.approx(0.45), "sts": 0.01, "para": 0.03}
+    with pytest.raises(ValueError, match=r"^adaptive_reference: no single-task runs for \['para'\]$"):
+        adaptive_reference({**runs, "para": []})  # once a ZeroDivisionError
 
 
 def test_schedule_params_for_builds_every_registered_sampler():
