@@ -1185,6 +1185,14 @@ def summary_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_out(task_fusion: bool, pcgrad: bool, device: str) -> str:
+    """Where a benchmark writes without --out: one part alone into a file of its own, so that it never
+    overwrites the whole benchmark's bench.json."""
+    if task_fusion or pcgrad:
+        return f"results/bench/{'task_fusion' if task_fusion else 'pcgrad'}_{device}.json"
+    return "results/bench/bench.json"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m mtbert_utils.bench", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None, help="CS224N data folder (default: $MTBERT_DATA_DIR or ./data)")
@@ -1201,9 +1209,12 @@ def main(argv=None) -> dict:
                    help="only the three-task step with and without fuse_tasks (bench_task_fusion), on --device")
     p.add_argument("--pcgrad", action="store_true",
                    help="only one PCGrad step against one plain step, time and memory (bench_pcgrad), on --device")
-    p.add_argument("--out", default="results/bench/bench.json", help="where to write the JSON")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON (default: results/bench/bench.json; with --task-fusion or --pcgrad "
+                        "results/bench/{task_fusion,pcgrad}_{device}.json, the committed part files' names)")
     p.add_argument("--summarize", metavar="JSON", help="print a saved result as a Markdown table and exit")
     args = p.parse_args(argv)
+    args.out = args.out or default_out(args.task_fusion, args.pcgrad, args.device)
     if args.summarize:
         import json
         text = summary_markdown(json.loads(Path(args.summarize).read_text()))

@@ -22,6 +22,7 @@ import numbers
 import os
 import random
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -372,7 +373,12 @@ def download(data_dir=None, names=None, overwrite=False):
         fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{name}.", suffix=".part")
         try:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url) as r:
+            try:
+                response = urllib.request.urlopen(url)
+            except urllib.error.URLError as e:  # no network: say what was fetched and the way without it
+                raise OSError(f"cannot download {url} ({e.reason}): this needs internet; with the files already "
+                              f"on disk, point {ENV_VAR} (or data_dir) at their folder instead") from e
+            with os.fdopen(fd, "wb") as f, response as r:
                 total = int(r.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                     for chunk in iter(lambda: r.read(1 << 16), b""):

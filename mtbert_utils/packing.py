@@ -222,8 +222,12 @@ def train_only(profile_name: str, only: list[str] | None = None, overrides: dict
                             shard=f"{shard[0]}/{shard[1]}", jobs=jobs, threads_per_job=threads,
                             not_listed=blocked, overrides=overrides or {},
                             minilm_dir=minilm_dir and repo_relative(minilm_dir))
-        if not list_only:
-            write_json(results_dir / "executed" / f"train-only{suffix}.json", summary)
+        path = results_dir / "executed" / f"train-only{suffix}.json"
+        # a call that only found finished runs keeps the summary of the call that trained them (its device,
+        # minutes and jobs: the committed GPU record) instead of replacing it with a record of nothing
+        nothing_new = not summary["trained"] and not summary["failed"] and not summary["unfinished"]
+        if not list_only and not (nothing_new and path.exists()):
+            write_json(path, summary)
         return summary
 
     with pool:

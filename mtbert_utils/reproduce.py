@@ -359,8 +359,9 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
         for name, params in bar:
             bar.set_postfix_str(name)
             records.append(run_notebook(pm, profile, name, params, results_dir, force, kernel, log_output))
-    write_json(results_dir / "executed" / "reproduce-log.json",
-               {"profile": profile["_name"], "notebooks": records, "overrides": overrides})
+    log = results_dir / "executed" / "reproduce-log.json"
+    if any(r["status"] != "skipped" for r in records) or not log.exists():  # a call that ran nothing keeps the
+        write_json(log, {"profile": profile["_name"], "notebooks": records, "overrides": overrides})  # last log
     return records
 
 

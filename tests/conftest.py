@@ -76,6 +76,14 @@ def tiny_config(small_data_dir):
     return make
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that runs a whole profile's notebooks (through run_profile, directly or by a fixture) is slow:
+    `pytest -m "not slow"` leaves the pipelines out."""
+    for item in items:
+        if "run_profile" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def run_profile(data_dir, tmp_path_factory):
     """Factory: run a built-in reproduce profile into a fresh folder with the test data, one thread per

@@ -234,6 +234,19 @@ def test_pcgrad_alone_times_a_pcgrad_step_against_a_plain_step(data_dir, tmp_pat
     assert r["device"] == "cpu" and r["machine"]["cores"] >= 1
 
 
+def test_a_part_alone_writes_its_own_file_by_default():
+    """Without --out, --pcgrad or --task-fusion once wrote results/bench/bench.json over the whole CPU benchmark;
+    each now goes to the file its committed measurement is in (the names docs/speed.md links)."""
+    default_out = speed_module().default_out
+    root = Path(__file__).resolve().parents[1]
+    assert default_out(False, True, "cpu") == "results/bench/pcgrad_cpu.json"
+    assert default_out(True, False, "cpu") == "results/bench/task_fusion_cpu.json"
+    assert default_out(False, False, "cpu") == default_out(False, False, "cuda") == "results/bench/bench.json"
+    for part in ("pcgrad_cpu.json", "task_fusion_cpu.json"):
+        assert (root / "results" / "bench" / part).is_file() and f"results/bench/{part}" in (
+            root / "docs" / "speed.md").read_text() + (root / "docs" / "gpu.md").read_text()
+
+
 def test_docs_pcgrad_memory_is_the_committed_cpu_measurement():
     """docs/speed.md quotes results/bench/pcgrad_cpu.json, not typed numbers; and there a PCGrad step, one task's
     activations at a time, peaks below a plain step, which holds all three tasks' at once."""

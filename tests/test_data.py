@@ -358,6 +358,14 @@ def test_download_verifies_and_replaces_atomically(tmp_path, monkeypatch):
         data.download(tmp_path, ["bad.csv"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.csv"]  # no bad or partial file
 
+    def offline(url):
+        raise data.urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(OSError, match=rf"^cannot download {re.escape(data.DOWNLOAD_URL.format(name='bad.csv'))} "
+                                      r"\(Name or service not known\): this needs internet; .* point MTBERT_DATA_DIR"):
+        data.download(tmp_path, ["bad.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.csv"]
+
 
 # -----------------------------------------------------------------------------
 # tokenization and batching

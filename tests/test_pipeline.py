@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -81,8 +84,11 @@ def test_table1_has_every_row(smoke_run):
 
 def test_rerun_skips_complete_notebooks(smoke_run):
     out, _ = smoke_run
+    log = out / "results" / "smoke" / "executed" / "reproduce-log.json"
+    before = log.read_text()
     records = reproduce.run("smoke", out_root=out, only=["01_sequential", "06_results"])
     assert [r["status"] for r in records] == ["skipped", "skipped"]
+    assert log.read_text() == before  # a call that ran nothing keeps the log of the call that ran them
 
 
 def test_figures_are_redrawn_from_files_alone(smoke_run):
@@ -154,3 +160,13 @@ def test_code_version_covers_the_code_notebooks_run_and_nothing_else():
     assert "bench" not in names and "reproduce" not in names
     data_only = {p.stem for p in reproduce.notebook_modules(reproduce.NOTEBOOK_DIR / "00_data.ipynb")}
     assert "training" not in data_only and "data" in data_only
+
+
+def test_pipeline_tests_are_marked_slow():
+    """`pytest -m "not slow"` leaves out the tests that run a whole profile (conftest marks every test using
+    run_profile), and keeps the rest of this module."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow", __file__],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    slow = {line.split("::")[1] for line in proc.stdout.splitlines() if "::" in line}
+    assert "test_rerun_skips_complete_notebooks" in slow and "test_figures_are_redrawn_from_files_alone" in slow
+    assert "test_cli_list_and_error_exit" not in slow and "test_pipeline_tests_are_marked_slow" not in slow

@@ -34,6 +34,8 @@ def test_train_only_two_jobs_then_notebooks_train_nothing(data_dir, tmp_path, mo
 
     again = packing.train_only("smoke", out_root=tmp_path, jobs=2)  # everything is there: nothing to train
     assert (again["trained"], again["reused"]) == (0, 12)
+    # ... and the summary of the call that trained them stays (a committed GPU record is not replaced)
+    assert json.loads((results / "executed" / "train-only.json").read_text()) == log
 
     reproduce.run("smoke", out_root=tmp_path)  # the notebooks, with papermill: they find every run
     assert run_files(results) == trained  # no result, checkpoint or prediction file added or rewritten
