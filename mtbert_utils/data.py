@@ -376,6 +376,7 @@ def download(data_dir=None, names=None, overwrite=False):
             try:
                 response = urllib.request.urlopen(url)
             except urllib.error.URLError as e:  # no network: say what was fetched and the way without it
+                os.close(fd)  # the scratch file's descriptor (fdopen, below, would have closed it)
                 raise OSError(f"cannot download {url} ({e.reason}): this needs internet; with the files already "
                               f"on disk, point {ENV_VAR} (or data_dir) at their folder instead") from e
             with os.fdopen(fd, "wb") as f, response as r:

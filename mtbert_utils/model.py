@@ -92,8 +92,8 @@ def load_encoder(name: str = "minilm", attn_implementation: str = "sdpa") -> nn.
 
 def export_minilm(dest: str | Path, fp16: bool = True, source: str | Path | None = None) -> Path:
     """Write a folder that $MTBERT_MINILM_DIR can name: MiniLM's config and tokenizer files and its weights,
-    in fp16 unless fp16=False (the command line writes fp32 unless --fp16) (45 MB instead of 91 MB; load_encoder casts them back to fp32, so they differ from the
-    package's by fp16 rounding, about 1e-3 relative)."""
+    in fp16 unless fp16=False (the command line writes fp32 unless --fp16): 45 MB instead of 91 MB; load_encoder
+    casts them back to fp32, so they differ from the package's by fp16 rounding, about 1e-3 relative."""
     import shutil
     from safetensors.torch import load_file, save_file
     source, dest = Path(source or minilm_path()), Path(dest)
