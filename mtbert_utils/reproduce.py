@@ -407,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def selection(args) -> tuple[list[str] | None, dict]:
+    """The parsed arguments' notebooks (--only, repeated or comma-separated; None: all) and overrides (--set)."""
+    only = [n for item in args.only for n in item.split(",") if n]
+    return only or None, dict(parse_override(s) for s in args.set)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -414,17 +420,16 @@ def main(argv=None) -> int:
             prof = load_profile(p)
             print(f"{p:14s} {prof.get('description', '')}\n{'':14s} {', '.join(prof['notebooks'])}")
         return 0
-    only = [n for item in args.only for n in item.split(",") if n]
     try:
-        overrides = dict(parse_override(s) for s in args.set)
+        only, overrides = selection(args)
         t0 = time.time()
         if args.train_only or args.list_runs:
             from mtbert_utils.packing import parse_shard, print_summary, train_only
-            summary = train_only(args.profile, only=only or None, overrides=overrides, out_root=args.out,
+            summary = train_only(args.profile, only=only, overrides=overrides, out_root=args.out,
                                  jobs=args.jobs, shard=parse_shard(args.shard), list_only=args.list_runs)
             print_summary(summary)
             return 1 if summary["failed"] else 0
-        run(args.profile, only=only or None, overrides=overrides, out_root=args.out, force=args.force,
+        run(args.profile, only=only, overrides=overrides, out_root=args.out, force=args.force,
             kernel=args.kernel, log_output=args.log_output)
     except ReproduceError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)

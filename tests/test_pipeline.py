@@ -142,9 +142,7 @@ def test_the_usage_examples_in_help_are_valid_calls():
     assert len(examples) >= 6
     for argv in examples:
         args = reproduce.build_parser().parse_args(argv)
-        only = [n for item in args.only for n in item.split(",") if n] or None
-        overrides = dict(reproduce.parse_override(s) for s in args.set)
-        reproduce.resolve(args.profile, only, overrides, args.out)
+        reproduce.resolve(args.profile, *reproduce.selection(args), args.out)
     with pytest.raises(reproduce.ReproduceError, match=r"overrides \['max_dev'\] are not parameters"):
         reproduce.resolve("cpu", ["06_results"], {"max_dev": 200}, None)
 
