@@ -110,7 +110,8 @@ def _draw(timelines: dict[str, list[dict]]):
             ax.stairs([float(r[key]) for r in rows], x, label=label, linewidth=1.8)
     top.set_ylabel("full-step equivalents / s")
     top.set_title("Runs sharing one GPU: what it trained a second")
-    top.legend(loc="lower center", fontsize="small")
+    top.set_ylim(0, top.get_ylim()[1] * 1.4)  # room above the lines for the legend
+    top.legend(loc="upper right", fontsize="small")
     bottom.set_ylabel("runs training")
     bottom.set_xlabel("seconds since the call's training started")
     fig.tight_layout()
