@@ -55,21 +55,19 @@ PACK_DIR = ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20       # what may travel: tracked files + carried folders
 RETURN_LIMIT = 16 * 2**20      # one file back from $OUT
 ARCHIVE = "gpu_results.tar.gz"
-# the CUDA-only tests, run last with the time left, in this order: first the three no GPU has run to the end yet
-# (eager's dropout masks drawn with graphs and after a resume, fused AdamW by default), then the three that passed
-# on an H200 in session 2 (the code has changed since), then the three that passed there in session 3 (the graphs
-# step's backward on the calling thread, the step without host syncs, fused graph counts). pytest runs node ids in
-# the order given, and -v logs each result as it comes, so a run stopped at the budget still says which passed
-# (all skipped on a CPU)
-CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
+# the CUDA-only tests, run last with the time left, in this order: first the one GPU session 4's budget stopped
+# (fused graph counts; it passed in session 3, and the code has changed since), then the eight session 4 passed on
+# an H200, in that session's order. pytest runs node ids in the order given, and -v logs each result as it comes,
+# so a run stopped at the budget still says which passed (all skipped on a CPU)
+CUDA_TESTS = ["tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape",
+              "tests/test_levers.py::test_cuda_graphs_on_cuda_draw_eagers_dropout_masks",
               "tests/test_training.py::test_a_resumed_gpu_run_draws_the_dropout_masks_an_uninterrupted_one_would",
               "tests/test_mutation_kills.py::test_auto_optimizer_is_fused_adamw_on_cuda",
               "tests/test_levers.py::test_cuda_graphs_on_cuda_train_like_eager",
               "tests/test_mutation_kills.py::test_pcgrad_on_cuda_keeps_buffers_and_task_orders_on_the_parameters_device",
               "tests/test_train_only.py::test_train_only_runs_share_one_gpu",
               "tests/test_levers.py::test_cuda_graphs_steps_run_their_backward_on_the_calling_thread_on_cuda",
-              "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync",
-              "tests/test_levers.py::test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape"]
+              "tests/test_levers.py::test_cuda_training_steps_make_no_host_sync"]
 CARRIED = "carried_results.tar.gz"  # in the pack folder on the GPU machine: the run files a next call finds
 # --warm-compile: tiny runs of the two kinds of graphed step before the training, to fill inductor's on-disk cache
 # (shared by every process of the machine's user). In GPU session 3 nine runs compiled the same graphs at once for
@@ -447,14 +445,16 @@ def run(args) -> int:
         steps.append(run_step("warm-compile", reproduce + warm + sets + [a for s in WARM_SETS for a in ("--set", s)],
                               min(deadline - args.pack_reserve, time.time() + args.warm_compile), log_dir, env,
                               warm_root))
+    only = ["--only", args.only] if args.only else []
     if not args.no_train:
         steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",
-                                                                     str(args.jobs), "--shard", args.shard] + sets,
+                                                                     str(args.jobs), "--shard", args.shard] + only + sets,
                               deadline - args.pack_reserve, log_dir, env, root))
     if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
+        then_only = ["--only", args.then_only] if args.then_only else []
         steps.append(run_step(f"train-{args.then}", reproduce + [
-            "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"],
-            deadline - args.pack_reserve, log_dir, env, root))
+            "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"]
+            + then_only + speed_sets(args.set), deadline - args.pack_reserve, log_dir, env, root))
     elif args.then:
         steps.append({"step": f"train-{args.then}", "status": f"skipped: under {args.then_min}s left"})
     for summary in sorted((root / "results").glob("*/executed/train-only*.json")):  # this call's, beside its logs
@@ -491,6 +491,14 @@ def run(args) -> int:
     failed = [s["step"] for s in steps if str(s.get("status", "")).startswith("failed")
               and s["step"] not in ("bench", "nvidia-smi", "warm-compile")]  # those only inform or speed up
     return 1 if failed or size > RETURN_LIMIT else 0
+
+
+def speed_sets(sets: list[str]) -> list[str]:
+    """The --set overrides that --then's profile takes too: `speed`, whose switches change how a run executes and
+    not what it computes, so its runs keep their names (config.EXECUTION_ONLY); the others (seeds, max_train, ...)
+    belong to --profile alone."""
+    from mtbert_utils.reproduce import parse_override
+    return [a for s in sets if parse_override(s)[0] == "speed" for a in ("--set", s)]
 
 
 def write_tar(path: Path, root: Path, files: list[str]) -> None:
@@ -547,25 +555,29 @@ def unpack(archive: Path, into: Path, replace: bool = False) -> list[str]:
 GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse_tasks": true}'
 # The next GPU session's calls, in order (docs/gpu.md, "What is left"): the device tool's 15 minutes hold a start
 # (1-2 min) and two calls if the second follows the first at once (a machine idle for 30 s is given back).
-#   1. gpu-minilm from scratch (--root: nothing reused) as GPU session 3 trained it (CUDA graphs, fused task calls,
-#      9 runs at once: 15 of 18 finished in 431 s, steady 13,200 full examples/s), now with CUDA MPS (--mps): do
-#      the kernels of runs sharing the GPU gain from running side by side? The train-only summary now survives
-#      the budget, so packing_timeline.py sets the rate against session 3's. And --warm-compile: three tiny runs
-#      compile first, so that nine do not compile the same graphs at once.
-#   2. the CUDA-only tests: session 3 ran three of the nine before its time ran out.
-# Both name the H200 (the tool's `kind`; without one a first call gets an H100): every GPU session so far ran on
-# one, so the rates compare only there, and session 3's nine graphed runs took up to 74 GB (an H100 has 80)
+# paper-minilm (the study's 30-epoch schedule, 13.07M full-step equivalents) needs two sessions at GPU session 4's
+# 17,000 full examples/s under MPS, and a run must end inside its session (its checkpoint cannot come back), so:
+#   1. seed 0 of all six kinds of run, 6 at once under MPS (4.36M: about 260 s at that rate);
+#   2. on the warm machine, without carrying .gpu (the first call's pack, run files and checkpoints are there, and
+#      carrying would replace them): seed 0 again, which resumes whatever the first call's budget stopped and
+#      reuses the rest, then the short runs of seeds 1 and 2 (notebooks 01-03: 1.95M), 6 at once.
+# The session after trains the six tuned runs of seeds 1 and 2 (6.77M) in two calls, the second resuming.
+# Both name the H200 (the tool's `kind`; without one a first call gets an H100): every GPU session so far ran on one,
+# so the rates compare only there
 NEXT_CALLS = [
-    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 480 --bench-max 0 "
-                f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 9 --mps --warm-compile 90 --then '' "
-                "--log-name gpu_run-4-mps "
+    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 450 --bench-max 0 "
+                f"--profile paper-minilm --set 'seeds=[0]' --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps --then '' "
+                "--log-name gpu_run-5-paper-seed0 "
                 "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [".gpu"], "timeout_s": 510, "kind": "nvidia-h200", "when": "first (the machine starts: 1-2 minutes)"},
-    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 240 --no-train "
-                "--no-accuracy --bench-max 0 --root /tmp/fresh --then '' --log-name gpu_run-4-tests "
+     "carry": [".gpu"], "timeout_s": 470, "kind": "nvidia-h200", "when": "first (the machine starts: 1-2 minutes)"},
+    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 290 --bench-max 0 "
+                f"--profile paper-minilm --set 'seeds=[0]' --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps "
+                "--then paper-minilm --then-seeds 1,2 --then-only 01_sequential,02_rr_undersampling,03_rr_oversampling "
+                "--then-jobs 6 --then-min 120 --log-name gpu_run-5-paper-short "
                 "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [".gpu"], "timeout_s": 270, "kind": "nvidia-h200",
-     "when": "at once after the first, if status says warm is true and budget_left_s is at least 280"},
+     "carry": [], "timeout_s": 310, "kind": "nvidia-h200",
+     "when": "at once after the first, if status says warm is true and budget_left_s is at least 320; carry nothing: "
+             "the first call's pack, run files and checkpoints are on the machine"},
 ]
 
 
@@ -595,9 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=10, help="runs at once on the GPU")
     r.add_argument("--shard", default="0/1", metavar="K/N",
                    help="train runs K, K+N, ... of --profile (a profile too long for one call, over several)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --profile")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for --profile (a `speed` one for --then's profile too)")
+    r.add_argument("--only", default=None, metavar="NOTEBOOKS",
+                   help="train only the runs of these notebooks of --profile (reproduce --only, comma-separated)")
     r.add_argument("--then", default="best", help="profile trained next if time remains ('' for none)")
     r.add_argument("--then-seeds", default="1,2", help="its seeds")
+    r.add_argument("--then-only", default=None, metavar="NOTEBOOKS", help="only the runs of these notebooks of --then")
     r.add_argument("--then-jobs", type=int, default=2)
     # 150: a best-profile run took 102 s with six sharing an H100 (issue 12); the default job reaches this step
     # after up to 300 s of benchmark and ~30 s of set-up, with 540 - 30 (packing) - 330 = 180 s left at worst

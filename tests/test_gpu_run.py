@@ -479,8 +479,11 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     """`gpu_run.py command` prints the next GPU session's calls (one home: NEXT_CALLS); docs/gpu.md shows each
     word for word, in order, with its timeout, and each fits the device tool: under 2,000 characters and 600 s,
     its --budget 20 s under its timeout (the archive is written before the tool stops the command), and the two
-    within the session's 15 minutes with a 2-minute start."""
+    within the session's 15 minutes with a 2-minute start. The plan they carry out: paper-minilm's seed 0, then
+    (on the warm machine, carrying nothing, so that the first call's runs and checkpoints stay) seed 0 again to
+    resume what the budget stopped, and the short runs of seeds 1 and 2."""
     gpu_run = load_benchmark("gpu_run")
+    from mtbert_utils.reproduce import parse_override
     flat = lambda text: " ".join(text.replace("\\\n", " ").split())
     docs = flat((ROOT / "docs" / "gpu.md").read_text())
     calls = gpu_run.command()
@@ -489,23 +492,49 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
     assert -1 not in at and at == sorted(at), "docs/gpu.md must show NEXT_CALLS in order"
     parsed = []
     for c in calls:
-        assert f"timeout_s {c['timeout_s']}" in docs and c["carry"] == [".gpu"]
-        assert c["kind"] == "nvidia-h200" and "`kind` nvidia-h200" in docs  # the card of sessions 1-3: rates compare
+        assert f"timeout_s {c['timeout_s']}" in docs
+        assert c["kind"] == "nvidia-h200" and "`kind` nvidia-h200" in docs  # the card of sessions 1-4: rates compare
         args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
-        assert args.budget + 20 <= c["timeout_s"] and args.then == "" and args.root == "/tmp/fresh"
+        assert args.budget + 20 <= c["timeout_s"] and args.root == str(ROOT)  # new runs, into the repository
+        overrides = dict(parse_override(s) for s in args.set)
+        assert overrides["seeds"] == [0] and overrides["speed"]["cuda_graphs"] and overrides["speed"]["fuse_tasks"]
+        assert args.profile == "paper-minilm" and args.mps and args.jobs == 6 and args.bench_max == 0
+        assert not args.no_train and args.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
         parsed.append(args)
     first, second = parsed
-    from mtbert_utils.reproduce import parse_override
-    key, speed = parse_override(first.set[0])
-    assert key == "speed" and speed["cuda_graphs"] and speed["fuse_tasks"] and first.bench_max == 0
-    assert not first.no_train and first.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
-    assert first.mps and first.jobs == 9  # GPU session 3's call again, with MPS: the rates compare
-    assert 0 < first.warm_compile <= 120  # and the compiling done once first, for at most 2 of its 8 minutes
-    assert second.no_train and second.no_accuracy and second.bench_max <= second.budget - second.pack_reserve
-    assert second.pytest == gpu_run.CUDA_TESTS  # the tests the first call may leave no time for
+    assert calls[0]["carry"] == [".gpu"] and calls[1]["carry"] == []  # carrying .gpu again would replace its state
+    assert "`carry` nothing" in docs
+    assert first.then == "" and second.set == first.set  # the second resumes the first's runs
+    assert (second.then, second.then_seeds, second.then_jobs) == ("paper-minilm", "1,2", 6)
+    assert second.then_only == "01_sequential,02_rr_undersampling,03_rr_oversampling"
+    assert gpu_run.CUDA_TESTS[0].endswith("test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape")
     gpu_run.NEXT_CALLS[:] = [dict(c, timeout_s=700) for c in calls]  # this test's own copy of the module
     with pytest.raises(AssertionError):
         gpu_run.command()  # a call over the tool's 600 s is refused here, not on the GPU
+
+
+def test_only_and_then_only_select_notebooks_and_then_takes_the_speed_overrides(tmp_path, monkeypatch):
+    """--only goes to the training's reproduce call, --then-only to --then's, and --then's profile takes the
+    `speed` overrides (execution-only: its runs keep their names) but not the others (seeds, max_train)."""
+    gpu_run = load_benchmark("gpu_run")
+    calls = []
+    monkeypatch.setattr(gpu_run, "run_step", lambda name, cmd, *a: calls.append((name, cmd)) or
+                        {"step": name, "status": "ok"})
+    monkeypatch.setattr(gpu_run, "start_monitors", lambda log_dir: [])
+    speed = 'speed={"pad_to_multiple": 16}'
+    (tmp_path / "pack").mkdir()
+    args = gpu_run.build_parser().parse_args([
+        "run", "--profile", "smoke", "--set", "seeds=[0]", "--set", speed, "--set", "max_dev=8",
+        "--only", "01_sequential", "--then", "smoke-best", "--then-only", "08_best", "--then-min", "0",
+        "--bench-max", "0", "--pytest", "--pack-dir", str(tmp_path / "pack"), "--root", str(tmp_path / "root"),
+        "--tmp", str(tmp_path / "tmp"), "--out", str(tmp_path / "out")])
+    assert gpu_run.run(args) == 0
+    train, then = dict(calls)["train-smoke"], dict(calls)["train-smoke-best"]
+    after = lambda cmd, flag: [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+    assert after(train, "--only") == ["01_sequential"] and after(then, "--only") == ["08_best"]
+    assert after(train, "--set") == ["seeds=[0]", speed, "max_dev=8"]
+    assert after(then, "--set") == ["seeds=[1,2]", speed]
+    assert gpu_run.speed_sets(["seeds=[0]", "max_dev=8"]) == []
 
 
 def test_the_compile_cache_measurement_is_the_one_the_docs_quote():
@@ -627,12 +656,12 @@ def test_a_call_that_retrains_apart_sets_its_runs_against_the_committed_ones(tmp
     repository's committed runs and with the graph counts committed for exactly those overrides; the comparison
     comes back in the archive, and a comparison that cannot be made costs nothing else."""
     gpu_run = load_benchmark("gpu_run")
-    first = gpu_run.build_parser().parse_args(gpu_run_argv(gpu_run.NEXT_CALLS[0]["command"]))
-    check = ["seeds=[0]", 'max_train={"sst": 2048, "para": 2048, "sts": 2048}', "max_dev=512", first.set[0]]
-    assert gpu_run.graph_prediction("gpu-minilm", first.set).name == "graph_trees-gpu-minilm.json"
+    sets = [f"speed={gpu_run.GRAPHS_SPEED}"]  # GPU sessions 3 and 4's first call
+    check = ["seeds=[0]", 'max_train={"sst": 2048, "para": 2048, "sts": 2048}', "max_dev=512", sets[0]]
+    assert gpu_run.graph_prediction("gpu-minilm", sets).name == "graph_trees-gpu-minilm.json"
     assert gpu_run.graph_prediction("gpu-minilm", check).name == "graph_trees-gpu-minilm-check.json"
     assert gpu_run.graph_prediction("gpu-minilm", []) is None  # eager, no prediction
-    assert gpu_run.graph_prediction("paper-minilm", first.set) is None
+    assert gpu_run.graph_prediction("paper-minilm", sets) is None
 
     repo, root = tmp_path / "repo", tmp_path / "fresh"
     for d in (repo / "results" / "gpu-minilm" / "runs", repo / "results" / "bench", root / "results" / "gpu-minilm" / "runs"):
@@ -648,7 +677,7 @@ def test_a_call_that_retrains_apart_sets_its_runs_against_the_committed_ones(tmp
     monkeypatch.setattr(gpu_run, "ROOT", repo)
     log_dir = root / "results" / "gpu-minilm" / "gpu_run-3-graphs"
     log_dir.mkdir()
-    record = gpu_run.compare_step("gpu-minilm", "gpu-minilm", first.set, root, log_dir)
+    record = gpu_run.compare_step("gpu-minilm", "gpu-minilm", sets, root, log_dir)
     assert record["status"] == "ok" and record["predicted"] == "graph_trees-gpu-minilm.json", record
     result = json.loads((log_dir / "compare.json").read_text())
     assert [r["predicted_graphs"] for r in result["runs"]] == [22, 24]  # seeds 0 and 1 in the committed prediction
