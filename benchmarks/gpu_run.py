@@ -19,7 +19,10 @@ word-embedding rows that the data do not use (33 MB instead of 45), and the data
   3. `python -m mtbert_utils.reproduce --profile gpu-minilm --train-only --jobs 10`;
      (with --mps, a CUDA MPS daemon then starts for the training: the runs' kernels share the GPU side by side;
      with --warm-compile S, three tiny runs first fill inductor's on-disk cache, for at most S seconds)
-  4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0);
+     (--only NOTEBOOKS: only their runs)
+  4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0;
+     --then, --then-seeds, --then-only: another profile, or the same one's other seeds or notebooks; it takes the
+     call's `speed` override too);
   5. with --root outside the repository (runs retrained apart, as the next session's first call does), the
      retrained runs set against the committed ones of the same names (benchmarks/compare_runs.py): compare.md;
   6. the CUDA-only tests (--pytest), if time remains;
@@ -445,21 +448,27 @@ def run(args) -> int:
         steps.append(run_step("warm-compile", reproduce + warm + sets + [a for s in WARM_SETS for a in ("--set", s)],
                               min(deadline - args.pack_reserve, time.time() + args.warm_compile), log_dir, env,
                               warm_root))
+
+    def train(step: str, argv: list[str], summary_prefix: str = "") -> None:
+        """One reproduce --train-only call, then its train-only summaries kept beside the logs (PROFILE-...json)."""
+        started = time.time()
+        steps.append(run_step(step, reproduce + argv, deadline - args.pack_reserve, log_dir, env, root))
+        for summary in sorted((root / "results").glob("*/executed/train-only*.json")):
+            if summary.stat().st_mtime >= started:
+                shutil.copy2(summary, log_dir / f"{summary.parent.parent.name}-{summary_prefix}{summary.name}")
+
     only = ["--only", args.only] if args.only else []
     if not args.no_train:
-        steps.append(run_step(f"train-{args.profile}", reproduce + ["--profile", args.profile, "--jobs",
-                                                                     str(args.jobs), "--shard", args.shard] + only + sets,
-                              deadline - args.pack_reserve, log_dir, env, root))
+        train(f"train-{args.profile}", ["--profile", args.profile, "--jobs", str(args.jobs), "--shard", args.shard]
+              + only + sets)
+    # --then the same profile (other seeds or notebooks): its step, log and summary copy get names of their own
+    then_step = f"train-{args.then}" + ("-then" if args.then == args.profile else "")
     if args.then and deadline - args.pack_reserve - time.time() >= args.then_min:
         then_only = ["--only", args.then_only] if args.then_only else []
-        steps.append(run_step(f"train-{args.then}", reproduce + [
-            "--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"]
-            + then_only + speed_sets(args.set), deadline - args.pack_reserve, log_dir, env, root))
+        train(then_step, ["--profile", args.then, "--jobs", str(args.then_jobs), "--set", f"seeds=[{args.then_seeds}]"]
+              + then_only + speed_sets(args.set), "then-" if args.then == args.profile else "")
     elif args.then:
-        steps.append({"step": f"train-{args.then}", "status": f"skipped: under {args.then_min}s left"})
-    for summary in sorted((root / "results").glob("*/executed/train-only*.json")):  # this call's, beside its logs
-        if summary.stat().st_mtime >= t0:
-            shutil.copy2(summary, log_dir / f"{summary.parent.parent.name}-{summary.name}")
+        steps.append({"step": then_step, "status": f"skipped: under {args.then_min}s left"})
     if not args.no_train and root != ROOT:  # retrained apart from the committed runs: set them side by side
         steps.append(compare_step(args.profile, sub, args.set, root, log_dir))
     if args.pytest:  # CUDA-only tests, with whatever time is left

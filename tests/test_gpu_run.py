@@ -378,7 +378,7 @@ def test_packing_timeline_without_a_summary_simulates_packings_pool(data_dir, tm
 
 def test_packing_timeline_plots_timelines_on_one_clock(tmp_path, capsys):
     """--plot draws each --csv timeline (as packing_timeline.csv has them) into one PNG; docs/gpu.md shows the
-    committed figure of GPU sessions 1 and 3 with the command that draws it."""
+    committed figure of GPU sessions 1, 3 and 4 with the command that draws it."""
     timeline = load_benchmark("packing_timeline")
     rows = [{"from_s": 0, "runs_training": 2, "full_ex_per_s": 10, "heads_only_ex_per_s": 0,
              "full_step_equivalents_per_s": 10}, {"from_s": 30, "runs_training": 1, "full_ex_per_s": 5,
@@ -410,7 +410,8 @@ def test_packing_timeline_plots_timelines_on_one_clock(tmp_path, capsys):
     doc = " ".join((ROOT / "docs" / "gpu.md").read_text().replace("\\\n", " ").split())
     assert "](../figures/bench/packing_timelines.png)" in doc and (ROOT / "figures" / "bench" / "packing_timelines.png").exists()
     for csv_path in ("results/gpu-minilm/gpu_run/packing_timeline.csv",
-                     "results/gpu-minilm/gpu_run-3-graphs/packing_timeline.csv"):
+                     "results/gpu-minilm/gpu_run-3-graphs/packing_timeline.csv",
+                     "results/gpu-minilm/gpu_run-4-mps/packing_timeline.csv"):
         assert f"={csv_path}\"" in doc
 
 
@@ -515,25 +516,41 @@ def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
 
 def test_only_and_then_only_select_notebooks_and_then_takes_the_speed_overrides(tmp_path, monkeypatch):
     """--only goes to the training's reproduce call, --then-only to --then's, and --then's profile takes the
-    `speed` overrides (execution-only: its runs keep their names) but not the others (seeds, max_train)."""
+    `speed` overrides (execution-only: its runs keep their names) but not the others (seeds, max_train). With
+    --then the same profile (other seeds or notebooks), its step, log and summary copy are named apart, so
+    neither replaces the other's."""
     gpu_run = load_benchmark("gpu_run")
-    calls = []
-    monkeypatch.setattr(gpu_run, "run_step", lambda name, cmd, *a: calls.append((name, cmd)) or
-                        {"step": name, "status": "ok"})
+    root = tmp_path / "root"
+
+    def fake_step(name, cmd, *rest):  # as reproduce --train-only does: (re)writes the profile's summary
+        summary = root / "results" / "smoke" / "executed" / "train-only.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"step": name}))
+        calls.append((name, cmd))
+        return {"step": name, "status": "ok"}
+
+    monkeypatch.setattr(gpu_run, "run_step", fake_step)
     monkeypatch.setattr(gpu_run, "start_monitors", lambda log_dir: [])
     speed = 'speed={"pad_to_multiple": 16}'
     (tmp_path / "pack").mkdir()
-    args = gpu_run.build_parser().parse_args([
-        "run", "--profile", "smoke", "--set", "seeds=[0]", "--set", speed, "--set", "max_dev=8",
-        "--only", "01_sequential", "--then", "smoke-best", "--then-only", "08_best", "--then-min", "0",
-        "--bench-max", "0", "--pytest", "--pack-dir", str(tmp_path / "pack"), "--root", str(tmp_path / "root"),
-        "--tmp", str(tmp_path / "tmp"), "--out", str(tmp_path / "out")])
-    assert gpu_run.run(args) == 0
-    train, then = dict(calls)["train-smoke"], dict(calls)["train-smoke-best"]
     after = lambda cmd, flag: [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
-    assert after(train, "--only") == ["01_sequential"] and after(then, "--only") == ["08_best"]
-    assert after(train, "--set") == ["seeds=[0]", speed, "max_dev=8"]
-    assert after(then, "--set") == ["seeds=[1,2]", speed]
+    for then, then_step in (("smoke-best", "train-smoke-best"), ("smoke", "train-smoke-then")):
+        calls = []
+        args = gpu_run.build_parser().parse_args([
+            "run", "--profile", "smoke", "--set", "seeds=[0]", "--set", speed, "--set", "max_dev=8",
+            "--only", "01_sequential", "--then", then, "--then-only", "08_best", "--then-min", "0",
+            "--bench-max", "0", "--pytest", "--pack-dir", str(tmp_path / "pack"), "--root", str(root),
+            "--tmp", str(tmp_path / "tmp"), "--out", str(tmp_path / "out"), "--log-name", f"log-{then}"])
+        assert gpu_run.run(args) == 0
+        names = [name for name, _ in calls]
+        assert names[-2:] == ["train-smoke", then_step], names
+        train, then_cmd = dict(calls)["train-smoke"], dict(calls)[then_step]
+        assert after(train, "--only") == ["01_sequential"] and after(then_cmd, "--only") == ["08_best"]
+        assert after(train, "--set") == ["seeds=[0]", speed, "max_dev=8"]
+        assert after(then_cmd, "--set") == ["seeds=[1,2]", speed]
+    logs = root / "results" / "smoke" / "log-smoke"
+    assert json.loads((logs / "smoke-train-only.json").read_text()) == {"step": "train-smoke"}
+    assert json.loads((logs / "smoke-then-train-only.json").read_text()) == {"step": "train-smoke-then"}
     assert gpu_run.speed_sets(["seeds=[0]", "max_dev=8"]) == []
 
 
