@@ -562,41 +562,90 @@ def unpack(archive: Path, into: Path, replace: bool = False) -> list[str]:
 
 
 GRAPHS_SPEED = '{"pad_to_multiple": 16, "tf32": true, "cuda_graphs": true, "fuse_tasks": true}'
-# The next GPU session's calls, in order (docs/gpu.md, "What is left"): the device tool's 15 minutes hold a start
-# (1-2 min) and two calls if the second follows the first at once (a machine idle for 30 s is given back).
+SHORT = "01_sequential,02_rr_undersampling,03_rr_oversampling"  # paper-minilm's runs of 5-10 epochs
+TUNED = "04_cosine_sts,05_pcgrad_ablation"                      # and its 30-epoch tuned runs
+
+
+def device_call(flags: str, budget: int, timeout_s: int, carry: list[str], when: str) -> dict:
+    """One device tool `run` call of `gpu_run.py run` with these flags, its output kept in $OUT/gpu_run.log. Every
+    call names the H200 (the tool's `kind`; without one a first call gets an H100): every GPU session so far ran on
+    one, so rates compare only there. Its logs go to a folder named by its UTC start (no --log-name), so that a
+    session done again adds its own."""
+    return {"command": f"set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget {budget} "
+                       f"--bench-max 0 {flags} 2>&1 | tee $OUT/gpu_run.log",
+            "carry": carry, "timeout_s": timeout_s, "kind": "nvidia-h200", "when": when}
+
+
+FIRST = "first (the machine starts: 1-2 minutes)"
+RESUME = ("at once after the first, if status says warm is true and budget_left_s is at least 320; carry nothing: "
+          "the first call's pack, run files and checkpoints are on the machine, and a carried .gpu would replace them")
+
+
+def paper(selection: str) -> str:
+    """The flags of a paper-minilm call: these runs, with CUDA graphs and fused task calls, 6 at once under MPS."""
+    return f"--profile paper-minilm {selection} --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps"
+
+
+# The GPU sessions to come, in order (docs/gpu.md, "What is left"): the runs each trains, as (profile, --only,
+# overrides), and its device tool calls. A session's 15 minutes hold a start (1-2 min) and two calls if the second
+# follows the first at once (a machine idle for 30 s is given back). `command` prints the calls of the first
+# session whose runs are not all in the repository.
 # paper-minilm (the study's 30-epoch schedule, 13.07M full-step equivalents) needs two sessions at GPU session 4's
-# 17,000 full examples/s under MPS, and a run must end inside its session (its checkpoint cannot come back), so:
-#   1. seed 0 of all six kinds of run, 6 at once under MPS (4.36M: about 260 s at that rate);
-#   2. on the warm machine, without carrying .gpu (the first call's pack, run files and checkpoints are there, and
-#      carrying would replace them): seed 0 again, which resumes whatever the first call's budget stopped and
-#      reuses the rest, then the short runs of seeds 1 and 2 (notebooks 01-03: 1.95M), 6 at once.
-# The session after trains the six tuned runs of seeds 1 and 2 (6.77M) in two calls, the second resuming.
-# Both name the H200 (the tool's `kind`; without one a first call gets an H100): every GPU session so far ran on one,
-# so the rates compare only there
-NEXT_CALLS = [
-    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 450 --bench-max 0 "
-                f"--profile paper-minilm --set 'seeds=[0]' --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps --then '' "
-                "--log-name gpu_run-5-paper-seed0 "
-                "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [".gpu"], "timeout_s": 470, "kind": "nvidia-h200", "when": "first (the machine starts: 1-2 minutes)"},
-    {"command": "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py run --budget 290 --bench-max 0 "
-                f"--profile paper-minilm --set 'seeds=[0]' --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps "
-                "--then paper-minilm --then-seeds 1,2 --then-only 01_sequential,02_rr_undersampling,03_rr_oversampling "
-                "--then-jobs 6 --then-min 120 --log-name gpu_run-5-paper-short "
-                "2>&1 | tee $OUT/gpu_run.log",
-     "carry": [], "timeout_s": 310, "kind": "nvidia-h200",
-     "when": "at once after the first, if status says warm is true and budget_left_s is at least 320; carry nothing: "
-             "the first call's pack, run files and checkpoints are on the machine"},
+# 17,000 full examples/s under MPS, and a run must end inside its session (its checkpoint cannot come back):
+#   A. seed 0 of all six kinds of run, 6 at once (4.36M: about 260 s at that rate); then, on the warm machine,
+#      seed 0 again, which resumes whatever the first call's budget stopped and reuses the rest, and the short
+#      runs of seeds 1 and 2 (notebooks 01-03: 1.95M), 6 at once;
+#   B. the six tuned runs of seeds 1 and 2 (6.77M: about 400 s), the second call resuming them;
+#   C. gpu-minilm's 5 minutes: all 18 runs at once, retrained apart (never committed, so always "to come"), and
+#      the CUDA-only tests.
+SEED0, TUNED_SEEDS = "--set 'seeds=[0]'", f"--set 'seeds=[1, 2]' --only {TUNED}"
+SESSIONS = [
+    {"name": "paper-minilm A: seed 0, then the short runs of seeds 1 and 2",
+     "runs": [("paper-minilm", None, {"seeds": [0]}), ("paper-minilm", SHORT, {"seeds": [1, 2]})],
+     "calls": [device_call(f"{paper(SEED0)} --then ''", 450, 470, [".gpu"], FIRST),
+               device_call(f"{paper(SEED0)} --then paper-minilm --then-seeds 1,2 --then-only {SHORT} "
+                           "--then-jobs 6 --then-min 120", 290, 310, [], RESUME)]},
+    {"name": "paper-minilm B: the tuned runs of seeds 1 and 2",
+     "runs": [("paper-minilm", TUNED, {"seeds": [1, 2]})],
+     "calls": [device_call(f"{paper(TUNED_SEEDS)} --then ''", 450, 470, [".gpu"], FIRST),
+               device_call(f"{paper(TUNED_SEEDS)} --then ''", 290, 310, [], RESUME)]},
+    {"name": "gpu-minilm's 5 minutes: its 18 runs at once under MPS, retrained apart; then the CUDA-only tests",
+     "runs": [],
+     "calls": [device_call(f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 18 --mps --then ''",
+                           480, 510, [".gpu"], FIRST),
+               device_call("--no-train --no-accuracy --root /tmp/fresh --then ''", 240, 270, [".gpu"],
+                           "at once after the first, if status says warm is true and budget_left_s is at least 280")]},
 ]
 
 
-def command() -> list[dict]:
-    """The device tool's `run` calls of the next GPU session (NEXT_CALLS), each within the tool's limits."""
-    for call in NEXT_CALLS:
+def next_session(root: Path = ROOT) -> dict:
+    """The first of SESSIONS with a run not in root's results yet (reproduce --list-runs' "to train"); a session
+    with no runs of its own (retrained apart) comes when those before it are done."""
+    import contextlib
+    import io
+    from mtbert_utils.packing import train_only
+    for session in SESSIONS:
+        for profile, only, overrides in session["runs"]:
+            with contextlib.redirect_stdout(io.StringIO()):  # the listing's lines
+                listed = train_only(profile, only and only.split(","), overrides, out_root=root, list_only=True)
+            if listed["to train"]:
+                return session
+        if not session["runs"]:
+            return session
+    return SESSIONS[-1]
+
+
+def command(root: Path = ROOT) -> list[dict]:
+    """The device tool's `run` calls of the next GPU session (next_session), each within the tool's limits."""
+    session = next_session(root)
+    calls = session["calls"]
+    for call in calls:
         assert len(call["command"]) <= 2000 and call["timeout_s"] <= 600, call
         budget = float(call["command"].split("--budget ")[1].split()[0])
         assert budget + 20 <= call["timeout_s"], call  # the archive is written before the tool stops the command
-    return NEXT_CALLS
+    assert sum(c["timeout_s"] for c in calls) + 120 <= 15 * 60, session["name"]  # with a 2-minute start
+    print(f"next GPU session: {session['name']}", file=sys.stderr)
+    return calls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--into", default=str(ROOT))
     u.add_argument("--replace", action="store_true",
                    help="also replace the files there already whose bytes differ (by default they are kept)")
-    sub.add_parser("command", help="print the next GPU session's device tool calls (docs/gpu.md)")
+    sub.add_parser("command", help="print the next GPU session's device tool calls: the first of SESSIONS whose runs "
+                                   "are not all here (docs/gpu.md)")
     return ap
 
 

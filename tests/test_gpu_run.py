@@ -476,42 +476,78 @@ def test_the_gpu_run_commands_in_the_docs_parse():
             parse_override(item)  # KEY=VALUE, as reproduce --set reads it
 
 
-def test_the_next_gpu_sessions_calls_are_the_ones_the_docs_show():
-    """`gpu_run.py command` prints the next GPU session's calls (one home: NEXT_CALLS); docs/gpu.md shows each
-    word for word, in order, with its timeout, and each fits the device tool: under 2,000 characters and 600 s,
-    its --budget 20 s under its timeout (the archive is written before the tool stops the command), and the two
-    within the session's 15 minutes with a 2-minute start. The plan they carry out: paper-minilm's seed 0, then
+def test_the_gpu_sessions_to_come_are_the_ones_the_docs_show():
+    """gpu_run.SESSIONS is the one home of the GPU sessions to come; docs/gpu.md shows every call word for word, in
+    order, with its timeout and carry, and each fits the device tool: under 2,000 characters and 600 s, its
+    --budget 20 s under its timeout (the archive is written before the tool stops the command), and a session's
+    two calls within its 15 minutes with a 2-minute start. The plan they carry out: paper-minilm's seed 0, then
     (on the warm machine, carrying nothing, so that the first call's runs and checkpoints stay) seed 0 again to
-    resume what the budget stopped, and the short runs of seeds 1 and 2."""
+    resume what the budget stopped, and the short runs of seeds 1 and 2; then its tuned runs of seeds 1 and 2,
+    the second call resuming them; then gpu-minilm with all 18 runs at once."""
     gpu_run = load_benchmark("gpu_run")
     from mtbert_utils.reproduce import parse_override
     flat = lambda text: " ".join(text.replace("\\\n", " ").split())
     docs = flat((ROOT / "docs" / "gpu.md").read_text())
-    calls = gpu_run.command()
-    assert len(calls) == 2 and sum(c["timeout_s"] for c in calls) + 120 <= 15 * 60
+    calls = [c for session in gpu_run.SESSIONS for c in session["calls"]]
     at = [docs.find(flat(c["command"])) for c in calls]
-    assert -1 not in at and at == sorted(at), "docs/gpu.md must show NEXT_CALLS in order"
-    parsed = []
-    for c in calls:
-        assert f"timeout_s {c['timeout_s']}" in docs
-        assert c["kind"] == "nvidia-h200" and "`kind` nvidia-h200" in docs  # the card of sessions 1-4: rates compare
-        args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
-        assert args.budget + 20 <= c["timeout_s"] and args.root == str(ROOT)  # new runs, into the repository
-        overrides = dict(parse_override(s) for s in args.set)
-        assert overrides["seeds"] == [0] and overrides["speed"]["cuda_graphs"] and overrides["speed"]["fuse_tasks"]
-        assert args.profile == "paper-minilm" and args.mps and args.jobs == 6 and args.bench_max == 0
-        assert not args.no_train and args.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
-        parsed.append(args)
-    first, second = parsed
-    assert calls[0]["carry"] == [".gpu"] and calls[1]["carry"] == []  # carrying .gpu again would replace its state
-    assert "`carry` nothing" in docs
-    assert first.then == "" and second.set == first.set  # the second resumes the first's runs
-    assert (second.then, second.then_seeds, second.then_jobs) == ("paper-minilm", "1,2", 6)
-    assert second.then_only == "01_sequential,02_rr_undersampling,03_rr_oversampling"
+    assert -1 not in at and at == sorted(at), "docs/gpu.md must show gpu_run.SESSIONS' calls in order"
+    sessions = []
+    for session in gpu_run.SESSIONS:
+        parsed = []
+        assert len(session["calls"]) == 2 and sum(c["timeout_s"] for c in session["calls"]) + 120 <= 15 * 60
+        for c in session["calls"]:
+            assert f"timeout_s {c['timeout_s']}" in docs and c["kind"] == "nvidia-h200"
+            args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
+            assert args.budget + 20 <= c["timeout_s"] and len(c["command"]) <= 2000 and c["timeout_s"] <= 600
+            assert args.bench_max == 0 and args.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
+            assert args.log_name is None  # a folder named by the call's start: a session done again adds its own
+            parsed.append((args, dict(parse_override(s) for s in args.set)))
+        sessions.append(parsed)
+    assert "`kind` nvidia-h200" in docs and "`carry` nothing" in docs  # the card of sessions 1-4: rates compare
+    (a1, o1), (a2, o2) = sessions[0]
+    for args, overrides in sessions[0] + sessions[1]:
+        assert args.profile == "paper-minilm" and args.root == str(ROOT)  # the profile's own runs, to commit
+        assert overrides["speed"]["cuda_graphs"] and overrides["speed"]["fuse_tasks"] and args.mps and args.jobs == 6
+        assert not args.no_train
+    assert o1["seeds"] == o2["seeds"] == [0] and a1.only is None and a1.then == ""  # the second resumes the first
+    assert (a2.then, a2.then_seeds, a2.then_jobs, a2.then_only) == ("paper-minilm", "1,2", 6, gpu_run.SHORT)
+    (b1, p1), (b2, p2) = sessions[1]
+    assert p1["seeds"] == p2["seeds"] == [1, 2] and b1.only == b2.only == gpu_run.TUNED and b1.then == b2.then == ""
+    (c1, q1), (c2, _) = sessions[2]
+    assert c1.profile == "gpu-minilm" and c1.jobs == 18 and c1.mps and c1.root == "/tmp/fresh"  # retrained apart
+    assert c2.no_train and c2.no_accuracy
+    carries = [[c["carry"] for c in session["calls"]] for session in gpu_run.SESSIONS]
+    assert carries == [[[".gpu"], []], [[".gpu"], []], [[".gpu"], [".gpu"]]]  # carrying .gpu again replaces its state
+    assert [only for session in gpu_run.SESSIONS for _, only, _ in session["runs"]] == [None, gpu_run.SHORT, gpu_run.TUNED]
     assert gpu_run.CUDA_TESTS[0].endswith("test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape")
-    gpu_run.NEXT_CALLS[:] = [dict(c, timeout_s=700) for c in calls]  # this test's own copy of the module
+
+
+def test_command_prints_the_first_gpu_session_whose_runs_are_not_all_there(tmp_path, data_dir, monkeypatch, capsys):
+    """With no paper-minilm run in the repository, session A; once its runs are all there (finished run files of
+    exactly its configs), session B; once B's are too, session C, which has no runs of its own. A session's calls
+    are refused here if one breaks the device tool's limits, not on the GPU."""
+    from mtbert_utils.data import file_digests
+    from mtbert_utils.packing import stage_runs, training_notebooks
+    from mtbert_utils.reproduce import resolve
+    gpu_run = load_benchmark("gpu_run")
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    names = [session["name"] for session in gpu_run.SESSIONS]
+    assert gpu_run.next_session(tmp_path)["name"] == names[0]
+    for done, session in enumerate(gpu_run.SESSIONS[:2]):
+        for profile, only, overrides in session["runs"]:
+            _, results_dir, _, plan = resolve(profile, only and only.split(","), overrides, tmp_path)
+            for nb, params in training_notebooks(plan).items():
+                for _, cfg in stage_runs(nb, params, 0, [], results_dir / "runs"):
+                    path = Path(cfg.out_dir) / f"{cfg.run_name}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps({"status": "finished", "fingerprint": cfg.fingerprint(),
+                                                "data": {"sha256": file_digests(cfg.data_dir)}}))
+        assert gpu_run.next_session(tmp_path)["name"] == names[done + 1]
+    assert gpu_run.command(tmp_path) == gpu_run.SESSIONS[2]["calls"]
+    assert f"next GPU session: {names[2]}" in capsys.readouterr().err
+    monkeypatch.setitem(gpu_run.SESSIONS[2]["calls"][0], "timeout_s", 700)
     with pytest.raises(AssertionError):
-        gpu_run.command()  # a call over the tool's 600 s is refused here, not on the GPU
+        gpu_run.command(tmp_path)  # a call over the tool's 600 s
 
 
 def test_only_and_then_only_select_notebooks_and_then_takes_the_speed_overrides(tmp_path, monkeypatch):
