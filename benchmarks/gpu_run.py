@@ -23,7 +23,7 @@ word-embedding rows that the data do not use (33 MB instead of 45), and the data
   4. if --then-min seconds remain, the `best` profile's seeds 1 and 2 (notebook 08's committed row has seed 0;
      --then, --then-seeds, --then-only: another profile, or the same one's other seeds or notebooks; it takes the
      call's `speed` override too);
-  5. with --root outside the repository (runs retrained apart, as the next session's first call does), the
+  5. with --root outside the repository (runs retrained apart, as gpu-minilm's in GPU sessions 3 and 4), the
      retrained runs set against the committed ones of the same names (benchmarks/compare_runs.py): compare.md;
   6. the CUDA-only tests (--pytest), if time remains;
 each step stopped (its process group terminated) when the budget runs out; finished runs are kept, an
@@ -581,34 +581,46 @@ RESUME = ("at once after the first, if status says warm is true and budget_left_
           "the first call's pack, run files and checkpoints are on the machine, and a carried .gpu would replace them")
 
 
-def paper(selection: str) -> str:
-    """The flags of a paper-minilm call: these runs, with CUDA graphs and fused task calls, 6 at once under MPS."""
-    return f"--profile paper-minilm {selection} --set 'speed={GRAPHS_SPEED}' --jobs 6 --mps"
+def paper(selection: str, jobs: int) -> str:
+    """The flags of a paper-minilm call: these runs, with CUDA graphs and fused task calls, `jobs` at once under MPS."""
+    return f"--profile paper-minilm {selection} --set 'speed={GRAPHS_SPEED}' --jobs {jobs} --mps"
 
 
 # The GPU sessions to come, in order (docs/gpu.md, "What is left"): the runs each trains, as (profile, --only,
 # overrides), and its device tool calls. A session's 15 minutes hold a start (1-2 min) and two calls if the second
 # follows the first at once (a machine idle for 30 s is given back). `command` prints the calls of the first
-# session whose runs are not all in the repository.
-# paper-minilm (the study's 30-epoch schedule, 13.07M full-step equivalents) needs two sessions at GPU session 4's
+# session whose runs are not all in the repository, so a session that ended short is made again, and its first
+# call reuses what came back and goes on.
+# paper-minilm (the study's 30-epoch schedule, 13.07M full-step equivalents) needs 12.8 minutes at GPU session 4's
 # 17,000 full examples/s under MPS, and a run must end inside its session (its checkpoint cannot come back):
-#   A. seed 0 of all six kinds of run, 6 at once (4.36M: about 260 s at that rate); then, on the warm machine,
-#      seed 0 again, which resumes whatever the first call's budget stopped and reuses the rest, and the short
-#      runs of seeds 1 and 2 (notebooks 01-03: 1.95M), 6 at once;
-#   B. the six tuned runs of seeds 1 and 2 (6.77M: about 400 s), the second call resuming them;
+#   A. seed 0 of all six kinds of run, 6 at once (4.36M: about 260 s at that rate, plus the compiling), then the
+#      short runs of seeds 1 and 2 (notebooks 01-03: 1.95M). Both calls the same: the second, on the warm machine,
+#      resumes whatever the first's budget stopped and reuses the rest;
+#   B1, B2. the three tuned runs of seed 1, then of seed 2 (3.39M each), 3 at once: a session's two calls fit them
+#      even at half session 4's rate, where six at once (6.77M) would all be lost together if they did not fit;
 #   C. gpu-minilm's 5 minutes: all 18 runs at once, retrained apart (never committed, so always "to come"), and
 #      the CUDA-only tests.
-SEED0, TUNED_SEEDS = "--set 'seeds=[0]'", f"--set 'seeds=[1, 2]' --only {TUNED}"
+SEED0 = "--set 'seeds=[0]'"
+SEED0_THEN_SHORT = (f"{paper(SEED0, 6)} --then paper-minilm --then-seeds 1,2 --then-only {SHORT} --then-jobs 6 "
+                    "--then-min 120")
+
+
+def tuned(seed: int) -> dict:
+    """Session B1 or B2: the three tuned runs of one seed."""
+    selection = f"--set 'seeds=[{seed}]' --only {TUNED}"
+    flags = f"{paper(selection, 3)} --then ''"
+    return {"name": f"paper-minilm B{seed}: the tuned runs of seed {seed}",
+            "runs": [("paper-minilm", TUNED, {"seeds": [seed]})],
+            "calls": [device_call(flags, 450, 470, [".gpu"], FIRST), device_call(flags, 290, 310, [], RESUME)]}
+
+
 SESSIONS = [
     {"name": "paper-minilm A: seed 0, then the short runs of seeds 1 and 2",
      "runs": [("paper-minilm", None, {"seeds": [0]}), ("paper-minilm", SHORT, {"seeds": [1, 2]})],
-     "calls": [device_call(f"{paper(SEED0)} --then ''", 450, 470, [".gpu"], FIRST),
-               device_call(f"{paper(SEED0)} --then paper-minilm --then-seeds 1,2 --then-only {SHORT} "
-                           "--then-jobs 6 --then-min 120", 290, 310, [], RESUME)]},
-    {"name": "paper-minilm B: the tuned runs of seeds 1 and 2",
-     "runs": [("paper-minilm", TUNED, {"seeds": [1, 2]})],
-     "calls": [device_call(f"{paper(TUNED_SEEDS)} --then ''", 450, 470, [".gpu"], FIRST),
-               device_call(f"{paper(TUNED_SEEDS)} --then ''", 290, 310, [], RESUME)]},
+     "calls": [device_call(SEED0_THEN_SHORT, 450, 470, [".gpu"], FIRST),
+               device_call(SEED0_THEN_SHORT, 290, 310, [], RESUME)]},
+    tuned(1),
+    tuned(2),
     {"name": "gpu-minilm's 5 minutes: its 18 runs at once under MPS, retrained apart; then the CUDA-only tests",
      "runs": [],
      "calls": [device_call(f"--root /tmp/fresh --set 'speed={GRAPHS_SPEED}' --jobs 18 --mps --then ''",

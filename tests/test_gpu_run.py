@@ -480,10 +480,10 @@ def test_the_gpu_sessions_to_come_are_the_ones_the_docs_show():
     """gpu_run.SESSIONS is the one home of the GPU sessions to come; docs/gpu.md shows every call word for word, in
     order, with its timeout and carry, and each fits the device tool: under 2,000 characters and 600 s, its
     --budget 20 s under its timeout (the archive is written before the tool stops the command), and a session's
-    two calls within its 15 minutes with a 2-minute start. The plan they carry out: paper-minilm's seed 0, then
-    (on the warm machine, carrying nothing, so that the first call's runs and checkpoints stay) seed 0 again to
-    resume what the budget stopped, and the short runs of seeds 1 and 2; then its tuned runs of seeds 1 and 2,
-    the second call resuming them; then gpu-minilm with all 18 runs at once."""
+    two calls within its 15 minutes with a 2-minute start. The plan they carry out: paper-minilm's seed 0 and then
+    the short runs of seeds 1 and 2, twice (the second call, on the warm machine and carrying nothing, so that the
+    first call's runs and checkpoints stay, resumes what the budget stopped); its tuned runs of seed 1, then of
+    seed 2, 3 at once, again in two such calls; then gpu-minilm with all 18 runs at once."""
     gpu_run = load_benchmark("gpu_run")
     from mtbert_utils.reproduce import parse_override
     flat = lambda text: " ".join(text.replace("\\\n", " ").split())
@@ -500,32 +500,34 @@ def test_the_gpu_sessions_to_come_are_the_ones_the_docs_show():
             args = gpu_run.build_parser().parse_args(gpu_run_argv(c["command"]))
             assert args.budget + 20 <= c["timeout_s"] and len(c["command"]) <= 2000 and c["timeout_s"] <= 600
             assert args.bench_max == 0 and args.pytest == gpu_run.CUDA_TESTS  # the CUDA-only tests, with the time left
-            assert args.log_name is None  # a folder named by the call's start: a session done again adds its own
+            assert args.log_name is None  # a folder named by the call's start: a session made again adds its own
             parsed.append((args, dict(parse_override(s) for s in args.set)))
         sessions.append(parsed)
     assert "`kind` nvidia-h200" in docs and "`carry` nothing" in docs  # the card of sessions 1-4: rates compare
-    (a1, o1), (a2, o2) = sessions[0]
-    for args, overrides in sessions[0] + sessions[1]:
+    a, b1, b2, c = sessions
+    expected = [(x, [0], None, 6) for x in a] + [(x, [1], gpu_run.TUNED, 3) for x in b1] \
+        + [(x, [2], gpu_run.TUNED, 3) for x in b2]
+    for (args, overrides), seed, only, jobs in expected:
         assert args.profile == "paper-minilm" and args.root == str(ROOT)  # the profile's own runs, to commit
-        assert overrides["speed"]["cuda_graphs"] and overrides["speed"]["fuse_tasks"] and args.mps and args.jobs == 6
-        assert not args.no_train
-    assert o1["seeds"] == o2["seeds"] == [0] and a1.only is None and a1.then == ""  # the second resumes the first
-    assert (a2.then, a2.then_seeds, a2.then_jobs, a2.then_only) == ("paper-minilm", "1,2", 6, gpu_run.SHORT)
-    (b1, p1), (b2, p2) = sessions[1]
-    assert p1["seeds"] == p2["seeds"] == [1, 2] and b1.only == b2.only == gpu_run.TUNED and b1.then == b2.then == ""
-    (c1, q1), (c2, _) = sessions[2]
+        assert overrides["speed"]["cuda_graphs"] and overrides["speed"]["fuse_tasks"] and args.mps
+        assert overrides["seeds"] == seed and args.only == only and args.jobs == jobs and not args.no_train
+    for args, _ in a:  # seed 0, then the short runs of seeds 1 and 2: the second call does what the first left
+        assert (args.then, args.then_seeds, args.then_jobs, args.then_only) == ("paper-minilm", "1,2", 6, gpu_run.SHORT)
+    assert all(args.then == "" for args, _ in b1 + b2)
+    (c1, _), (c2, _) = c
     assert c1.profile == "gpu-minilm" and c1.jobs == 18 and c1.mps and c1.root == "/tmp/fresh"  # retrained apart
     assert c2.no_train and c2.no_accuracy
-    carries = [[c["carry"] for c in session["calls"]] for session in gpu_run.SESSIONS]
-    assert carries == [[[".gpu"], []], [[".gpu"], []], [[".gpu"], [".gpu"]]]  # carrying .gpu again replaces its state
-    assert [only for session in gpu_run.SESSIONS for _, only, _ in session["runs"]] == [None, gpu_run.SHORT, gpu_run.TUNED]
+    carries = [[call["carry"] for call in session["calls"]] for session in gpu_run.SESSIONS]
+    assert carries == [[[".gpu"], []]] * 3 + [[[".gpu"], [".gpu"]]]  # carrying .gpu again replaces its state
+    assert [only for session in gpu_run.SESSIONS for _, only, _ in session["runs"]] == [
+        None, gpu_run.SHORT, gpu_run.TUNED, gpu_run.TUNED]
     assert gpu_run.CUDA_TESTS[0].endswith("test_cuda_graphs_with_fused_tasks_record_two_graphs_per_step_shape")
 
 
 def test_command_prints_the_first_gpu_session_whose_runs_are_not_all_there(tmp_path, data_dir, monkeypatch, capsys):
     """With no paper-minilm run in the repository, session A; once its runs are all there (finished run files of
-    exactly its configs), session B; once B's are too, session C, which has no runs of its own. A session's calls
-    are refused here if one breaks the device tool's limits, not on the GPU."""
+    exactly its configs), session B1; then B2; once B2's are there too, session C, which has no runs of its own.
+    A session's calls are refused here if one breaks the device tool's limits, not on the GPU."""
     from mtbert_utils.data import file_digests
     from mtbert_utils.packing import stage_runs, training_notebooks
     from mtbert_utils.reproduce import resolve
@@ -533,7 +535,7 @@ def test_command_prints_the_first_gpu_session_whose_runs_are_not_all_there(tmp_p
     monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
     names = [session["name"] for session in gpu_run.SESSIONS]
     assert gpu_run.next_session(tmp_path)["name"] == names[0]
-    for done, session in enumerate(gpu_run.SESSIONS[:2]):
+    for done, session in enumerate(gpu_run.SESSIONS[:3]):
         for profile, only, overrides in session["runs"]:
             _, results_dir, _, plan = resolve(profile, only and only.split(","), overrides, tmp_path)
             for nb, params in training_notebooks(plan).items():
@@ -543,9 +545,9 @@ def test_command_prints_the_first_gpu_session_whose_runs_are_not_all_there(tmp_p
                     path.write_text(json.dumps({"status": "finished", "fingerprint": cfg.fingerprint(),
                                                 "data": {"sha256": file_digests(cfg.data_dir)}}))
         assert gpu_run.next_session(tmp_path)["name"] == names[done + 1]
-    assert gpu_run.command(tmp_path) == gpu_run.SESSIONS[2]["calls"]
-    assert f"next GPU session: {names[2]}" in capsys.readouterr().err
-    monkeypatch.setitem(gpu_run.SESSIONS[2]["calls"][0], "timeout_s", 700)
+    assert gpu_run.command(tmp_path) == gpu_run.SESSIONS[3]["calls"]
+    assert f"next GPU session: {names[3]}" in capsys.readouterr().err
+    monkeypatch.setitem(gpu_run.SESSIONS[3]["calls"][0], "timeout_s", 700)
     with pytest.raises(AssertionError):
         gpu_run.command(tmp_path)  # a call over the tool's 600 s
 
