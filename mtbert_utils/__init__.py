@@ -15,15 +15,6 @@ One module per concept (the package map in README.md says what each holds):
     bench                              the entry point of the speed benchmark (benchmarks/speed.py)
 """
 
-import numbers
-
 __version__ = "0.1.0"
 
 TASKS = ("sst", "para", "sts")
-
-
-def is_count(value) -> bool:
-    """A whole number >= 1 of any integral type (numpy's too: a notebook's arithmetic), not a bool: a batch size,
-    a subsample's size, a count of batches or steps. (TrainConfig's fields, which go into JSON and run names,
-    take plain ints only: config._is_count.)"""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -14,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mtbert_utils import TASKS, is_count
+from mtbert_utils import TASKS
 from mtbert_utils.data import COLUMNS, FILES, _check_task, file_digests, load_tasks, split_by_hash
 from mtbert_utils.config import TrainConfig
 from mtbert_utils.model import ENCODER_NAMES, pair_mode as task_pair_mode
@@ -174,7 +175,7 @@ class TaskBatchStream:
             raise ValueError(f"task {enc.task!r} has no examples to batch")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        if not is_count(batch_size):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.enc, self.batch_size, self.seed = enc, batch_size, seed
         self.pair_mode, self.group_by_length = pair_mode, group_by_length

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from mtbert_utils import TASKS, is_count  # the one list of task names; the package root imports nothing
+from mtbert_utils import TASKS  # the one list of task names; the package root imports nothing
 
 FILES = {"sst": {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
          "para": {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
@@ -470,7 +470,7 @@ def load_task(task, data_dir=None, max_train=None, max_dev=None, seed=0, strict=
 
     # subsample after splitting, so the split never depends on max_train / max_dev
     for split, n in (("train", _per_task(max_train, task)), ("dev", _per_task(max_dev, task))):
-        if n is not None and not is_count(n):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"max_{split} for {task!r} must be None (all) or an int >= 1, got {n!r}")
         full = train if split == "train" else dev
         if n is not None and n < len(full):

@@ -23,8 +23,6 @@ import re
 import statistics
 from typing import Iterator
 
-from mtbert_utils import is_count
-
 SCHEDULES: dict[str, type] = {}
 
 
@@ -55,7 +53,7 @@ def _check_num_batches(num_batches: dict[str, int]) -> list[str]:
     if not num_batches:
         raise ValueError("num_batches is empty: need at least one task")
     for task, n in num_batches.items():
-        if not is_count(n):
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
             raise ValueError(f"num_batches[{task!r}] must be a positive int, got {n!r}")
     return list(num_batches)
 
@@ -176,7 +174,7 @@ class RoundRobinOversampling(_RoundRobin):
     restart their (reshuffled) iterator when exhausted."""
 
     def __init__(self, sigma: int | None = None):
-        if sigma is not None and not is_count(sigma):
+        if sigma is not None and (not isinstance(sigma, numbers.Integral) or isinstance(sigma, bool) or sigma < 1):
             raise ValueError(f"sigma must be a positive int or None, got {sigma!r}")
         self.sigma = None if sigma is None else int(sigma)  # a numpy int (a notebook's arithmetic) as a plain one
 
