@@ -5,6 +5,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -622,6 +623,9 @@ def test_stream_of_one_example_and_bad_arguments_named(sts_enc):
     for bad in (0, -1, 2.0, True):  # once a ZeroDivisionError for 0
         with pytest.raises(ValueError, match=rf"^batch_size must be an int >= 1, got {bad!r}$"):
             batching.TaskBatchStream(sts_enc, bad, seed=0)
+    for edge in (1, np.int64(1)):  # the edge taken: one example a batch, a numpy int as well as a plain one
+        ones = batching.TaskBatchStream(sts_enc, edge, seed=0)
+        assert ones.num_batches == len(sts_enc) and len(next(ones)["ids"]) == 1
 
 
 def test_stream_groups_by_length_when_asked(sts_enc):
